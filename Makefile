@@ -1,0 +1,25 @@
+# Two entry points (see README): `make conformance` and `make test`.
+# Both create .venv from the pinned lock file on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+$(STAMP): requirements-lock.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-lock.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+.PHONY: setup conformance test test-fast
+setup: $(STAMP)
+
+conformance: $(STAMP)
+	$(PY) -m dualopt.conformance --report reports/conformance
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow" tests

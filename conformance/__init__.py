@@ -1,0 +1,1 @@
+"""The DualOpt conformance suite: ``python -m dualopt.conformance``."""

@@ -1,0 +1,198 @@
+"""Hyperparameters of the DualOpt rule: defaults and the one shared validator.
+
+Every adapter translates its ecosystem's argument names (``lr``/``betas``,
+``learning_rate``/``b1``, ``beta_1``/``epsilon``) to the canonical names below
+and calls :func:`validate`, passing ``names`` so that an error message quotes the
+argument exactly as the user spelled it. The wording is therefore identical in
+every framework: ``"<name>=<value> is invalid: expected <accepted>."``
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
+
+__all__ = [
+    "DIRECTIONS",
+    "PARADIGMS",
+    "NONFINITE_POLICIES",
+    "DEFAULT_ROLLBACK_FRACTION",
+    "HyperparameterError",
+    "HyperParams",
+    "invalid",
+    "validate",
+    "resolve_rollback_max",
+]
+
+DIRECTIONS = ("adam", "sgd")
+PARADIGMS = ("scratch", "finetune", "none")
+NONFINITE_POLICIES = ("skip", "propagate")
+
+#: Fraction of the way back to the anchor that the shallowest finetune layer
+#: moves per step at the base learning rate when ``rollback_max`` is left as
+#: ``None`` (OLOR's training scripts: ``lr0 * kappa_max = 0.01``).
+DEFAULT_ROLLBACK_FRACTION = 0.01
+
+
+class HyperparameterError(ValueError):
+    """A hyperparameter is outside its accepted range (raised at construction)."""
+
+
+def invalid(name: str, value: Any, accepted: str) -> HyperparameterError:
+    """Build the error every adapter raises for a bad argument.
+
+    Examples
+    --------
+    >>> str(invalid("eps", -1.0, "a finite float >= 0"))
+    'eps=-1.0 is invalid: expected a finite float >= 0.'
+    """
+    return HyperparameterError(f"{name}={value!r} is invalid: expected {accepted}.")
+
+
+@dataclass(frozen=True)
+class HyperParams:
+    """One parameter group's hyperparameters, under the spec's canonical names.
+
+    ``rollback_max=None`` means "``DEFAULT_ROLLBACK_FRACTION / lr0``", resolved by
+    :func:`resolve_rollback_max` once the base learning rate is known.
+
+    Examples
+    --------
+    >>> hp = HyperParams(paradigm="finetune")
+    >>> hp.direction, hp.beta1, hp.rollback_power
+    ('adam', 0.9, 1.0)
+    """
+
+    direction: str = "adam"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = False
+    paradigm: str = "scratch"
+    weight_decay: float = 1e-2
+    rollback_max: float | None = None
+    rollback_min: float = 0.0
+    rollback_power: float = 1.0
+
+    def replace(self, **changes: Any) -> "HyperParams":
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_range(name, value, lo, hi, *, lo_open=False, hi_open=False, accepted=None):
+    ok = _is_real(value) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) if lo is not None else True
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        if accepted is None:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            accepted = f"a finite number in {left}{lo}, {'inf' if hi is None else hi}{right}"
+        raise invalid(name, value, accepted)
+
+
+def resolve_rollback_max(rollback_max: float | None, base_lr: float | None, *, names: Mapping[str, str] | None = None) -> float:
+    """Return ``rollback_max``, or the default ``0.01 / base_lr`` when it is ``None``.
+
+    Examples
+    --------
+    >>> resolve_rollback_max(None, 1e-3)
+    10.0
+    >>> resolve_rollback_max(3.0, 1e-3)
+    3.0
+    """
+    if rollback_max is not None:
+        return rollback_max
+    n = dict(names or {})
+    lr_name = n.get("lr", "lr")
+    if not (_is_real(base_lr) and math.isfinite(base_lr) and base_lr > 0):
+        raise invalid(
+            n.get("rollback_max", "rollback_max"),
+            None,
+            f"a finite float >= 0 (the default None means {DEFAULT_ROLLBACK_FRACTION}/{lr_name} "
+            f"and needs a positive base {lr_name}, got {base_lr!r})",
+        )
+    return DEFAULT_ROLLBACK_FRACTION / float(base_lr)
+
+
+def validate(hp: HyperParams, *, lr: float | None = None, nonfinite: str = "skip", names: Mapping[str, str] | None = None) -> None:
+    """Check one group's hyperparameters; raise :class:`HyperparameterError` on the first bad one.
+
+    Parameters
+    ----------
+    hp : HyperParams
+        The group's hyperparameters (``rollback_max`` may still be ``None``).
+    lr : float or None
+        The base learning rate when it is a number; ``None`` when it is a
+        schedule (the pull-coefficient bound is then enforced at run time by
+        clipping, see the spec).
+    nonfinite : str
+        The non-finite gradient policy.
+    names : mapping, optional
+        Canonical name -> the adapter's public name (``{"beta1": "betas[0]"}``).
+
+    Examples
+    --------
+    >>> validate(HyperParams(), lr=1e-3)
+    >>> validate(HyperParams(beta1=1.0), lr=1e-3, names={"beta1": "b1"})
+    Traceback (most recent call last):
+    ...
+    decoupled_core.hyperparams.HyperparameterError: b1=1.0 is invalid: expected a finite number in [0, 1).
+    """
+    n = dict(names or {})
+
+    def nm(key: str) -> str:
+        return n.get(key, key)
+
+    if lr is not None:
+        _check_range(nm("lr"), lr, 0.0, None, accepted="a finite float >= 0")
+    if hp.direction not in DIRECTIONS:
+        raise invalid(nm("direction"), hp.direction, f"one of {DIRECTIONS}")
+    if hp.paradigm not in PARADIGMS:
+        raise invalid(nm("paradigm"), hp.paradigm, f"one of {PARADIGMS}")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise invalid(nm("nonfinite"), nonfinite, f"one of {NONFINITE_POLICIES}")
+    _check_range(nm("beta1"), hp.beta1, 0, 1, hi_open=True)
+    _check_range(nm("beta2"), hp.beta2, 0, 1, hi_open=True)
+    _check_range(nm("eps"), hp.eps, 0.0, None, accepted="a finite float >= 0")
+    _check_range(nm("momentum"), hp.momentum, 0, 1, hi_open=True)
+    if not isinstance(hp.nesterov, bool):
+        raise invalid(nm("nesterov"), hp.nesterov, "True or False")
+    if hp.nesterov and hp.direction == "sgd" and hp.momentum <= 0:
+        raise invalid(nm("momentum"), hp.momentum, "a momentum > 0 when nesterov=True")
+    _check_range(nm("weight_decay"), hp.weight_decay, 0.0, None, accepted="a finite float >= 0")
+    if hp.rollback_max is not None:
+        _check_range(nm("rollback_max"), hp.rollback_max, 0.0, None, accepted="a finite float >= 0, or None")
+    _check_range(nm("rollback_min"), hp.rollback_min, 0.0, None, accepted="a finite float >= 0")
+    _check_range(nm("rollback_power"), hp.rollback_power, 0.0, None, lo_open=True, accepted="a finite float > 0")
+    rollback_max = hp.rollback_max
+    if rollback_max is None and hp.paradigm == "finetune":
+        rollback_max = resolve_rollback_max(None, lr, names=n) if lr is not None else None
+    if rollback_max is not None and hp.rollback_min > rollback_max:
+        raise invalid(nm("rollback_min"), hp.rollback_min, f"a value <= {nm('rollback_max')}={rollback_max!r}")
+    if lr is not None:
+        # The pull interpolates between the pre-weight and the anchor, so its
+        # coefficient lr * rho must lie in [0, 1]; rho peaks at weight_decay
+        # (deepest scratch layer) and at rollback_max (shallowest finetune layer).
+        if hp.paradigm == "scratch" and lr * hp.weight_decay > 1.0:
+            raise invalid(
+                nm("weight_decay"), hp.weight_decay,
+                f"{nm('lr')} * {nm('weight_decay')} <= 1 (the pull coefficient must lie in [0, 1]; "
+                f"{nm('lr')}={lr!r} gives {lr * hp.weight_decay!r})",
+            )
+        if hp.paradigm == "finetune" and rollback_max is not None and lr * rollback_max > 1.0:
+            raise invalid(
+                nm("rollback_max"), hp.rollback_max,
+                f"{nm('lr')} * {nm('rollback_max')} <= 1 (the pull coefficient must lie in [0, 1]; "
+                f"{nm('lr')}={lr!r} gives {lr * rollback_max!r})",
+            )
