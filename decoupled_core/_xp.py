@@ -39,7 +39,8 @@ def as_coefficient(c: Any, dtype: Any, xp: Any) -> Any:
     return xp.astype(c, dtype)
 
 
-def host_sqrt(x: Any) -> Any:
+def host_sqrt(x: Any, *, xp: Any = None) -> Any:
+    """``math.sqrt`` on a host scalar; ``xp.sqrt`` on a traced 0-d array (``xp`` defaults to its namespace)."""
     if is_scalar(x):
         return math.sqrt(x)
-    return namespace_of(x).sqrt(x)
+    return (xp or namespace_of(x)).sqrt(x)

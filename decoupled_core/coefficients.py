@@ -23,8 +23,12 @@ class AdamCoefficients(NamedTuple):
     inv_sqrt_bc2: Any
 
 
-def adam_coefficients(lr: Any, beta1: Any, beta2: Any, step: Any) -> AdamCoefficients:
+def adam_coefficients(lr: Any, beta1: Any, beta2: Any, step: Any, *, xp: Any = None) -> AdamCoefficients:
     """Bias-corrected Adam scalars for step ``t = step`` (1-based).
+
+    ``xp`` is only needed when ``step`` or ``lr`` is a traced 0-d array of a
+    namespace that array-api-compat does not cover (the Keras adapter's
+    ``keras.ops`` shim); it is resolved from the arrays otherwise.
 
     Examples
     --------
@@ -34,14 +38,16 @@ def adam_coefficients(lr: Any, beta1: Any, beta2: Any, step: Any) -> AdamCoeffic
     """
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
-    return AdamCoefficients(lr / bias_correction1, 1.0 / host_sqrt(bias_correction2))
+    return AdamCoefficients(lr / bias_correction1, 1.0 / host_sqrt(bias_correction2, xp=xp))
 
 
-def pull_coefficient(lr: Any, rate: Any) -> Any:
+def pull_coefficient(lr: Any, rate: Any, *, xp: Any = None) -> Any:
     """``c = lr * rho`` clipped to ``[0, 1]``.
 
     Construction rejects a known ``lr * rho > 1``; a schedule that pushes it
     past 1 later is clipped, which puts the tensor exactly on its anchor.
+    A host ``rate`` of exactly 0 gives the host 0.0 even when ``lr`` is traced
+    (spec 4.2: c is then known to be 0 and the pull is skipped).
 
     Examples
     --------
@@ -50,7 +56,9 @@ def pull_coefficient(lr: Any, rate: Any) -> Any:
     >>> pull_coefficient(2.0, 1.0)
     1.0
     """
+    if is_scalar(rate) and rate == 0.0:
+        return 0.0
     c = lr * rate
     if is_scalar(c):
         return min(max(float(c), 0.0), 1.0)
-    return namespace_of(c).clip(c, 0.0, 1.0)
+    return (xp or namespace_of(c)).clip(c, 0.0, 1.0)

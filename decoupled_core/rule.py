@@ -160,13 +160,13 @@ def step_tensor(param: Any, grad: Any, state: DirectionState, anchor: Any, *, hp
     theta = xp.astype(param, dt)
     g = xp.astype(grad, dt)
     if hp.direction == "adam":
-        coeffs = adam_coefficients(lr, hp.beta1, hp.beta2, step)
+        coeffs = adam_coefficients(lr, hp.beta1, hp.beta2, step, xp=xp)
         pre_weight, new_state = adam_pre_weight(theta, g, state, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
                                                 step_size=coeffs.step_size, inv_sqrt_bc2=coeffs.inv_sqrt_bc2, xp=xp)
     else:
         pre_weight, new_state = sgd_pre_weight(theta, g, state, lr=lr, momentum=hp.momentum,
                                                nesterov=hp.nesterov, xp=xp)
-    c = pull_coefficient(lr, rate)
+    c = pull_coefficient(lr, rate, xp=xp)
     if isinstance(c, float) and c == 0.0:
         new_theta = pre_weight
     else:
