@@ -1,0 +1,288 @@
+"""DualOpt for Optax: one ``GradientTransformationExtraArgs``, used exactly like ``optax.adamw``.
+
+>>> import jax, jax.numpy as jnp, optax
+>>> from dualopt.optax import dualopt
+>>> params = {"backbone": {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}},
+...           "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
+>>> tx = dualopt(1e-3, paradigm={"backbone": "finetune", "head": "scratch"}, layer_index="module")
+>>> state = tx.init(params)          # snapshots the finetune anchors
+>>> @jax.jit
+... def step(params, state, grads):
+...     updates, state = tx.update(grads, state, params)
+...     return optax.apply_updates(params, updates), state
+>>> grads = jax.tree.map(jnp.ones_like, params)
+>>> params, state = step(params, state, grads)
+>>> int(state.count), int(state.skipped)
+(1, 0)
+
+The rule (spec ``spec/SPEC.md``): per leaf, a direction (Adam or heavy-ball
+SGD) gives the pre-weight ``pre = theta - eta*u``, then the pull
+``theta = pre - c*(pre - a)`` with ``c = clip(eta*rho_l, 0, 1)``; ``a`` is 0
+for ``paradigm="scratch"`` (real-time layer-wise weight decay, ``rho_l`` grows
+with depth) and the anchor captured by ``init`` for ``"finetune"`` (weight
+rollback, ``rho_l`` shrinks with depth); ``"none"`` has no pull.
+
+Layer numbering. JAX flattens dicts in sorted key order (``Dense_10`` before
+``Dense_2``), so depth is never taken from flatten order. By default every leaf
+is its own layer and leaves are ordered by the *natural* order of their key
+paths (digit runs compared as numbers: ``layers_2 < layers_10``;
+:func:`natural_key`). ``layer_index="module"`` makes the leaves of one module
+(a Flax ``Dense_3``'s ``kernel`` and ``bias``) share a layer
+(:func:`natural_layer_index`); any other numbering can be given as a pytree of
+ints or a function of the key path. Within each paradigm the distinct layer
+keys are sorted: ``l`` is a key's rank and ``L`` their count.
+
+Only ``jax`` and ``optax`` are imported here (never torch or tensorflow).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from decoupled_core import compute_dtype, init_anchor, invalid
+
+from ._optax_config import HP_ARGS, Settings, check_settings, is_schedule, resolve_anchors, resolve_leaves
+from ._optax_step import all_finite, step_leaves
+from ._optax_tree import Path, leaf_paths, natural_key, natural_layer_index, path_str
+
+__all__ = ["dualopt", "DualOptState", "step", "layer_rates", "natural_layer_index", "natural_key", "leaf_paths", "path_str",
+           "Path"]
+
+Setting = Any
+"""A single value, a pytree whose structure is a prefix of the params', or a function of the key path."""
+
+
+class DualOptState(NamedTuple):
+    """State of :func:`dualopt`: a pytree of arrays only (checkpoint friendly, no ``None`` leaves).
+
+    Attributes
+    ----------
+    count : int32 array
+        Updates applied (skipped updates excluded); the step ``t`` of the next
+        update is ``count + 1`` and a schedule is evaluated at ``count``.
+    skipped : int32 array
+        Updates skipped by ``nonfinite="skip"``.
+    mu : pytree
+        Per leaf: Adam's first moment ``m``, or SGD's momentum buffer ``b``.
+    nu : pytree
+        Per leaf: Adam's second moment ``v``; an empty ``(0,)`` array for SGD leaves.
+    anchor : pytree
+        Per leaf: the finetune anchor; an empty ``(0,)`` array for other paradigms.
+
+    ``mu``, ``nu`` and ``anchor`` have the params' structure and the compute
+    dtype (float32 for float16/bfloat16 params, else the param's dtype).
+    """
+
+    count: Any
+    skipped: Any
+    mu: Any
+    nu: Any
+    anchor: Any
+
+
+def _empty(dtype: Any) -> Any:
+    return jnp.zeros((0,), dtype)
+
+
+def dualopt(
+    learning_rate: float | Callable[[Any], Any],
+    *,
+    direction: Setting = "adam",
+    b1: Setting = 0.9,
+    b2: Setting = 0.999,
+    eps: Setting = 1e-8,
+    momentum: Setting = 0.9,
+    nesterov: Setting = False,
+    paradigm: Setting = "scratch",
+    weight_decay: Setting = 1e-2,
+    rollback_max: Setting = None,
+    rollback_min: Setting = 0.0,
+    rollback_power: Setting = 1.0,
+    layer_index: Any = None,
+    anchor: Any = None,
+    nonfinite: str = "skip",
+) -> optax.GradientTransformationExtraArgs:
+    """DualOpt as an Optax transform whose updates are ``new_params - params``.
+
+    Parameters
+    ----------
+    learning_rate : float or optax schedule
+        eta_t; a schedule is called with the update count (0 on the first update).
+    direction : {"adam", "sgd"}, setting
+        The direction that gives the pre-weight.
+    b1, b2, eps : float, setting
+        Adam's betas and epsilon (``denom = sqrt(v)*inv_sqrt_bc2 + eps``).
+    momentum, nesterov : float, bool, setting
+        Heavy-ball SGD: ``b = mu*b + g``; ``u = g + mu*b`` if ``nesterov`` else ``b``.
+    paradigm : {"scratch", "finetune", "none"}, setting
+        Per leaf: pull toward 0 (layer-wise pre-weight decay), toward the
+        anchor (weight rollback), or no pull.
+    weight_decay : float, setting
+        Scratch: ``rho_l = weight_decay * (l + 1) / L``.
+    rollback_max, rollback_min, rollback_power : float, setting
+        Finetune: ``rho_l = min + (1 - l/(L-1))**power * (max - min)`` (``max``
+        when ``L == 1``). ``rollback_max=None`` means ``0.01 / eta_0``
+        (``eta_0 = schedule(0)`` for a schedule); give it explicitly when the
+        learning rate is an array (``optax.inject_hyperparams``).
+    layer_index : None, "leaf", "module", int, pytree of int, or function of the key path
+        Layer keys; ``None`` (= ``"leaf"``): every leaf its own layer, in
+        natural key-path order. See the module docstring.
+    anchor : pytree, optional
+        Finetune anchors with the params' structure (``None`` entries and
+        non-finetune leaves are ignored / snapshotted); default: ``init``'s params.
+    nonfinite : {"skip", "propagate"}
+        ``"skip"``: an update whose gradients hold any NaN/Inf returns zero
+        updates (``-0.0``, so params keep their bits) and leaves the state
+        unchanged except ``skipped += 1``. ``"propagate"``: no check.
+
+    A *setting* is a single value, a pytree whose structure is a prefix of the
+    params' (``{"backbone": "finetune", "head": "scratch"}``), or a function of
+    the key path (a tuple of plain keys, see :func:`leaf_paths`). Under
+    ``optax.inject_hyperparams``, numeric hyperparameters may change at run
+    time; pass functions (and ``anchor``) through ``static_args``.
+
+    Returns
+    -------
+    optax.GradientTransformationExtraArgs
+        ``update`` needs ``params``: ``tx.update(grads, state, params)``.
+
+    Raises
+    ------
+    decoupled_core.HyperparameterError
+        ``"<name>=<value> is invalid: expected <accepted>."`` for a bad argument
+        (at construction where the params are not needed, else at ``init``).
+
+    Examples
+    --------
+    Backbone finetuned toward its pretrained weights, new head trained from
+    scratch, one layer per module, chosen by key path:
+
+    >>> import jax.numpy as jnp
+    >>> params = {"backbone": {"layers_0": {"w": jnp.ones(2)}, "layers_10": {"w": jnp.ones(2)},
+    ...                        "layers_2": {"w": jnp.ones(2)}}, "head": {"w": jnp.zeros(2)}}
+    >>> tx = dualopt(0.1, rollback_max=0.5, weight_decay=0.1, layer_index="module",
+    ...              paradigm=lambda path: "finetune" if path[0] == "backbone" else "scratch")
+    >>> layer_rates(tx, params)  # rho_l per leaf; layers_2 sits between layers_0 and layers_10
+    {'backbone/layers_0/w': 0.5, 'backbone/layers_10/w': 0.0, 'backbone/layers_2/w': 0.25, 'head/w': 0.1}
+    >>> state = tx.init(params)
+    >>> state.anchor["backbone"]["layers_2"]["w"].tolist(), state.anchor["head"]["w"].shape
+    ([1.0, 1.0], (0,))
+    """
+    hyper = {"direction": direction, "b1": b1, "b2": b2, "eps": eps, "momentum": momentum, "nesterov": nesterov,
+             "paradigm": paradigm, "weight_decay": weight_decay, "rollback_max": rollback_max,
+             "rollback_min": rollback_min, "rollback_power": rollback_power}
+    assert set(hyper) == set(HP_ARGS)
+    settings = Settings(learning_rate=learning_rate, hyper=hyper, layer_index=layer_index, anchor=anchor,
+                        nonfinite=nonfinite)
+    check_settings(settings)
+    schedule = is_schedule(learning_rate)
+
+    def init_fn(params: Any) -> DualOptState:
+        configs, paths = resolve_leaves(settings, params)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        given = resolve_anchors(anchor, params, paths)
+        mu, nu, anchors = [], [], []
+        for cfg, p, a in zip(configs, leaves, given):
+            dt = compute_dtype(p.dtype, jnp)
+            mu.append(jnp.zeros_like(p, dtype=dt))
+            nu.append(jnp.zeros_like(p, dtype=dt) if cfg.hp.direction == "adam" else _empty(dt))
+            if cfg.hp.paradigm != "finetune":
+                anchors.append(_empty(dt))
+            elif a is None:
+                anchors.append(init_anchor(p, xp=jnp))
+            else:
+                if tuple(jnp.shape(a)) != tuple(p.shape):
+                    raise invalid("anchor", f"<array of shape {tuple(jnp.shape(a))} at {path_str(cfg.path)!r}>",
+                                  f"an array of the param's shape {tuple(p.shape)}")
+                anchors.append(init_anchor(jnp.asarray(a, dtype=p.dtype), xp=jnp))
+        unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
+        zero = jnp.zeros([], jnp.int32)
+        return DualOptState(count=zero, skipped=zero, mu=unflat(mu), nu=unflat(nu), anchor=unflat(anchors))
+
+    def apply_fn(updates: Any, state: DualOptState, params: Any) -> tuple[list, list, Any, DualOptState]:
+        """``(params leaves, new params leaves, ok, new state)``; ``ok`` is None under "propagate"."""
+        if params is None:
+            raise ValueError("dualopt needs the params (the pull acts on them): call tx.update(grads, state, params).")
+        configs, _ = resolve_leaves(settings, params)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        grads = treedef.flatten_up_to(updates)
+        mu = treedef.flatten_up_to(state.mu)
+        nu = treedef.flatten_up_to(state.nu)
+        anchors = treedef.flatten_up_to(state.anchor)
+        lr = learning_rate(state.count) if schedule else learning_rate
+        t = optax.safe_increment(state.count)
+        new_p, new_mu, new_nu = step_leaves(configs, leaves, grads, mu, nu, anchors, lr=lr, t=t)
+        ok = None
+        if nonfinite == "skip":
+            ok = all_finite(grads)
+            new_mu = [jnp.where(ok, n, o) for n, o in zip(new_mu, mu)]
+            new_nu = [jnp.where(ok, n, o) for n, o in zip(new_nu, nu)]
+            count = jnp.where(ok, t, state.count)
+            skipped = jnp.where(ok, state.skipped, optax.safe_increment(state.skipped))
+        else:
+            count, skipped = t, state.skipped
+        unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
+        new_state = DualOptState(count=count, skipped=skipped, mu=unflat(new_mu), nu=unflat(new_nu),
+                                 anchor=state.anchor)
+        return leaves, new_p, ok, new_state
+
+    def update_fn(updates: Any, state: DualOptState, params: Any = None, **extra_args: Any) -> tuple[Any, DualOptState]:
+        del extra_args
+        leaves, new_p, ok, new_state = apply_fn(updates, state, params)
+        if ok is None:
+            out = [n - p for n, p in zip(new_p, leaves)]
+        else:
+            # -0.0 leaves every param's bits alone (x + -0.0 == x, also for x == -0.0)
+            out = [jnp.where(ok, n - p, jnp.asarray(-0.0, p.dtype)) for n, p in zip(new_p, leaves)]
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), out), new_state
+
+    def step_fn(grads: Any, state: DualOptState, params: Any) -> tuple[Any, DualOptState]:
+        leaves, new_p, ok, new_state = apply_fn(grads, state, params)
+        if ok is not None:
+            new_p = [jnp.where(ok, n, p) for n, p in zip(new_p, leaves)]
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), new_p), new_state
+
+    init_fn._dualopt_settings = settings  # type: ignore[attr-defined]  # read by layer_rates
+    update_fn._dualopt_step = step_fn  # type: ignore[attr-defined]  # read by step
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def step(tx: optax.GradientTransformation, grads: Any, state: DualOptState, params: Any) -> tuple[Any, DualOptState]:
+    """``(new_params, new_state)`` of ``tx`` from :func:`dualopt`, without the ``updates`` round trip.
+
+    ``tx.update`` returns ``new - params`` and ``optax.apply_updates`` adds it
+    back; ``params + (new - params)`` is rounded once more and can differ from
+    ``new`` in the last bit where the step is not small against the weight (a
+    weight crossing zero). This function returns ``new`` itself, bit for bit the
+    spec's result (eager, float64 or float32); the state is the same as
+    ``tx.update``'s. Pure and jittable.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> tx = dualopt(0.1, direction="sgd", momentum=0.0, paradigm="none")
+    >>> params = {"w": jnp.array([1.0, 2.0])}
+    >>> params, state = step(tx, {"w": jnp.array([1.0, -1.0])}, tx.init(params), params)
+    >>> params["w"].tolist()
+    [0.8999999761581421, 2.0999999046325684]
+    """
+    fn = getattr(getattr(tx, "update", None), "_dualopt_step", None)
+    if fn is None:
+        raise invalid("tx", type(tx).__name__, "a transform returned by dualopt.optax.dualopt")
+    return fn(grads, state, params)
+
+
+def layer_rates(tx: optax.GradientTransformation, params: Any) -> dict[str, Any]:
+    """rho_l of every leaf (``{"path/str": rate}``, flatten order) that ``tx`` from :func:`dualopt` uses on ``params``.
+
+    Use it to check a layer numbering before training (see :func:`dualopt`'s example).
+    """
+    settings = getattr(getattr(tx, "init", None), "_dualopt_settings", None)
+    if settings is None:
+        raise invalid("tx", type(tx).__name__, "a transform returned by dualopt.optax.dualopt")
+    configs, paths = resolve_leaves(settings, params)
+    return {path_str(p): c.rate for p, c in zip(paths, configs)}
