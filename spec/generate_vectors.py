@@ -19,7 +19,7 @@ import numpy as np
 from decoupled_core import HyperParams, ReferenceOptimizer
 
 from . import VECTORS_DIR
-from .vectors import Case, TensorSpec, case_to_json
+from .vectors import Case, TensorSpec, case_to_json, vector_files
 
 DTYPES = ("float64", "float32")
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     files = generate()
     if args.check:
         stale = [n for n, text in files.items() if not (args.out / n).exists() or (args.out / n).read_text() != text]
-        extra = sorted({p.name for p in args.out.glob("*.json")} - set(files))
+        extra = sorted({p.name for p in vector_files(args.out)} - set(files))
         for n in stale:
             print(f"drift: {n}")
         for n in extra:

@@ -19,7 +19,11 @@ from . import VECTORS_DIR
 
 FORMAT = "dualopt-vectors/1"
 
-__all__ = ["FORMAT", "TensorSpec", "Case", "encode", "decode", "load_case", "load_cases", "case_to_json"]
+__all__ = ["FORMAT", "SCHEMA_FILE", "TensorSpec", "Case", "encode", "decode", "load_case", "load_cases",
+           "case_to_json", "vector_files"]
+
+#: The JSON Schema of the format lives beside the vectors; it is not a vector file.
+SCHEMA_FILE = "schema.json"
 
 
 def encode(a: np.ndarray) -> list[str]:
@@ -135,9 +139,20 @@ def load_case(path: str | Path) -> Case:
     )
 
 
+def vector_files(directory: str | Path = VECTORS_DIR) -> list[Path]:
+    """The vector files in ``directory``, sorted by name (every ``*.json`` except :data:`SCHEMA_FILE`).
+
+    Examples
+    --------
+    >>> len(vector_files()) > 0 and all(p.name != SCHEMA_FILE for p in vector_files())
+    True
+    """
+    return sorted(p for p in Path(directory).glob("*.json") if p.name != SCHEMA_FILE)
+
+
 def load_cases(directory: str | Path = VECTORS_DIR, *, dtype: str | None = None) -> Iterator[Case]:
     """Every case in ``directory`` (sorted by file name), optionally only one dtype."""
-    for p in sorted(Path(directory).glob("*.json")):
+    for p in vector_files(directory):
         case = load_case(p)
         if dtype is None or case.dtype == dtype:
             yield case

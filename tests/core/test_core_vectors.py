@@ -21,13 +21,16 @@ CASE_NAMES = sorted({c.name for c in CASES.values()})
 
 #: Allowed |torch - expected| per step, in ulps of the tensor's largest magnitude so far.
 #: Reasoning: torch's sqrt is within 1 ulp of the correctly rounded value; that
-#: perturbs d = sqrt(v)*r + eps by <= ~1 ulp relative, the update s*(m/d) by
-#: <= ~2 ulps of itself, and the update is never larger than the weights it moves
-#: between (|update| <= |theta_before| + |theta_after|), so one step adds at most
-#: ~2 ulps of the tensor's scale; errors add up over t steps. Measured on the
-#: committed vectors: 0 (torch reproduced every element exactly); over 300 random
-#: Adam steps on 3000 elements: <= 1 ulp of the scale in total.
-TORCH_ULPS_PER_STEP = 2
+#: perturbs d = sqrt(v)*r + eps by <= 1 ulp relative and the update s*(m/d), after
+#: its own rounding, by <= 2 ulps of itself; the update is at most twice the
+#: tensor's scale (|update| <= |theta_before| + |theta_after|), and theta's final
+#: rounding may land on the neighbouring float. Each step therefore adds <= ~4 ulps
+#: of the scale, and the errors can only add up over t steps (the gradients are
+#: given, so nothing feeds back). This is the torch class of spec/TOLERANCES.md
+#: (4 eps x t, scaled error) expressed in ulps. Measured on the committed vectors:
+#: 0 (torch reproduces every element exactly); over 300 random Adam steps on 3000
+#: elements: <= 1 ulp of the scale in total.
+TORCH_ULPS_PER_STEP = 4
 
 #: Even where torch's sqrt is off by one ulp the rounding of theta usually absorbs
 #: it; a systematic difference (FMA, a different op order) would not be absorbed.
