@@ -16,7 +16,7 @@ from decoupled_core import HyperParams
 
 from _core_helpers import from_numpy, to_numpy
 
-PROPERTY = settings(max_examples=150, deadline=None, derandomize=False)
+PROPERTY = settings(max_examples=150, deadline=None)
 
 DTYPES = st.sampled_from(["float64", "float32"])
 SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)
@@ -250,9 +250,11 @@ def test_zero_rate_is_plain_adam_or_sgd(p, backend, anchor_is_nan):
 @PROPERTY
 @given(p=problems())
 def test_zero_learning_rate_leaves_theta_unchanged(p):
+    """lr = 0 leaves every value in place (a -0.0 may become +0.0: -0.0 - (0 * negative) is +0.0 in IEEE)."""
     p["lrs"] = [0.0] * len(p["lrs"])
     for th, _ in run_core(p, np):
-        assert_same_bits(th, p["theta"])
+        assert th.dtype == p["theta"].dtype and th.shape == p["theta"].shape
+        np.testing.assert_array_equal(th, p["theta"])
 
 
 # ----------------------------------------------------------------------------------------- finiteness
