@@ -74,3 +74,21 @@ def test_pull_coefficient_with_traced_values(xp):
 def test_pull_coefficient_integer_inputs_become_float():
     c = dc.pull_coefficient(1, 0)
     assert c == 0.0 and isinstance(c, float)
+
+
+def test_zero_host_rate_gives_host_zero_with_traced_lr(xp):
+    """rho == 0 is known on the host, so c is the host 0.0 (pull skipped) even when lr is traced (spec 4.2)."""
+    c = dc.pull_coefficient(xp.asarray(0.1, dtype=xp.float64), 0.0, xp=xp)
+    assert type(c) is float and c == 0.0
+
+
+def test_traced_coefficients_with_explicit_namespace(xp):
+    """The optional ``xp`` is the namespace the scalars' arrays belong to (no array-api-compat lookup needed)."""
+    lr = xp.asarray(0.5, dtype=xp.float64)
+    step = xp.asarray(2.0, dtype=xp.float64)
+    c = dc.adam_coefficients(lr, 0.9, 0.999, step, xp=xp)
+    host = dc.adam_coefficients(0.5, 0.9, 0.999, 2)
+    # beta ** t on a traced t is the namespace's pow: allowed to differ from the host in the last bit.
+    assert float(to_numpy(c.step_size)) == pytest.approx(host.step_size, rel=4e-16)
+    assert float(to_numpy(c.inv_sqrt_bc2)) == pytest.approx(host.inv_sqrt_bc2, rel=4e-16)
+    assert float(to_numpy(dc.pull_coefficient(lr, 3.0, xp=xp))) == 1.0
