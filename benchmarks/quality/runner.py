@@ -1,0 +1,176 @@
+"""Configurations, jobs and the worker pool shared by ``finetune.py`` and ``scratch.py``.
+
+Each job (one pretraining run, or one method x seed) runs in a worker process
+with ``torch.set_num_threads(1)``: single-threaded runs are deterministic and
+two of them fill a 2-core machine better than one two-threaded run (small
+matmuls scale poorly, and two-thread runs stall badly when other processes
+share the cores).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from . import data
+from .methods import Method, build
+from .model import CharMLP, ModelConfig
+from .train import evaluate, train
+
+__all__ = ["Config", "FULL", "TINY", "run_jobs", "pretrain_job", "finetune_job", "scratch_job", "mean_std"]
+
+
+@dataclass(frozen=True)
+class Config:
+    context: int = 32
+    embed: int = 32
+    hidden: int = 512
+    depth: int = 3
+    batch_size: int = 128
+    pretrain_steps: int = 2000
+    pretrain_lr: float = 2e-3
+    pretrain_weight_decay: float = 1e-2
+    finetune_steps: int = 1500
+    finetune_lr: float = 1e-3
+    scratch_steps: int = 1500
+    scratch_lr: float = 2e-3
+    eval_every: int = 250
+    eval_positions: int = 8192
+    seeds: tuple[int, ...] = (0, 1, 2)
+    l2sp_alphas: tuple[float, ...] = (0.01, 0.1, 1.0)
+    rollback_fractions: tuple[float, ...] = (0.001, 0.01, 0.1, 0.5)
+    weight_decays: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(vocab_size=data.VOCAB_SIZE, context=self.context, embed=self.embed,
+                           hidden=self.hidden, depth=self.depth)
+
+    def pretrain_key(self, seed: int) -> str:
+        """Digest of everything the pretrained weights depend on (cache key)."""
+        keys = ("context", "embed", "hidden", "depth", "batch_size", "pretrain_steps", "pretrain_lr",
+                "pretrain_weight_decay")
+        blob = json.dumps({k: getattr(self, k) for k in keys} | {"seed": seed, "torch": torch.__version__,
+                                                                  "data": data.upstream().digest})
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+FULL = Config()
+TINY = Config(context=8, embed=8, hidden=32, depth=3, batch_size=32, pretrain_steps=40, finetune_steps=30,
+              scratch_steps=30, eval_every=10, eval_positions=256, seeds=(0, 1), l2sp_alphas=(0.1,),
+              rollback_fractions=(0.01, 0.1), weight_decays=(0.1, 10.0))
+
+
+def mean_std(xs: Iterable[float]) -> tuple[float, float]:
+    xs = list(xs)
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+_STREAMS: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def streams() -> dict[str, dict[str, torch.Tensor]]:
+    if not _STREAMS:
+        for name, corpus in (("up", data.upstream()), ("down", data.downstream())):
+            _STREAMS[name] = {"train": torch.from_numpy(corpus.train), "val": torch.from_numpy(corpus.val)}
+    return _STREAMS
+
+
+# ----------------------------------------------------------------------------- jobs
+def pretrain_job(cfg: Config, seed: int, cache: Path) -> dict:
+    """Train on the upstream task with AdamW; cache the weights (model + upstream head) by config digest."""
+    path = cache / f"pretrained_seed{seed}_{cfg.pretrain_key(seed)}.pt"
+    S = streams()
+    if path.exists():
+        blob = torch.load(path)
+        return {"seed": seed, "path": str(path), "cached": True, **blob["info"]}
+    torch.manual_seed(seed)
+    model = CharMLP(cfg.model_config())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.pretrain_weight_decay)
+    run = train(model, opt, S["up"]["train"], steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
+                generator=torch.Generator().manual_seed(seed))
+    info = {"up_val": evaluate(model, S["up"]["val"], cfg.context, cfg.eval_positions),
+            "up_train": evaluate(model, S["up"]["train"], cfg.context, cfg.eval_positions),
+            "down_val_zero_shot": evaluate(model, S["down"]["val"], cfg.context, cfg.eval_positions),
+            "seconds": run["seconds"]}
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "info": info}, path)
+    return {"seed": seed, "path": str(path), "cached": False, **info}
+
+
+def _evaluator(model: CharMLP, cfg: Config, up_head: torch.nn.Module | None):
+    S = streams()
+
+    def on_eval(step: int) -> dict:
+        out = {"down_val": evaluate(model, S["down"]["val"], cfg.context, cfg.eval_positions),
+               "down_train": evaluate(model, S["down"]["train"], cfg.context, cfg.eval_positions)}
+        if up_head is not None:
+            out["up_val"] = evaluate(model, S["up"]["val"], cfg.context, cfg.eval_positions, head=up_head)
+        return out
+
+    return on_eval
+
+
+def finetune_job(cfg: Config, method: Method, seed: int, pretrained: str) -> dict:
+    """Fine-tune the seed's pretrained model on the downstream task with a re-initialised head.
+
+    Upstream retention is scored with the *upstream* head (kept from
+    pretraining, frozen) on the fine-tuned backbone.
+    """
+    model = CharMLP(cfg.model_config())
+    model.load_state_dict(torch.load(pretrained)["state_dict"])
+    up_head = copy.deepcopy(model.head).requires_grad_(False)
+    model.reset_head(torch.Generator().manual_seed(1000 + seed))
+    opt, penalty = build(method, model, cfg.finetune_lr)
+    run = train(model, opt, streams()["down"]["train"], steps=cfg.finetune_steps, batch_size=cfg.batch_size,
+                generator=torch.Generator().manual_seed(2000 + seed), penalty=penalty,
+                on_eval=_evaluator(model, cfg, up_head), eval_every=cfg.eval_every)
+    return {"method": asdict(method), "label": method.label, "seed": seed, **run}
+
+
+def scratch_job(cfg: Config, method: Method, seed: int) -> dict:
+    """Train from a fresh initialisation on the downstream task."""
+    torch.manual_seed(3000 + seed)
+    model = CharMLP(cfg.model_config())
+    opt, _ = build(method, model, cfg.scratch_lr)
+    run = train(model, opt, streams()["down"]["train"], steps=cfg.scratch_steps, batch_size=cfg.batch_size,
+                generator=torch.Generator().manual_seed(2000 + seed),
+                on_eval=_evaluator(model, cfg, None), eval_every=cfg.eval_every)
+    return {"method": asdict(method), "label": method.label, "seed": seed, **run}
+
+
+# ----------------------------------------------------------------------------- pool
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _call(job: tuple) -> Any:
+    fn, args = job
+    t = time.perf_counter()
+    out = fn(*args)
+    if isinstance(out, dict):
+        out["job_seconds"] = time.perf_counter() - t
+    return out
+
+
+def run_jobs(jobs: list[tuple], workers: int) -> list[Any]:
+    """Run ``(fn, args)`` jobs, in order of submission, on ``workers`` processes (0: in this process)."""
+    if workers <= 0:
+        _init_worker()
+        return [_call(j) for j in jobs]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker) as pool:
+        return pool.map(_call, jobs, chunksize=1)
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
