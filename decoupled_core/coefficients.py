@@ -1,7 +1,7 @@
 """Scalar coefficients of one step, computed once per step and tensor group.
 
-The spec fixes them as float64 values computed on the host with correctly
-rounded operations (Python ``**``, ``/`` and :func:`math.sqrt`); each is
+The spec fixes them as float64 values computed on the host with Python's
+``**`` (C ``pow(double, double)``), ``/`` and :func:`math.sqrt`; each is
 rounded to the parameter's compute dtype only when it multiplies an array.
 Inside a compiled program (``jax.jit``, a Keras train step) the same functions
 run on traced 0-d arrays instead; the spec's tolerance policy covers that.
@@ -45,7 +45,8 @@ def pull_coefficient(lr: Any, rate: Any, *, xp: Any = None) -> Any:
     """``c = lr * rho`` clipped to ``[0, 1]``.
 
     Construction rejects a known ``lr * rho > 1``; a schedule that pushes it
-    past 1 later is clipped, which puts the tensor exactly on its anchor.
+    past 1 later is clipped, which puts the tensor on its anchor (up to the
+    rounding of ``pre - anchor``).
     A host ``rate`` of exactly 0 gives the host 0.0 even when ``lr`` is traced
     (spec 4.2: c is then known to be 0 and the pull is skipped).
 

@@ -10,6 +10,7 @@ every framework: ``"<name>=<value> is invalid: expected <accepted>."``
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -83,12 +84,25 @@ class HyperParams:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def _as_real(x: Any) -> float | None:
+    """``x`` as a float when it is a real number (numpy scalars and 0-d arrays included), else None."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, numbers.Real):
+        return float(x)
+    if getattr(x, "ndim", None) == 0 and getattr(x, "dtype", None) is not None and hasattr(x, "__float__"):
+        kind = getattr(x.dtype, "kind", "f")
+        return float(x) if kind in "fiu" else None
+    return None
+
+
 def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return _as_real(x) is not None
 
 
 def _check_range(name, value, lo, hi, *, lo_open=False, hi_open=False, accepted=None):
-    ok = _is_real(value) and math.isfinite(value)
+    raw, value = value, _as_real(value)
+    ok = value is not None and math.isfinite(value)
     if ok:
         ok = (value > lo if lo_open else value >= lo) if lo is not None else True
     if ok and hi is not None:
@@ -98,7 +112,7 @@ def _check_range(name, value, lo, hi, *, lo_open=False, hi_open=False, accepted=
             left = "(" if lo_open else "["
             right = ")" if hi_open else "]"
             accepted = f"a finite number in {left}{lo}, {'inf' if hi is None else hi}{right}"
-        raise invalid(name, value, accepted)
+        raise invalid(name, raw, accepted)
 
 
 def resolve_rollback_max(rollback_max: float | None, base_lr: float | None, *, names: Mapping[str, str] | None = None) -> float:
@@ -115,14 +129,15 @@ def resolve_rollback_max(rollback_max: float | None, base_lr: float | None, *, n
         return rollback_max
     n = dict(names or {})
     lr_name = n.get("lr", "lr")
-    if not (_is_real(base_lr) and math.isfinite(base_lr) and base_lr > 0):
+    lr0 = _as_real(base_lr)
+    if not (lr0 is not None and math.isfinite(lr0) and lr0 > 0):
         raise invalid(
             n.get("rollback_max", "rollback_max"),
             None,
             f"a finite float >= 0 (the default None means {DEFAULT_ROLLBACK_FRACTION}/{lr_name} "
             f"and needs a positive base {lr_name}, got {base_lr!r})",
         )
-    return DEFAULT_ROLLBACK_FRACTION / float(base_lr)
+    return DEFAULT_ROLLBACK_FRACTION / lr0
 
 
 def validate(hp: HyperParams, *, lr: float | None = None, nonfinite: str = "skip", names: Mapping[str, str] | None = None) -> None:

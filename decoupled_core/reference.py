@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ._xp import namespace_of
+from ._xp import compute_dtype, namespace_of
 from .hyperparams import HyperParams, resolve_rollback_max, validate
 from .layers import layer_rates
 from .rule import all_finite, init_anchor, init_direction_state, step_tensor
@@ -75,7 +75,9 @@ class ReferenceOptimizer:
             else:
                 if tuple(given.shape) != tuple(p.shape):
                     raise ValueError(f"anchor[{i}] has shape {tuple(given.shape)}, param has {tuple(p.shape)}")
-                self.anchors.append(init_anchor(self.xp.asarray(given, dtype=p.dtype), xp=self.xp))
+                # Straight to the compute dtype: a float32 anchor for a bfloat16
+                # tensor must not be rounded through bfloat16 first (spec section 6).
+                self.anchors.append(self.xp.astype(self.xp.asarray(given, copy=True), compute_dtype(p.dtype, self.xp)))
 
     def step(self, grads: Sequence[Any], lr: float | Sequence[float]) -> bool:
         """Apply one step; ``None`` gradients leave their tensor (and its t) alone.
