@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dualopt.spec.vectors import Case, load_case
+from dualopt.spec.vectors import Case, load_case, vector_files
 
 from .problem import Problem
 from .protocol import Trajectory, case_id
@@ -111,8 +111,8 @@ def vector_paths(directory: str | Path | None = None, dtypes: Sequence[str] = ("
     """The vector files the suite replays (sorted), optionally only some dtypes."""
     from dualopt.spec import VECTORS_DIR
 
-    paths = sorted(Path(directory or VECTORS_DIR).glob("*.json"))
-    return [p for p in paths if p.name.split(".")[-2] in dtypes]
+    # Files are <name>.<dtype>.json; vector_files leaves out the JSON Schema.
+    return [p for p in vector_files(directory or VECTORS_DIR) if p.name.split(".")[-2] in dtypes]
 
 
 def _describe(row: Row) -> str:

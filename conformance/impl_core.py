@@ -22,6 +22,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from typing import Any, Callable, Sequence
 
@@ -58,14 +59,23 @@ def _namespace(key: str) -> tuple[Any, Callable[[np.ndarray], Any], Callable[[An
 
         return xt, lambda a: torch.from_numpy(np.array(a, copy=True)), lambda a: a.detach().numpy().copy()
     if key == "jax":
-        import jax
-
-        # float64 vectors need 64-bit jax arrays; without this flag jax silently makes them float32.
-        jax.config.update("jax_enable_x64", True)
         import jax.numpy as jnp
 
         return jnp, jnp.asarray, lambda a: np.asarray(a).copy()
     raise ValueError(f"namespace={key!r} is invalid: expected one of {tuple(_NAMESPACES)}.")
+
+
+def _x64(namespace: str) -> Any:
+    """jax needs 64-bit mode for float64 vectors (else it silently makes float32 arrays).
+
+    Scoped to the call, so the caller's jax configuration (another suite in the
+    same process) is left alone.
+    """
+    if namespace != "jax":
+        return contextlib.nullcontext()
+    import jax
+
+    return jax.enable_x64(True)
 
 
 def replay_reference(case: Case, xp: Any = np, to_xp: Callable = np.asarray,
@@ -138,8 +148,6 @@ def _jitted_step() -> Callable:
         import jax
         import jax.numpy as jnp
 
-        jax.config.update("jax_enable_x64", True)
-
         def step_all(params, grads, states, anchors, lr, counts, rates, *, hps):
             new_params, new_states = list(params), list(states)
             for i, (g, hp) in enumerate(zip(grads, hps)):
@@ -207,10 +215,11 @@ class CoreImplementation:
         return True
 
     def replay_cases(self, cases: Sequence[Case]) -> dict[str, Trajectory]:
-        if self.jit:
-            return {case_id(c): _replay_jitted(c) for c in cases}
-        xp, to_xp, to_numpy = _namespace(self.namespace)
-        return {case_id(c): replay_reference(c, xp, to_xp, to_numpy) for c in cases}
+        with _x64(self.namespace):
+            if self.jit:
+                return {case_id(c): _replay_jitted(c) for c in cases}
+            xp, to_xp, to_numpy = _namespace(self.namespace)
+            return {case_id(c): replay_reference(c, xp, to_xp, to_numpy) for c in cases}
 
     def train(self, problem: Problem, modes: Sequence[str]) -> dict[str, Trajectory]:
         if self.namespace != "numpy":

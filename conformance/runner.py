@@ -24,7 +24,7 @@ from .discovery import IMPL_MODULES, Entry, discover, select
 from .metrics import Deviation, compare
 from .problem import MODES, Problem, make_problem
 from .protocol import Implementation, Trajectory, case_id
-from .tolerances import Tolerance, judge, numerics_class, tolerance
+from .tolerances import NATIVE_CLASSES, Tolerance, judge, numerics_class, tolerance
 
 __all__ = ["Row", "SuiteResult", "run_suite", "evaluate_case", "CLOSED_PREFIX"]
 
@@ -150,28 +150,36 @@ def _run_open(entry: Entry, cases: Sequence[Case], progress: TextIO | None) -> l
         if cid not in results:
             rows.append(Row(case=cid, dtype=c.dtype, steps=c.steps, status="FAIL", note="no trajectory returned", **base))
             continue
-        rows.append(evaluate_case(entry.name, entry.framework, cls, c, results[cid]))
+        try:
+            rows.append(evaluate_case(entry.name, entry.framework, cls, c, results[cid]))
+        except Exception as exc:  # noqa: BLE001 - e.g. malformed trajectory, no tolerance for the class
+            rows.append(Row(case=cid, dtype=c.dtype, steps=c.steps, status="FAIL",
+                            note=f"comparison {_error_note(exc)}", **base))
     order = {case_id(c): i for i, c in enumerate(cases)}
     rows.sort(key=lambda r: order[r.case])
     _say(progress, f"[open]   {entry.name}: {_counts(rows)} in {time.perf_counter() - t0:.1f} s")
     return rows
 
 
-def _train(impl: Implementation, problem: Problem, modes: Sequence[str]) -> tuple[dict[str, Trajectory], dict[str, str]]:
+def _train(impl: Implementation, problem: Problem, modes: Sequence[str], native: bool) -> tuple[dict[str, Trajectory], dict[str, str]]:
     """Train every mode the implementation has; returns (trajectories, mode -> reason it has none).
 
-    A framework's own Adam trains mode ``none`` only and refuses the others;
-    an implementation without a closed loop raises NotImplementedError.
+    An implementation without a closed loop raises NotImplementedError. A
+    framework's own Adam (a native numerics class) trains mode ``none`` only
+    and may refuse the others; for any other implementation an exception is a
+    failure, never a quietly missing mode.
     """
     try:
         return dict(impl.train(problem, list(modes))), {}
     except NotImplementedError as exc:
-        return {}, {m: f"no closed loop ({exc})" if str(exc) else "no closed loop" for m in modes}
+        first: Exception = exc
+        if not (native and "none" in modes and len(modes) > 1):
+            return {}, {m: "no closed loop" + (f" ({exc})" if str(exc) else "") for m in modes}
     except Exception as exc:  # noqa: BLE001
-        if "none" not in modes or list(modes) == ["none"]:
+        if not (native and "none" in modes and len(modes) > 1):
             raise
         first = exc
-    out = dict(impl.train(problem, ["none"]))  # a native optimizer: the degenerate comparison only
+    out = dict(impl.train(problem, ["none"]))  # the degenerate comparison only
     return out, {m: f"mode not supported ({type(first).__name__}: {first})" for m in modes if m != "none"}
 
 
@@ -187,7 +195,7 @@ def _run_closed(entry: Entry, problem: Problem, modes: Sequence[str], reference:
     _say(progress, f"[closed] {entry.name} ({cls}): training {', '.join(modes)} ...")
     t0 = time.perf_counter()
     try:
-        trained, missing = _train(entry.impl, problem, modes)
+        trained, missing = _train(entry.impl, problem, modes, native=cls in NATIVE_CLASSES)
     except Exception as exc:  # noqa: BLE001
         note = f"train {_error_note(exc)}"
         _say(progress, f"[closed] {entry.name}: FAIL ({note})")
@@ -199,8 +207,8 @@ def _run_closed(entry: Entry, problem: Problem, modes: Sequence[str], reference:
             tol = tolerance(cls, "closed", "float64")
             v = judge(dev, tol)
             rows.append(Row(case=CLOSED_PREFIX + m, status=v.status, dev=dev, tol=tol, ratio=v.ratio, note=v.note, **base))
-        elif m in missing and missing[m].startswith("no closed loop"):
-            continue  # e.g. core[torch]: nothing to show in the closed-loop tables
+        elif (m in missing and missing[m].startswith("no closed loop")) or cls in NATIVE_CLASSES:
+            continue  # core[torch] (no closed loop), a native Adam outside mode none: nothing to show
         else:
             rows.append(Row(case=CLOSED_PREFIX + m, status="n/a", note=missing.get(m, "mode not returned"), **base))
     if rows:
@@ -212,6 +220,7 @@ def _run_closed(entry: Entry, problem: Problem, modes: Sequence[str], reference:
 
 def run_suite(*, backends: Sequence[str] | None = None, dtypes: Sequence[str] = ("float64", "float32"),
               only: str | None = None, modules: Sequence[str] = tuple(IMPL_MODULES),
+              package: str = "dualopt.conformance",
               extra: Sequence[Implementation] = (), cases: Sequence[Case] | None = None,
               problem: Problem | None = None, modes: Sequence[str] = MODES,
               progress: TextIO | None = sys.stderr) -> SuiteResult:
@@ -230,7 +239,9 @@ def run_suite(*, backends: Sequence[str] | None = None, dtypes: Sequence[str] = 
     only : {"open", "closed"}, optional
         Run one loop only.
     modules : sequence of str
-        Implementation modules in ``dualopt.conformance`` to discover.
+        Implementation modules to discover in ``package``.
+    package : str
+        Where the implementation modules live (``dualopt.conformance``).
     extra : sequence of Implementation
         Further implementations (e.g. an external ``replay`` callable).
     cases, problem, modes
@@ -241,7 +252,7 @@ def run_suite(*, backends: Sequence[str] | None = None, dtypes: Sequence[str] = 
     t_start = time.perf_counter()
     result = SuiteResult(config=dict(backends=list(backends) if backends else None, dtypes=list(dtypes), only=only,
                                      modes=list(modes)))
-    entries = select(discover(modules), backends) + list(discover([], extra=extra))
+    entries = select(discover(modules, package=package), backends) + list(discover([], extra=extra))
     result.entries = entries
     if cases is None:
         cases = [c for c in load_cases() if c.dtype in dtypes]

@@ -53,8 +53,9 @@ def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     if a.dtype.kind != "f" or a.dtype.itemsize not in _INT:
         raise ValueError(f"dtype={a.dtype} is invalid: expected float16, float32 or float64")
-    a = np.ascontiguousarray(a)
-    b = np.ascontiguousarray(b)
+    # C order so that .view() reinterprets bits in place (ascontiguousarray would turn 0-d into 1-d).
+    a = np.asarray(a, order="C")
+    b = np.asarray(b, order="C")
     oa, ob = _ordered(a), _ordered(b)
     utype = _UINT[a.dtype.itemsize]
     # |oa - ob| can exceed the signed range (e.g. -max vs +max): take it modulo 2**bits, unsigned.
