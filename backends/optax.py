@@ -200,8 +200,10 @@ def dualopt(
                                   f"an array of the param's shape {tuple(p.shape)}")
                 anchors.append(init_anchor(jnp.asarray(a, dtype=p.dtype), xp=jnp))
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
-        zero = jnp.zeros([], jnp.int32)
-        return DualOptState(count=zero, skipped=zero, mu=unflat(mu), nu=unflat(nu), anchor=unflat(anchors))
+        # Distinct buffers everywhere (never one zero shared by two leaves): a state passed
+        # through jax.jit(..., donate_argnums=...) must not donate the same buffer twice.
+        return DualOptState(count=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32), mu=unflat(mu),
+                            nu=unflat(nu), anchor=unflat(anchors))
 
     def apply_fn(updates: Any, state: DualOptState, params: Any) -> tuple[list, list, Any, DualOptState]:
         """``(params leaves, new params leaves, ok, new state)``; ``ok`` is None under "propagate"."""

@@ -1,0 +1,228 @@
+"""DualOptState: abstract init, dtypes, shardings, checkpoint round trip, and the non-finite policy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from decoupled_core import HyperParams, ReferenceOptimizer
+
+from _optax_helpers import mlp_params, tree_equal
+
+MIXED = dict(paradigm={"Dense_0": "finetune", "Dense_1": "finetune", "Dense_2": "scratch"},
+             direction={"Dense_0": "adam", "Dense_1": "sgd", "Dense_2": "adam"},
+             rollback_max=3.0, weight_decay=0.5, layer_index="module")
+
+
+def _params(dtype=np.float64):
+    import jax
+
+    return jax.tree.map(jax.numpy.asarray, mlp_params(11, dtype=dtype))
+
+
+def _grads(k, params, bad=None):
+    import jax
+    import jax.numpy as jnp
+
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(k)
+    out = [jnp.asarray(rng.standard_normal(p.shape), p.dtype) for p in leaves]
+    if bad is not None:
+        out[1] = out[1].at[(0,) * out[1].ndim].set(bad)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _jit_step(tx, donate=False):
+    import jax
+    import optax
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def test_state_layout():
+    from dualopt.optax import DualOptState, dualopt
+
+    params = _params()
+    state = dualopt(1e-2, **MIXED).init(params)
+    assert isinstance(state, DualOptState)
+    assert state.count.dtype == np.int32 and state.skipped.dtype == np.int32
+    k = ("Dense_0", "kernel")
+    assert state.mu[k[0]][k[1]].shape == params[k[0]][k[1]].shape
+    assert state.nu["Dense_1"]["kernel"].shape == (0,)  # SGD leaf: no second moment
+    assert state.anchor["Dense_2"]["kernel"].shape == (0,)  # scratch leaf: no anchor
+    np.testing.assert_array_equal(state.anchor["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+    # the anchor is a copy, not the params' buffer
+    assert state.anchor["Dense_0"]["kernel"] is not params["Dense_0"]["kernel"]
+
+
+def test_init_accepts_abstract_params():
+    import jax
+
+    from dualopt.optax import dualopt
+
+    params = _params()
+    tx = dualopt(1e-2, **MIXED)
+    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    shapes = jax.eval_shape(tx.init, abstract)
+    real = tx.init(params)
+    assert jax.tree.structure(shapes) == jax.tree.structure(real)
+    for a, r in zip(jax.tree.leaves(shapes), jax.tree.leaves(real)):
+        assert (a.shape, a.dtype) == (r.shape, r.dtype)
+    # and a whole jitted update traced on abstract values
+    out = jax.eval_shape(_jit_step(tx), abstract, shapes, abstract)
+    assert jax.tree.structure(out[1]) == jax.tree.structure(real)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_dtypes_and_low_precision_match_core(dtype):
+    """float32 stays float32 (even with x64 on); bf16/f16 params keep their dtype with float32 moments
+    and anchors, and equal the core's reference (on jax.numpy) bit for bit when run eagerly."""
+    import jax
+    import jax.numpy as jnp
+
+    from dualopt.optax import dualopt, leaf_paths, natural_layer_index, step
+
+    dt = jnp.dtype(dtype)
+    params = jax.tree.map(lambda p: p.astype(dt), _params())
+    tx = dualopt(1e-2, **MIXED)
+    state = tx.init(params)
+    compute = jnp.float32
+    for leaf in jax.tree.leaves((state.mu, state.nu, state.anchor)):
+        assert leaf.dtype == compute
+    jstep = _jit_step(tx)
+    p, s = params, state
+    for k in range(3):
+        p, s = jstep(p, s, _grads(k, params))
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)):
+        assert a.dtype == dt
+        assert not np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    for leaf in jax.tree.leaves((s.mu, s.nu, s.anchor)):
+        assert leaf.dtype == compute
+
+    paths = leaf_paths(params)
+    hps = [HyperParams(direction=MIXED["direction"][q[0]], paradigm=MIXED["paradigm"][q[0]], rollback_max=3.0,
+                       weight_decay=0.5) for q in paths]
+    ref = ReferenceOptimizer(jax.tree.leaves(params), hps, base_lr=1e-2,
+                             layer_index=jax.tree.leaves(natural_layer_index(params)), xp=jnp)
+    p, s = params, state
+    for k in range(3):
+        g = _grads(k, params)
+        p, s = step(tx, g, s, p)
+        ref.step(jax.tree.leaves(g), 1e-2)
+    for a, b in zip(jax.tree.leaves(p), ref.params):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_nonfinite_skip_keeps_every_bit():
+    import jax
+    import jax.numpy as jnp
+
+    from dualopt.optax import dualopt
+
+    params = _params()
+    tx = dualopt(1e-2, **MIXED)
+    jstep = _jit_step(tx)
+    p, s = jstep(params, tx.init(params), _grads(0, params))
+    p["Dense_0"]["bias"] = p["Dense_0"]["bias"].at[0].set(-0.0)  # -0.0 + (+0.0) would give +0.0
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        p2, s2 = jstep(p, s, _grads(1, params, bad=bad))
+        assert tree_equal(p2, p)
+        assert tree_equal((s2.count, s2.mu, s2.nu, s2.anchor), (s.count, s.mu, s.nu, s.anchor))
+        assert int(s2.skipped) == int(s.skipped) + 1
+        p, s = p2, s2
+    assert int(s.count) == 1 and int(s.skipped) == 3
+    assert np.signbit(np.asarray(p["Dense_0"]["bias"])[0])
+
+
+def test_nonfinite_propagate_lets_nan_through():
+    import jax
+    import jax.numpy as jnp
+
+    from dualopt.optax import dualopt
+
+    params = _params()
+    tx = dualopt(1e-2, nonfinite="propagate", **MIXED)
+    p, s = _jit_step(tx)(params, tx.init(params), _grads(1, params, bad=jnp.nan))
+    leaves = jax.tree.leaves(p)
+    assert np.isnan(np.asarray(leaves[1])).any()
+    assert not np.isnan(np.asarray(leaves[0])).any()
+    assert int(s.count) == 1 and int(s.skipped) == 0
+
+
+def test_checkpoint_roundtrip_resumes_bitwise(tmp_path):
+    """flatten -> np.savez -> np.load -> unflatten (structure from jax.eval_shape of init): resuming
+    gives the same bits as never stopping."""
+    import jax
+    import jax.numpy as jnp
+
+    from dualopt.optax import dualopt
+
+    params = _params()
+    tx = dualopt(1e-2, **MIXED)
+    jstep = _jit_step(tx, donate=True)
+    p, s = jax.tree.map(jnp.copy, params), tx.init(params)
+    for k in range(4):
+        p, s = jstep(p, s, _grads(k, params))
+    leaves = jax.tree.leaves((p, s))
+    np.savez(tmp_path / "ckpt.npz", *[np.asarray(x) for x in leaves])
+    for k in range(4, 8):
+        p, s = jstep(p, s, _grads(k, params))
+    uninterrupted = (p, s)
+
+    template = jax.eval_shape(lambda q: (q, tx.init(q)), params)
+    with np.load(tmp_path / "ckpt.npz") as z:
+        loaded = [z[f"arr_{i}"] for i in range(len(z.files))]
+    for x, t in zip(loaded, jax.tree.leaves(template)):
+        assert (x.shape, x.dtype) == (t.shape, t.dtype)
+    p, s = jax.tree.unflatten(jax.tree.structure(template), [jnp.asarray(x) for x in loaded])
+    for k in range(4, 8):
+        p, s = jstep(p, s, _grads(k, params))
+    assert tree_equal((p, s), uninterrupted)
+
+
+def test_shardings_are_kept():
+    """On a 2-device CPU mesh (a subprocess: the device count is fixed at jax start-up), init and a
+    jitted update keep every param's sharding on its moments and anchor."""
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np, optax
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from dualopt.optax import dualopt
+        mesh = jax.make_mesh((2,), ("x",))
+        rows = NamedSharding(mesh, P("x", None))
+        rep = NamedSharding(mesh, P())
+        params = {"Dense_0": {"kernel": jax.device_put(jnp.ones((4, 6)), rows),
+                              "bias": jax.device_put(jnp.zeros(6), rep)},
+                  "Dense_1": {"kernel": jax.device_put(jnp.ones((6, 2)), rows)}}
+        tx = dualopt(1e-2, paradigm={"Dense_0": "finetune", "Dense_1": "scratch"}, layer_index="module")
+        state = tx.init(params)
+        def same(a, b):
+            return a.sharding.is_equivalent_to(b.sharding, a.ndim)
+        for tree in (state.mu, state.nu):
+            assert all(jax.tree.leaves(jax.tree.map(same, tree, params))), tree
+        assert same(state.anchor["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+        abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params)
+        shapes = jax.eval_shape(tx.init, abstract)
+        assert shapes.mu["Dense_0"]["kernel"].sharding.spec == P("x", None), shapes.mu["Dense_0"]["kernel"].sharding
+        @jax.jit
+        def step(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+        p, s = step(params, state, jax.tree.map(jnp.ones_like, params))
+        assert all(jax.tree.leaves(jax.tree.map(same, p, params)))
+        assert all(jax.tree.leaves(jax.tree.map(same, s.mu, params)))
+        assert same(s.anchor["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+        print("OK", len(jax.devices()))
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK 2" in out.stdout
