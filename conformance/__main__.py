@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(see conformance/README.md); repeatable")
     p.add_argument("--replay-numerics", default="exact", metavar="CLASS",
                    help="tolerance class of the --replay implementations (default: exact; see spec/TOLERANCES.md)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
+                   help="implementations run at the same time (default: min(2, CPUs)); 1 runs them one by one")
     p.add_argument("--quiet", action="store_true", help="print only the aggregate table and the summary line")
     p.add_argument("--list", action="store_true", help="list the implementations found and exit")
     return p
@@ -73,7 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .runner import run_suite
 
     dtypes = ("float64", "float32") if args.dtype == "all" else (args.dtype,)
-    result = run_suite(backends=backends, dtypes=dtypes, only=args.only, extra=extra, progress=sys.stderr)
+    if args.jobs < 1:
+        parser.error(f"--jobs={args.jobs} is invalid: expected an integer >= 1")
+    result = run_suite(backends=backends, dtypes=dtypes, only=args.only, extra=extra, progress=sys.stderr,
+                       jobs=args.jobs)
     print(render_text(result, per_case=not args.quiet), flush=True)
     if args.report:
         paths = write_report(result, args.report)

@@ -108,7 +108,7 @@ def tokens(framework: str, module: str = "") -> set[str]:
     >>> sorted(tokens("keras[torch]"))
     ['keras', 'keras[torch]', 'torch']
     >>> sorted(tokens("core[array-api-strict]", "impl_core"))
-    ['array-api-strict', 'array_api_strict', 'core', 'core[array-api-strict]']
+    ['array-api-strict', 'array_api_strict', 'core', 'core[array-api-strict]', 'core[array_api_strict]']
     """
     fw = framework.lower()
     out = {fw}

@@ -64,8 +64,8 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, markd
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-CASE_HEADERS = ["implementation", "class", "max abs err", "max rel err", "max ulp", "err/tol", "steps", "dtype",
-                "verdict", "note"]
+CASE_HEADERS = ["implementation", "class", "max abs err", "max rel err", "max ulp", "err/tol", "tolerance", "steps",
+                "dtype", "verdict", "note"]
 
 
 def _steps(r: Row) -> str:
@@ -75,11 +75,11 @@ def _steps(r: Row) -> str:
 def _case_cells(r: Row, note_width: int | None) -> list[str]:
     d = r.dev
     note = r.note if note_width is None or len(r.note) <= note_width else r.note[: note_width - 3] + "..."
-    tol = "" if r.tol is None else r.tol.describe()
+    tol = "-" if r.tol is None else r.tol.describe()
     ratio = "-" if d is None else fmt(r.ratio, "ratio")
     return [r.impl, r.numerics, fmt(d.max_abs if d else None), fmt(d.max_rel if d else None),
-            fmt(d.max_ulp if d else None, "int"), ratio if not tol or r.status == "exact" else f"{ratio} of {tol}",
-            _steps(r), r.dtype, r.status.upper() if r.status in ("skipped",) else r.status, note]
+            fmt(d.max_ulp if d else None, "int"), ratio, tol, _steps(r), r.dtype,
+            r.status.upper() if r.status == "skipped" else r.status, note]
 
 
 def _title(case: str) -> str:

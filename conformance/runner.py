@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Sequence, TextIO
@@ -223,7 +224,7 @@ def run_suite(*, backends: Sequence[str] | None = None, dtypes: Sequence[str] = 
               package: str = "dualopt.conformance",
               extra: Sequence[Implementation] = (), cases: Sequence[Case] | None = None,
               problem: Problem | None = None, modes: Sequence[str] = MODES,
-              progress: TextIO | None = sys.stderr) -> SuiteResult:
+              progress: TextIO | None = sys.stderr, jobs: int = 1) -> SuiteResult:
     """Run the conformance suite and return every row.
 
     Parameters
@@ -248,22 +249,21 @@ def run_suite(*, backends: Sequence[str] | None = None, dtypes: Sequence[str] = 
         Override the vectors, the closed-loop problem or its modes (tests).
     progress : file or None
         Where progress lines go.
+    jobs : int
+        How many implementations run at the same time (threads; Keras workers are subprocesses).
     """
     t_start = time.perf_counter()
-    result = SuiteResult(config=dict(backends=list(backends) if backends else None, dtypes=list(dtypes), only=only,
-                                     modes=list(modes)))
+    result = SuiteResult(config=dict(backends=list(backends) if backends is not None else None, dtypes=list(dtypes),
+                                     only=only, modes=list(modes), jobs=jobs))
     entries = select(discover(modules, package=package), backends) + list(discover([], extra=extra))
     result.entries = entries
     if cases is None:
         cases = [c for c in load_cases() if c.dtype in dtypes]
     result.cases = [case_id(c) for c in cases]
-    _say(progress, f"dualopt conformance: {len(entries)} implementations, {len(cases)} vector cases")
-    if only in (None, "open"):
-        for entry in entries:
-            t0 = time.perf_counter()
-            result.rows += _run_open(entry, cases, progress)
-            result.timings[f"open/{entry.name}"] = time.perf_counter() - t0
-    if only in (None, "closed") and "float64" in dtypes:
+    _say(progress, f"dualopt conformance: {len(entries)} implementations, {len(cases)} vector cases, {jobs} jobs")
+    reference: dict[str, Trajectory] = {}
+    run_closed = only in (None, "closed") and "float64" in dtypes
+    if run_closed:
         from .impl_core import train_reference
 
         problem = problem or make_problem()
@@ -273,9 +273,38 @@ def run_suite(*, backends: Sequence[str] | None = None, dtypes: Sequence[str] = 
         result.closed_cases = [CLOSED_PREFIX + m for m in modes]
         _say(progress, f"[closed] reference core[numpy] (hand backprop): {len(modes)} modes x {problem.epochs} epochs "
                        f"in {time.perf_counter() - t0:.1f} s")
-        for entry in entries:
+
+    def run_entry(entry: Entry) -> tuple[list[Row], list[Row], dict[str, float]]:
+        open_rows: list[Row] = []
+        closed_rows: list[Row] = []
+        timings = {}
+        if only in (None, "open"):
             t0 = time.perf_counter()
-            result.rows += _run_closed(entry, problem, modes, reference, progress)
-            result.timings[f"closed/{entry.name}"] = time.perf_counter() - t0
+            open_rows = _run_open(entry, cases, progress)
+            timings[f"open/{entry.name}"] = time.perf_counter() - t0
+        if run_closed:
+            t0 = time.perf_counter()
+            closed_rows = _run_closed(entry, problem, modes, reference, progress)
+            timings[f"closed/{entry.name}"] = time.perf_counter() - t0
+        return open_rows, closed_rows, timings
+
+    # Implementations that work in subprocesses (Keras: one per backend) leave this
+    # process idle; running two entries at a time overlaps them with in-process work.
+    # Rows are collected per entry and kept in entry order, so the report does not
+    # depend on the schedule.
+    order = sorted(range(len(entries)), key=lambda i: entries[i].module != "impl_keras")
+    outcome: dict[int, tuple[list[Row], list[Row], dict[str, float]]] = {}
+    if jobs <= 1:
+        for i in order:
+            outcome[i] = run_entry(entries[i])
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {i: pool.submit(run_entry, entries[i]) for i in order}
+            outcome = {i: f.result() for i, f in futures.items()}
+    for i in range(len(entries)):
+        result.rows += outcome[i][0]
+        result.timings.update(outcome[i][2])
+    for i in range(len(entries)):
+        result.rows += outcome[i][1]
     result.wall_s = time.perf_counter() - t_start
     return result
