@@ -21,6 +21,8 @@ from .hyperparams import (
     PARADIGMS,
     HyperparameterError,
     HyperParams,
+    check_anchor,
+    dtype_name,
     invalid,
     resolve_rollback_max,
     validate,
@@ -45,7 +47,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamCoefficients", "adam_coefficients", "pull_coefficient",
     "DEFAULT_ROLLBACK_FRACTION", "DIRECTIONS", "NONFINITE_POLICIES", "PARADIGMS",
-    "HyperparameterError", "HyperParams", "invalid", "resolve_rollback_max", "validate",
+    "HyperparameterError", "HyperParams", "check_anchor", "dtype_name", "invalid", "resolve_rollback_max", "validate",
     "finetune_rate", "layer_rates", "number_layers", "pull_rate", "scratch_rate",
     "ReferenceOptimizer",
     "AdamState", "SGDState", "adam_pre_weight", "all_finite", "init_anchor", "init_direction_state",

@@ -24,6 +24,8 @@ __all__ = [
     "invalid",
     "validate",
     "resolve_rollback_max",
+    "dtype_name",
+    "check_anchor",
 ]
 
 DIRECTIONS = ("adam", "sgd")
@@ -211,3 +213,60 @@ def validate(hp: HyperParams, *, lr: float | None = None, nonfinite: str = "skip
                 f"{nm('lr')} * {nm('rollback_max')} <= 1 (the pull coefficient must lie in [0, 1]; "
                 f"{nm('lr')}={lr!r} gives {lr * rollback_max!r})",
             )
+
+
+_LOW_PRECISION = ("float16", "bfloat16")
+
+
+def dtype_name(dtype: Any) -> str:
+    """A framework-neutral dtype name: ``"float32"`` for numpy, jax, torch and Keras spellings.
+
+    Examples
+    --------
+    >>> dtype_name("bfloat16"), dtype_name(float)
+    ('bfloat16', 'float')
+    >>> import numpy as np
+    >>> dtype_name(np.dtype("float16")), dtype_name(np.float64)
+    ('float16', 'float64')
+    """
+    if isinstance(dtype, str):
+        return dtype
+    name = getattr(dtype, "name", None)
+    if isinstance(name, str):
+        return name
+    name = getattr(dtype, "__name__", None)
+    if isinstance(name, str):
+        return name
+    return str(dtype).removeprefix("torch.")
+
+
+def check_anchor(name: str, anchor_shape: Any, anchor_dtype: Any, param_shape: Any, param_dtype: Any) -> None:
+    """Reject an explicit finetune anchor that does not fit its parameter (spec section 6), in the shared wording.
+
+    The shape must equal the parameter's; the dtype must be the parameter's
+    or its compute dtype (float32 for float16/bfloat16 parameters), so that
+    converting it is lossless. Adapters pass the name the user would look
+    for (``"anchor['encoder.0.weight']"``); dtypes may be any framework's.
+
+    Examples
+    --------
+    >>> check_anchor("anchor['w']", (2,), "float32", (2,), "bfloat16")
+    >>> check_anchor("anchor['w']", (3,), "float32", (2,), "float32")
+    Traceback (most recent call last):
+    ...
+    decoupled_core.hyperparams.HyperparameterError: anchor['w']='<array of shape (3,)>' is invalid: expected an array of the parameter's shape (2,).
+    >>> check_anchor("anchor['w']", (2,), "float64", (2,), "float32")
+    Traceback (most recent call last):
+    ...
+    decoupled_core.hyperparams.HyperparameterError: anchor['w']='<array of dtype float64>' is invalid: expected dtype float32 (the parameter's dtype or its compute dtype; convert explicitly if a lossy cast is intended).
+    """
+    shape, expected = tuple(anchor_shape), tuple(param_shape)
+    if shape != expected:
+        raise invalid(name, f"<array of shape {shape}>", f"an array of the parameter's shape {expected}")
+    given, own = dtype_name(anchor_dtype), dtype_name(param_dtype)
+    compute = "float32" if own in _LOW_PRECISION else own
+    if given not in (own, compute):
+        accepted = own if compute == own else f"{own} or {compute}"
+        raise invalid(name, f"<array of dtype {given}>",
+                      f"dtype {accepted} (the parameter's dtype or its compute dtype; "
+                      "convert explicitly if a lossy cast is intended)")
