@@ -1,0 +1,197 @@
+"""Which paradigm and layer key each Keras variable gets.
+
+Pure Python (no framework import), so that the rules can be tested and
+documented on their own. :class:`dualopt.keras.DualOpt` calls these helpers in
+``build()``, once, with the variables in ``var_list`` order (for ``model.fit``
+that is ``model.trainable_variables`` order).
+
+Matching a mapping key against a variable
+-----------------------------------------
+A Keras 3 variable has a ``path`` such as ``"sequential/head/kernel"``. A key
+matches a variable when the key is a whole run of path segments of it:
+``"head"``, ``"sequential/head"`` and ``"head/kernel"`` all match
+``"sequential/head/kernel"``; ``"hea"`` and ``"head/bias"`` do not. When several
+keys match, the longest key wins (the most specific); between keys of equal
+length, the one listed first wins.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+from decoupled_core import PARADIGMS, invalid
+
+__all__ = ["variable_path", "matching_key", "resolve_paradigms", "resolve_layer_keys", "check_paradigm_spec",
+           "check_layer_index_spec", "LAYER_PER_KERAS_LAYER"]
+
+#: ``layer_index="layer"``: variables of one Keras layer share a key.
+LAYER_PER_KERAS_LAYER = "layer"
+
+
+def variable_path(variable: Any) -> str:
+    """``variable.path`` (Keras 3), falling back to ``name`` for raw backend variables.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> variable_path(SimpleNamespace(path="model/head/kernel", name="kernel"))
+    'model/head/kernel'
+    >>> variable_path(SimpleNamespace(name="w:0"))
+    'w:0'
+    """
+    path = getattr(variable, "path", None)
+    return str(path if path is not None else variable.name)
+
+
+def matching_key(keys: Sequence[str], path: str) -> str | None:
+    """The key of ``keys`` that matches ``path`` (module docstring), or None.
+
+    Examples
+    --------
+    >>> matching_key(["head", "model/head/kernel", "body"], "model/head/kernel")
+    'model/head/kernel'
+    >>> matching_key(["head", "body"], "model/head/bias")
+    'head'
+    >>> matching_key(["hea"], "model/head/bias") is None
+    True
+    """
+    padded = f"/{path}/"
+    best = None
+    for key in keys:
+        if f"/{key.strip('/')}/" in padded and (best is None or len(key) > len(best)):
+            best = key
+    return best
+
+
+def check_paradigm_spec(paradigm: Any, default_paradigm: str) -> tuple[str, ...]:
+    """Validate the form of ``paradigm`` and return the paradigms it can produce.
+
+    A callable can produce any paradigm, so all are returned for it.
+
+    Examples
+    --------
+    >>> check_paradigm_spec({"head": "scratch"}, "finetune")
+    ('scratch', 'finetune')
+    >>> check_paradigm_spec("none", "scratch")
+    ('none',)
+    """
+    if default_paradigm not in PARADIGMS:
+        raise invalid("default_paradigm", default_paradigm, f"one of {PARADIGMS}")
+    if isinstance(paradigm, str):
+        if paradigm not in PARADIGMS:
+            raise invalid("paradigm", paradigm, f"one of {PARADIGMS}, a mapping or a callable")
+        return (paradigm,)
+    if isinstance(paradigm, Mapping):
+        for key, value in paradigm.items():
+            if not isinstance(key, str) or not key.strip("/"):
+                raise invalid("paradigm", dict(paradigm), "a mapping from layer names or variable paths (non-empty "
+                              f"str) to one of {PARADIGMS}; key {key!r} is not")
+            if value not in PARADIGMS:
+                raise invalid(f"paradigm[{key!r}]", value, f"one of {PARADIGMS}")
+        return tuple(dict.fromkeys([*paradigm.values(), default_paradigm]))
+    if callable(paradigm):
+        return PARADIGMS
+    raise invalid("paradigm", paradigm, f"one of {PARADIGMS}, a mapping from layer name / variable path to one of "
+                  "them, or a callable taking the variable")
+
+
+def resolve_paradigms(paradigm: Any, default_paradigm: str, variables: Sequence[Any]) -> list[str]:
+    """Each variable's paradigm.
+
+    ``paradigm`` is one paradigm for every variable, a mapping from layer name
+    or path to paradigm (unmatched variables get ``default_paradigm``), or a
+    callable ``f(variable) -> paradigm`` (``None`` means ``default_paradigm``).
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as V
+    >>> vs = [V(path="seq/body/kernel"), V(path="seq/head/kernel"), V(path="seq/head/bias")]
+    >>> resolve_paradigms({"head": "scratch", "head/bias": "none"}, "finetune", vs)
+    ['finetune', 'scratch', 'none']
+    """
+    check_paradigm_spec(paradigm, default_paradigm)
+    if isinstance(paradigm, str):
+        return [paradigm] * len(variables)
+    out = []
+    for v in variables:
+        path = variable_path(v)
+        if isinstance(paradigm, Mapping):
+            key = matching_key(list(paradigm), path)
+            p = default_paradigm if key is None else paradigm[key]
+        else:
+            p = paradigm(v)
+            p = default_paradigm if p is None else p
+            if p not in PARADIGMS:
+                raise invalid(f"paradigm({path!r})", p, f"one of {PARADIGMS} or None")
+        out.append(p)
+    return out
+
+
+def check_layer_index_spec(layer_index: Any) -> None:
+    """Validate the form of ``layer_index`` (values are checked in ``build``)."""
+    if layer_index is None or layer_index == LAYER_PER_KERAS_LAYER or callable(layer_index):
+        return
+    if isinstance(layer_index, str):
+        raise invalid("layer_index", layer_index, f"None, {LAYER_PER_KERAS_LAYER!r}, a sequence of int, a mapping "
+                      "from layer name / variable path to int, or a callable taking the variable")
+    if isinstance(layer_index, Mapping):
+        for key, value in layer_index.items():
+            if not isinstance(key, str) or not key.strip("/"):
+                raise invalid("layer_index", dict(layer_index), f"keys that are layer names or variable paths; {key!r} is not")
+            _check_key(f"layer_index[{key!r}]", value)
+        return
+    if isinstance(layer_index, Sequence):
+        for i, value in enumerate(layer_index):
+            _check_key(f"layer_index[{i}]", value)
+        return
+    raise invalid("layer_index", layer_index, f"None, {LAYER_PER_KERAS_LAYER!r}, a sequence of int, a mapping from "
+                  "layer name / variable path to int, or a callable taking the variable")
+
+
+def _check_key(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 0:
+        raise invalid(name, value, "a non-negative integer layer key")
+    return int(value)
+
+
+def resolve_layer_keys(layer_index: Any, variables: Sequence[Any]) -> list[int] | None:
+    """Each variable's integer layer key, or None for the default (position in ``variables``).
+
+    - ``None``: every variable is its own layer, in ``variables`` order.
+    - ``"layer"``: variables of one Keras layer (same path up to the last
+      ``/``) share a key; keys follow the order of first appearance.
+    - a sequence: one key per variable, in ``variables`` order.
+    - a mapping from layer name / path to key: every variable must match a key.
+    - a callable ``f(variable) -> int``.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as V
+    >>> vs = [V(path="m/a/kernel"), V(path="m/a/bias"), V(path="m/b/kernel")]
+    >>> resolve_layer_keys("layer", vs)
+    [0, 0, 1]
+    >>> resolve_layer_keys({"a": 5, "b": 2}, vs)
+    [5, 5, 2]
+    """
+    check_layer_index_spec(layer_index)
+    if layer_index is None:
+        return None
+    paths = [variable_path(v) for v in variables]
+    if isinstance(layer_index, str):  # "layer"
+        owners: dict[str, int] = {}
+        return [owners.setdefault(p.rsplit("/", 1)[0] if "/" in p else p, len(owners)) for p in paths]
+    if isinstance(layer_index, Mapping):
+        keys = []
+        for p in paths:
+            k = matching_key(list(layer_index), p)
+            if k is None:
+                raise invalid("layer_index", dict(layer_index), f"a mapping with a key matching every variable; "
+                              f"none matches {p!r}")
+            keys.append(_check_key(f"layer_index[{k!r}]", layer_index[k]))
+        return keys
+    if isinstance(layer_index, Sequence):
+        if len(layer_index) != len(variables):
+            raise invalid("layer_index", list(layer_index),
+                          f"one layer key per trainable variable ({len(variables)}, in var_list order)")
+        return [int(k) for k in layer_index]
+    return [_check_key(f"layer_index({p!r})", layer_index(v)) for v, p in zip(variables, paths)]

@@ -1,0 +1,560 @@
+"""DualOpt for Keras 3 (jax, torch and tensorflow backends).
+
+``dualopt.keras.DualOpt`` is a ``keras.optimizers.Optimizer``: compile a model
+with it, ``fit``, ``save`` and ``load_model`` as with any built-in optimizer.
+Every tensor's update is :func:`decoupled_core.step_tensor`, run on
+``keras.ops`` (see :mod:`dualopt._keras_xp`), so the rule is the spec's on
+every backend; the torch backend has a multi-tensor fast path
+(:mod:`dualopt._keras_torch`) that performs the same operations in the same
+order and is tested to give the same bits.
+
+A pretrained backbone fine-tuned with rollback and a new head trained from
+scratch, in one line::
+
+    import keras
+    import dualopt.keras
+
+    backbone = keras.applications.ResNet50(include_top=False, pooling="avg")  # pretrained weights
+    model = keras.Sequential([backbone, keras.layers.Dense(10, name="head")])
+    model.compile(
+        optimizer=dualopt.keras.DualOpt(1e-3, paradigm={"head": "scratch"}, default_paradigm="finetune"),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(x, y, epochs=3)   # anchors = the weights when fit() first builds the optimizer
+    model.save("model.keras")
+    model = keras.models.load_model("model.keras")   # DualOpt is registered as "dualopt>DualOpt"
+
+Which variables are which
+-------------------------
+``paradigm`` is one of ``"scratch"``, ``"finetune"``, ``"none"`` for every
+variable, a mapping ``{layer name or variable path: paradigm}`` (variables no
+key matches get ``default_paradigm``), or a callable ``f(variable) ->
+paradigm or None``. A key matches a variable when it is a whole run of
+segments of the variable's path: ``"head"`` matches ``"sequential/head/kernel"``
+and ``"head/bias"`` matches only the bias; the longest matching key wins.
+
+``layer_index`` numbers the layers of each paradigm (spec section 3). The
+default makes every variable its own layer in ``var_list`` order, i.e.
+``model.trainable_variables`` order for ``fit``: the first trainable variable is
+the shallowest. ``layer_index="layer"`` gives all variables of one Keras layer
+one key; a sequence gives one key per variable; a mapping gives keys by layer
+name / path; a callable ``f(variable) -> int`` computes them.
+
+Anchors (finetune)
+------------------
+A finetune variable's anchor is a copy of its value when the optimizer is
+built, which ``fit`` does on its first step: **load the pretrained weights
+before the first ``fit``** (or pass ``anchor``, a mapping ``{variable path:
+array}`` or a sequence in ``var_list`` order). On TensorFlow the optimizer is
+built while the train step is traced; the anchor is therefore created from an
+initializer that copies the variable once, never by an ``assign`` in
+``build()`` that would become part of every step. ``anchor`` is not part of
+``get_config()``: anchors are optimizer variables and travel in ``.keras``
+files.
+
+Weight decay
+------------
+DualOpt's ``weight_decay`` is the scratch paradigm's real-time layer-wise pull
+toward zero (spec 4.2), applied to the pre-weight inside the update. Keras's
+own decoupled weight decay is disabled (``weight_decay=None`` is passed to the
+base class), and ``exclude_from_weight_decay`` raises: choose
+``paradigm={"bias": "none"}`` or similar instead.
+
+Step count, iterations and non-finite gradients
+-----------------------------------------------
+DualOpt keeps one step count ``t`` shared by all variables (spec 6 allows it for
+frameworks that update every tensor on every call); a variable whose gradient
+is ``None`` in an ``apply`` call is not updated, but ``t`` still advances.
+With ``nonfinite="skip"`` (default) an ``apply`` call in which any gradient
+element is NaN or Inf (checked after Keras's clipping and, with gradient
+accumulation, on the accumulated gradient at the update step) changes no model
+variable, moment, anchor, ``t``, or EMA average; ``skipped`` counts such
+calls. ``iterations`` still advances: it counts batches, and learning-rate
+schedules, gradient accumulation and EMA follow it, as a torch scheduler keeps
+stepping when a step is skipped. The check is a select inside the compiled
+step on jax and a ``cond`` on tensorflow and torch.
+
+Precision of the scalars
+------------------------
+Inside a Keras train step the step count and the learning rate are tensors, so
+the scalars of spec section 5 (``beta ** t``, the bias corrections, ``c``) are
+computed on the device in each variable's compute dtype: float64 in a float64
+model (where ``beta ** t`` may differ from the host value in the last bit) and
+**float32 in a float32 model**, with the same operations in the same order as
+the core. ``1 - beta``, epsilon, momentum and the per-layer rates are host
+float64 values rounded once to the compute dtype.
+
+Slot layout (``optimizer.variables``; ``.keras`` files restore by position)
+--------------------------------------------------------------------------
+1. ``iterations``; ``learning_rate`` (only when it is a float);
+2. Keras's EMA averages (``use_ema``), then gradient accumulators
+   (``gradient_accumulation_steps``), one per variable in ``var_list`` order;
+3. ``step`` (t), ``skipped``, ``layout`` (one int per variable:
+   ``4 * l + {scratch: 1, finetune: 2, none: 3}``, checked on load);
+4. per variable in ``var_list`` order: ``m``, ``v`` (adam) or ``momentum``
+   (sgd), in the compute dtype;
+5. ``anchor`` for each finetune variable in ``var_list`` order.
+
+This order is part of the format and does not change within 1.x. Loading a
+state with another layout (variable count, shapes, paradigms or layer numbers)
+raises an error naming the first offending variable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from decoupled_core import (AdamState, HyperParams, SGDState, all_finite, compute_dtype, invalid, number_layers,
+                            pull_rate, resolve_rollback_max, step_tensor, validate)
+
+from ._keras_layout import (check_layer_index_spec, check_paradigm_spec, resolve_layer_keys, resolve_paradigms,
+                            variable_path)
+from ._keras_xp import KERAS_XP
+
+__all__ = ["DualOpt"]
+
+_NAMES = {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon"}
+_PARADIGM_CODE = {"scratch": 1, "finetune": 2, "none": 3}
+_CALLABLE = "__callable__"  # marks a serialized callable in get_config (a plain mapping never has this key)
+
+
+@dataclass(frozen=True)
+class _VariableFacts:
+    """What build() decided for one trainable variable (keyed by ``_get_variable_index``)."""
+
+    path: str
+    paradigm: str
+    layer: int
+    num_layers: int
+    rate: float
+    hp: HyperParams
+    compute_dtype: str
+    slots: tuple  # (m, v) for adam, (momentum,) for sgd
+    anchor: Any  # keras.Variable or None
+
+
+class _StepContext:
+    """Per-apply values every variable's update shares (traced tensors inside a train step)."""
+
+    def __init__(self, opt: "DualOpt", learning_rate: Any, finite: Any) -> None:
+        self.finite = finite  # None under nonfinite="propagate"
+        # jax: update_step selects (no branching inside a stateless/jitted step); others branch once.
+        self.select = finite is not None and keras.backend.backend() == "jax"
+        self.step_before = ops.convert_to_tensor(opt._step_count)
+        self.t_int = ops.add(self.step_before, 1)
+        # Cast once per compute dtype, before any branch, so every variable reuses the same tensors.
+        self.scalars = {dt: (ops.cast(learning_rate, dt), ops.cast(self.t_int, dt))
+                        for dt in {f.compute_dtype for f in opt._facts}}
+
+
+class _Runtime:
+    """Holder for per-call tensors; a plain object so Keras's attribute tracking leaves them alone."""
+
+    context: _StepContext | None = None
+    skips_before: Any = None
+
+
+def _is_schedule(lr: Any) -> bool:
+    return isinstance(lr, keras.optimizers.schedules.LearningRateSchedule) or callable(lr)
+
+
+def _initial_lr(lr: Any) -> float:
+    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+        return float(ops.convert_to_numpy(lr(0)))
+    if callable(lr):
+        return float(ops.convert_to_numpy(lr()))
+    return float(lr)
+
+
+def _serialize_spec(spec: Any) -> Any:
+    if callable(spec) and not isinstance(spec, (str, Mapping)):
+        return {_CALLABLE: keras.saving.serialize_keras_object(spec)}
+    if isinstance(spec, Mapping):
+        return {str(k): (int(v) if isinstance(v, (int, np.integer)) else v) for k, v in spec.items()}
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
+        return [int(k) for k in spec]
+    return spec
+
+
+def _deserialize_spec(spec: Any) -> Any:
+    if isinstance(spec, Mapping) and _CALLABLE in spec:
+        return keras.saving.deserialize_keras_object(spec[_CALLABLE])
+    return spec
+
+
+@keras.saving.register_keras_serializable(package="dualopt")
+class DualOpt(keras.optimizers.Optimizer):
+    """DualOpt: an Adam or SGD direction, then a layer-wise pull (rollback or real-time decay).
+
+    For every variable θ with gradient g (spec section 4)::
+
+        pre = θ - step_size * m / (sqrt(v) * inv_sqrt_bc2 + epsilon)   (adam; sgd: θ - lr * momentum buffer)
+        θ   = pre - c * (pre - anchor),  c = clip(learning_rate * rho_l, 0, 1)
+
+    with ``anchor = 0`` for ``"scratch"`` (rho_l = weight_decay * (l+1)/L, deeper
+    layers decay more), the weights at build time for ``"finetune"``
+    (rho_l = rollback_min + (1 - l/(L-1))**rollback_power * (rollback_max -
+    rollback_min), shallow layers roll back more) and no pull for ``"none"``.
+
+    Parameters
+    ----------
+    learning_rate : float or keras.optimizers.schedules.LearningRateSchedule
+        eta_t. A schedule is evaluated at ``iterations`` (batches seen).
+    direction : {"adam", "sgd"}
+    beta_1, beta_2, epsilon : float
+        Adam's moment decays and epsilon (``direction="adam"``).
+    momentum : float
+        Heavy-ball momentum (``direction="sgd"``).
+    nesterov : bool
+        Nesterov momentum (``direction="sgd"``).
+    paradigm : str, mapping or callable
+        ``"scratch"``, ``"finetune"`` or ``"none"`` for every variable; a mapping
+        from layer name / variable path to paradigm; or ``f(variable)``
+        returning a paradigm or None. See the module docstring for matching.
+    default_paradigm : str
+        The paradigm of variables that a mapping ``paradigm`` does not match
+        (or for which a callable returns None).
+    weight_decay : float
+        lambda, the scratch paradigm's deepest-layer rate. Not Keras's weight
+        decay, which is disabled (``weight_decay=None`` goes to the base class).
+    rollback_max, rollback_min, rollback_power : float
+        kappa_max (None: ``0.01 / learning_rate``, resolved now from the float
+        or from ``schedule(0)`` and stored), kappa_min, p.
+    layer_index : None, "layer", sequence of int, mapping or callable
+        Layer keys (module docstring). Default: one layer per variable in
+        ``var_list`` order.
+    anchor : mapping or sequence of arrays, optional
+        Finetune anchors, by variable path or in ``var_list`` order; default:
+        snapshot at build. Not part of ``get_config()``.
+    nonfinite : {"skip", "propagate"}
+        ``"skip"``: an apply call with any NaN/Inf gradient changes nothing and
+        increments ``skipped``.
+    **kwargs
+        Keras base optimizer options: ``clipnorm``, ``clipvalue``,
+        ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
+        ``ema_overwrite_frequency``, ``loss_scale_factor``,
+        ``gradient_accumulation_steps``, ``name``.
+
+    Examples
+    --------
+    >>> import numpy as np, keras
+    >>> w = keras.Variable(np.ones(2), name="w")
+    >>> opt = DualOpt(learning_rate=0.1, paradigm="finetune")
+    >>> opt.apply([np.array([1.0, -1.0])], [w])
+    >>> np.round(keras.ops.convert_to_numpy(w), 4).tolist()
+    [0.901, 1.099]
+    >>> int(opt.step_count), int(opt.skipped)
+    (1, 0)
+    """
+
+    def __init__(self, learning_rate: float | Any = 1e-3, direction: str = "adam", beta_1: float = 0.9,
+                 beta_2: float = 0.999, epsilon: float = 1e-8, momentum: float = 0.9, nesterov: bool = False,
+                 paradigm: str | Mapping[str, str] | Callable[[Any], str | None] = "scratch",
+                 default_paradigm: str = "scratch", weight_decay: float = 1e-2, rollback_max: float | None = None,
+                 rollback_min: float = 0.0, rollback_power: float = 1.0, layer_index: Any = None,
+                 anchor: Mapping[str, Any] | Sequence[Any] | None = None, nonfinite: str = "skip",
+                 name: str = "dualopt", **kwargs: Any) -> None:
+        if isinstance(learning_rate, (int, np.integer, np.floating)) and not isinstance(learning_rate, bool):
+            learning_rate = float(learning_rate)
+        schedule = _is_schedule(learning_rate)
+        if not schedule and not isinstance(learning_rate, float):
+            raise invalid("learning_rate", learning_rate, "a finite float >= 0 or a LearningRateSchedule")
+        candidates = check_paradigm_spec(paradigm, default_paradigm)
+        check_layer_index_spec(layer_index)
+        lr0 = _initial_lr(learning_rate)
+        base = HyperParams(direction=direction, beta1=beta_1, beta2=beta_2, eps=epsilon, momentum=momentum,
+                           nesterov=nesterov, weight_decay=weight_decay, rollback_max=rollback_max,
+                           rollback_min=rollback_min, rollback_power=rollback_power)
+        for p in candidates:
+            validate(base.replace(paradigm=p), lr=None if schedule else lr0, nonfinite=nonfinite, names=_NAMES)
+        if rollback_max is None and "finetune" in candidates and lr0 > 0:
+            rollback_max = resolve_rollback_max(None, lr0, names=_NAMES)
+            validate(base.replace(paradigm="finetune", rollback_max=rollback_max), lr=None if schedule else lr0,
+                     nonfinite=nonfinite, names=_NAMES)
+        # Keras's own decay is not DualOpt's pull: the base class gets None and never decays.
+        super().__init__(learning_rate=learning_rate, weight_decay=None, name=name, **kwargs)
+        self.weight_decay = float(weight_decay)
+        self.direction = direction
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+        self.epsilon = float(epsilon)
+        self.momentum = float(momentum)
+        self.nesterov = nesterov
+        self.paradigm = paradigm if isinstance(paradigm, str) or callable(paradigm) else dict(paradigm)
+        self.default_paradigm = default_paradigm
+        self.rollback_max = None if rollback_max is None else float(rollback_max)
+        self.rollback_min = float(rollback_min)
+        self.rollback_power = float(rollback_power)
+        self.layer_index = layer_index
+        self.nonfinite = nonfinite
+        self._anchor_values = anchor
+        self._runtime = _Runtime()
+        # The torch backend's multi-tensor path (tests switch it off to compare with the generic path).
+        self._use_fast_path = True
+        self._facts: list[_VariableFacts] = []
+
+    # ------------------------------------------------------------------ build
+    def _hyperparams(self, paradigm: str) -> HyperParams:
+        return HyperParams(direction=self.direction, beta1=self.beta_1, beta2=self.beta_2, eps=self.epsilon,
+                           momentum=self.momentum, nesterov=self.nesterov, paradigm=paradigm,
+                           weight_decay=self.weight_decay, rollback_max=self.rollback_max,
+                           rollback_min=self.rollback_min, rollback_power=self.rollback_power)
+
+    def build(self, var_list: Sequence[Any]) -> None:
+        """Create the slots (module docstring, "Slot layout") and fix every variable's paradigm and rate."""
+        if self.built:
+            return
+        var_list = list(var_list)
+        for v in var_list:
+            name = keras.backend.standardize_dtype(v.dtype)
+            if name not in ("float16", "bfloat16", "float32", "float64"):
+                raise invalid(f"var_list[{variable_path(v)!r}].dtype", name,
+                              "a floating-point variable (float16, bfloat16, float32 or float64)")
+        paradigms = resolve_paradigms(self.paradigm, self.default_paradigm, var_list)
+        keys = resolve_layer_keys(self.layer_index, var_list)
+        numbering = number_layers(paradigms, keys, name="layer_index")
+        hps = {p: self._hyperparams(p) for p in set(paradigms)}
+        if "finetune" in hps and self.rollback_max is None:
+            # Only reachable with learning_rate == 0 at construction: the default needs a positive rate.
+            resolve_rollback_max(None, 0.0, names=_NAMES)
+        anchors = self._explicit_anchors(var_list, paradigms)
+        super().build(var_list)  # EMA averages, gradient accumulators, variable indices
+        self._step_count = self.add_variable((), initializer="zeros", dtype="int", name="step")
+        self._skipped = self.add_variable((), initializer="zeros", dtype="int", name="skipped")
+        codes = np.array([4 * l + _PARADIGM_CODE[p] for p, (l, _) in zip(paradigms, numbering)], dtype="int32")
+        self._layout = self.add_variable((len(var_list),), initializer=_constant(codes), dtype="int32",
+                                         name="layout")
+        slots = []
+        for v in var_list:
+            dt = compute_dtype(keras.backend.standardize_dtype(v.dtype), KERAS_XP)
+            roles = ("m", "v") if self.direction == "adam" else ("momentum",)
+            slots.append(tuple(self._slot(v, role, dt) for role in roles))
+        facts = []
+        for i, (v, p, (l, n)) in enumerate(zip(var_list, paradigms, numbering)):
+            dt = compute_dtype(keras.backend.standardize_dtype(v.dtype), KERAS_XP)
+            anchor = None
+            if p == "finetune":
+                source = anchors[i] if anchors[i] is not None else v
+                anchor = self._slot(v, "anchor", dt, initializer=_copy_of(source, dt))
+            facts.append(_VariableFacts(variable_path(v), p, l, n, float(pull_rate(p, l, n, hps[p])), hps[p], dt,
+                                        slots[i], anchor))
+        self._facts = facts
+        self.built = True
+
+    def _slot(self, variable: Any, role: str, dtype: str, initializer: Any = "zeros") -> Any:
+        if dtype == keras.backend.standardize_dtype(variable.dtype):
+            return self.add_variable_from_reference(variable, name=role, initializer=initializer)
+        return self.add_variable(tuple(variable.shape), initializer=initializer, dtype=dtype,
+                                 name=f"{variable_path(variable).replace('/', '_')}_{role}")
+
+    def _explicit_anchors(self, var_list: list[Any], paradigms: list[str]) -> list[Any]:
+        given = self._anchor_values
+        if given is None:
+            return [None] * len(var_list)
+        if isinstance(given, Mapping):
+            paths = [variable_path(v) for v in var_list]
+            unknown = sorted(set(given) - set(paths))
+            if unknown:
+                raise invalid("anchor", f"<mapping with key {unknown[0]!r}>", f"keys among the variable paths {paths}")
+            out = [given.get(p) for p in paths]
+        else:
+            out = list(given)
+            if len(out) != len(var_list):
+                raise invalid("anchor", f"<{len(out)} arrays>", f"one entry per variable ({len(var_list)}, "
+                              "var_list order; None for non-finetune variables)")
+        for v, a, p in zip(var_list, out, paradigms):
+            if a is None:
+                continue
+            shape = tuple(np.shape(a))
+            if shape != tuple(v.shape):
+                raise invalid(f"anchor[{variable_path(v)!r}]", f"<array of shape {shape}>",
+                              f"an array of the variable's shape {tuple(v.shape)}")
+        return [a if p == "finetune" else None for a, p in zip(out, paradigms)]
+
+    # ------------------------------------------------------------------ update
+    def _apply_weight_decay(self, variables: Any) -> None:
+        # DualOpt's decay is the scratch pull inside update_step; Keras's must never run.
+        return None
+
+    def exclude_from_weight_decay(self, var_list: Any = None, var_names: Any = None) -> None:
+        raise invalid("exclude_from_weight_decay", var_names if var_names is not None else var_list,
+                      "no call: DualOpt's decay is the scratch paradigm's pull; give excluded variables "
+                      "paradigm 'none', e.g. DualOpt(paradigm={'bias': 'none'})")
+
+    def _backend_update_step(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
+        if keras.backend.backend() == "torch":
+            import torch
+
+            with torch.no_grad():
+                if self._use_fast_path:
+                    from . import _keras_torch
+
+                    _keras_torch.update(self, grads, trainable_variables, learning_rate)
+                    return
+                self._generic_update(grads, trainable_variables, learning_rate)
+            return
+        self._generic_update(grads, trainable_variables, learning_rate)
+
+    def _generic_update(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
+        finite = all_finite(grads, xp=KERAS_XP) if self.nonfinite == "skip" else None
+        ctx = _StepContext(self, learning_rate, finite)
+        self._runtime.context = ctx
+        try:
+            base_update = super()._backend_update_step
+            if finite is None or ctx.select:
+                base_update(grads, trainable_variables, learning_rate)
+            else:
+                ops.cond(finite, lambda: base_update(grads, trainable_variables, learning_rate), lambda: None)
+            self._advance_counters(ctx)
+        finally:
+            self._runtime.context = None
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        """One variable's step: :func:`decoupled_core.step_tensor` on ``keras.ops``."""
+        ctx = self._runtime.context
+        if ctx is None:
+            raise RuntimeError("DualOpt.update_step runs inside apply(); call optimizer.apply(grads, variables).")
+        f = self._facts[self._get_variable_index(variable)]
+        lr, t = ctx.scalars[f.compute_dtype]
+        param = ops.convert_to_tensor(variable)
+        values = tuple(ops.convert_to_tensor(s) for s in f.slots)
+        state = AdamState(*values) if self.direction == "adam" else SGDState(*values)
+        anchor = None if f.anchor is None else ops.convert_to_tensor(f.anchor)
+        new_param, new_state = step_tensor(param, gradient, state, anchor, hp=f.hp, lr=lr, step=t, rate=f.rate,
+                                           xp=KERAS_XP)
+        if ctx.select:
+            new_param = ops.where(ctx.finite, new_param, param)
+            new_state = tuple(ops.where(ctx.finite, n, o) for n, o in zip(new_state, values))
+        self.assign(variable, new_param)
+        for slot, value in zip(f.slots, new_state):
+            self.assign(slot, value)
+
+    def _advance_counters(self, ctx: _StepContext) -> None:
+        if ctx.finite is None:
+            self.assign(self._step_count, ctx.t_int)
+            return
+        self.assign(self._step_count, ops.where(ctx.finite, ctx.t_int, ctx.step_before))
+        skipped = ops.convert_to_tensor(self._skipped)
+        self.assign(self._skipped, ops.add(skipped, ops.cast(ops.logical_not(ctx.finite), skipped.dtype)))
+
+    # EMA: Keras updates the averages after every apply; a skipped apply must leave them alone too.
+    def _backend_apply_gradients(self, grads: Any, trainable_variables: Any) -> None:
+        if self.use_ema and self.nonfinite == "skip":
+            self._runtime.skips_before = ops.copy(ops.convert_to_tensor(self._skipped))
+        try:
+            super()._backend_apply_gradients(grads, trainable_variables)
+        finally:
+            self._runtime.skips_before = None
+
+    def _update_model_variables_moving_average(self, trainable_variables: Any) -> None:
+        before = self._runtime.skips_before
+        if before is None:
+            return super()._update_model_variables_moving_average(trainable_variables)
+        averages = self._model_variables_moving_average
+        old = [None if a is None else ops.copy(ops.convert_to_tensor(a)) for a in averages]
+        super()._update_model_variables_moving_average(trainable_variables)
+        applied = ops.equal(ops.convert_to_tensor(self._skipped), before)
+        for average, previous in zip(averages, old):
+            if average is not None:
+                self.assign(average, ops.where(applied, ops.convert_to_tensor(average), previous))
+
+    # ------------------------------------------------------------------ state
+    @property
+    def step_count(self) -> Any:
+        """t: the number of applied (not skipped) updates; 0 before the optimizer is built."""
+        return self._step_count if self.built else 0
+
+    @property
+    def skipped(self) -> Any:
+        """How many apply calls the non-finite policy skipped."""
+        return self._skipped if self.built else 0
+
+    def anchors(self) -> dict[str, Any]:
+        """The finetune anchors, keyed by variable path (empty before build)."""
+        return {f.path: f.anchor for f in self._facts if f.anchor is not None}
+
+    def load_own_variables(self, store: Any) -> None:
+        """Restore by position (module docstring), refusing a state of another layout."""
+        if not self.built:
+            return super().load_own_variables(store)
+        variables = self.variables
+        if len(store.keys()) != len(variables):
+            raise invalid("optimizer state", f"<{len(store.keys())} variables>",
+                          f"the {len(variables)} variables of this DualOpt's layout (same model, paradigms, "
+                          "direction, use_ema and gradient_accumulation_steps)")
+        position = next(i for i, v in enumerate(variables) if v is self._layout)
+        saved = np.asarray(store[str(position)])
+        ours = ops.convert_to_numpy(self._layout)
+        if saved.shape != ours.shape or not np.array_equal(saved, ours):
+            i = int(np.argmax(saved != ours)) if saved.shape == ours.shape else 0
+            f = self._facts[i]
+            raise invalid(f"optimizer state for {f.path!r}", _describe_code(saved.reshape(-1)[i]) if saved.size else
+                          "<empty>", f"{f.paradigm} layer {f.layer} as in this DualOpt")
+        for i, v in enumerate(variables):
+            shape = tuple(np.shape(store[str(i)]))
+            if shape != tuple(v.shape):
+                raise invalid(f"optimizer state entry {i} ({v.path})", f"<array of shape {shape}>",
+                              f"shape {tuple(v.shape)}")
+        super().load_own_variables(store)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update({
+            "direction": self.direction,
+            "beta_1": self.beta_1,
+            "beta_2": self.beta_2,
+            "epsilon": self.epsilon,
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "paradigm": _serialize_spec(self.paradigm),
+            "default_paradigm": self.default_paradigm,
+            "weight_decay": self.weight_decay,
+            "rollback_max": self.rollback_max,
+            "rollback_min": self.rollback_min,
+            "rollback_power": self.rollback_power,
+            "layer_index": _serialize_spec(self.layer_index),
+            "nonfinite": self.nonfinite,
+        })
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> "DualOpt":
+        config = dict(config)
+        for key in ("paradigm", "layer_index"):
+            if key in config:
+                config[key] = _deserialize_spec(config[key])
+        return super().from_config(config, custom_objects=custom_objects)
+
+
+def _describe_code(code: Any) -> str:
+    code = int(code)
+    names = {v: k for k, v in _PARADIGM_CODE.items()}
+    return f"<{names.get(code % 4, '?')} layer {code // 4}>"
+
+
+def _constant(values: np.ndarray) -> Callable[..., Any]:
+    def initializer(shape: Any, dtype: Any = None) -> Any:
+        return ops.convert_to_tensor(values, dtype=dtype)
+
+    return initializer
+
+
+def _copy_of(source: Any, dtype: str) -> Callable[..., Any]:
+    """An initializer returning a copy of ``source`` (a variable or an array) in ``dtype``.
+
+    The copy is taken when the slot variable is created. Using an initializer
+    (rather than assigning in build) matters on TensorFlow, where build runs
+    while the train step is traced: an assign would run on every step.
+    """
+
+    target = dtype
+
+    def initializer(shape: Any, dtype: Any = None) -> Any:
+        return ops.copy(ops.cast(ops.convert_to_tensor(source), target))
+
+    return initializer

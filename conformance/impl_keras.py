@@ -1,0 +1,277 @@
+"""Keras 3 implementations for the conformance suite, one per backend.
+
+``keras DualOpt [jax]``, ``[torch]`` and ``[tensorflow]`` run
+:class:`dualopt.keras.DualOpt` in a subprocess with ``KERAS_BACKEND`` set
+(Keras picks its backend once per process); all cases of one call run in one
+subprocess, so each backend's start-up (5-7 s) is paid once.
+
+- Open loop: every tensor is a ``keras.Variable`` of the case's dtype (float64
+  runs with ``floatx="float64"`` and, on jax, ``JAX_ENABLE_X64``); each step
+  sets ``optimizer.learning_rate`` and calls ``optimizer.apply``.
+- Closed loop: ``model.fit(x, y, batch_size=problem.batch_size,
+  epochs=problem.epochs, shuffle=False)`` on the problem's MLP in float64 with
+  softmax cross-entropy; a callback records the weights after every epoch.
+  ``paradigm`` maps each variable path to its group's paradigm and
+  ``layer_index`` is :data:`dualopt.conformance.problem.LAYER_INDEX`.
+
+Cases a single ``DualOpt`` cannot express are not supported: gradients missing
+on some steps only (Keras keeps one shared step count) and groups that differ
+in direction or in a hyperparameter other than the paradigm's own rate.
+
+``keras.optimizers.Adam [backend]`` is the native comparison (closed loop,
+mode ``none`` only). Keras's Adam adds epsilon to ``sqrt(v)`` before the bias
+correction (``epsilon_hat``), so with the same ``epsilon`` it differs from
+DualOpt's ``paradigm="none"`` by terms of order epsilon.
+
+Run a worker by hand: ``KERAS_BACKEND=jax python -m dualopt.conformance.impl_keras
+replay in.pkl out.pkl``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+
+from decoupled_core import HyperParams
+from dualopt.spec.vectors import Case
+
+from .problem import LAYER_INDEX, NAMES, SIZES, Problem, group_hyperparams
+from .protocol import Implementation, Trajectory, case_id
+
+__all__ = ["KerasDualOpt", "KerasNativeAdam", "implementations", "optimizer_kwargs", "replay_case", "train_problem",
+           "run_worker", "BACKENDS"]
+
+BACKENDS = ("jax", "torch", "tensorflow")
+_COMMON = ("direction", "beta1", "beta2", "eps", "momentum", "nesterov")
+_KERAS_NAME = {"beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon"}
+
+
+def optimizer_kwargs(hps: dict[str, HyperParams]) -> dict[str, Any] | None:
+    """``DualOpt`` keyword arguments reproducing per-tensor groups, or None if one optimizer cannot.
+
+    ``hps`` maps a variable path (or layer name) to its group's hyperparameters.
+
+    Examples
+    --------
+    >>> ft = HyperParams(paradigm="finetune", rollback_max=5.0)
+    >>> kw = optimizer_kwargs({"body": ft, "head": HyperParams(weight_decay=0.5)})
+    >>> kw["paradigm"], kw["rollback_max"], kw["weight_decay"]
+    ({'body': 'finetune', 'head': 'scratch'}, 5.0, 0.5)
+    >>> optimizer_kwargs({"a": HyperParams(), "b": HyperParams(direction="sgd")}) is None
+    True
+    """
+    groups = list(hps.values())
+    kwargs: dict[str, Any] = {}
+    for field in _COMMON:
+        values = {getattr(hp, field) for hp in groups}
+        if len(values) != 1:
+            return None
+        kwargs[_KERAS_NAME.get(field, field)] = values.pop()
+    own = {"scratch": ("weight_decay",), "finetune": ("rollback_max", "rollback_min", "rollback_power")}
+    for paradigm, fields in own.items():
+        for field in fields:
+            values = {getattr(hp, field) for hp in groups if hp.paradigm == paradigm}
+            if len(values) > 1:
+                return None
+            if values:
+                kwargs[field] = values.pop()
+    kwargs["paradigm"] = {name: hp.paradigm for name, hp in hps.items()}
+    return kwargs
+
+
+def _supported(case: Case) -> bool:
+    if "missing_grads" in case.features:
+        return False
+    return optimizer_kwargs({n: case.hp(n) for n in case.names}) is not None
+
+
+# --------------------------------------------------------------------------- in the worker process
+def _keras_setup(dtype: str) -> Any:
+    import keras
+
+    keras.config.set_floatx(dtype)
+    return keras
+
+
+def replay_case(case: Case, *, fast_path: bool = True) -> Trajectory:
+    """Replay one case through ``DualOpt.apply`` in this process's Keras backend."""
+    keras = _keras_setup(case.dtype)
+    from dualopt.keras import DualOpt
+
+    names = case.names
+    variables = [keras.Variable(case.initial[n], dtype=case.dtype, name=n) for n in names]
+    kwargs = optimizer_kwargs({n: case.hp(n) for n in names})
+    if kwargs is None:
+        raise NotImplementedError(f"{case.name}: groups one DualOpt cannot express")
+    opt = DualOpt(learning_rate=float(case.base_lr), layer_index=case.layer_index, nonfinite=case.nonfinite,
+                  anchor={n: case.anchor[n] for n in names if n in case.anchor}, **kwargs)
+    opt._use_fast_path = fast_path
+    out: Trajectory = []
+    for grads, lr in zip(case.grads, case.lr):
+        opt.learning_rate = float(lr)
+        opt.apply([grads[n] for n in names], variables)
+        out.append({n: np.array(keras.ops.convert_to_numpy(v), dtype=case.dtype) for n, v in zip(names, variables)})
+    return out
+
+
+def build_problem_model(problem: Problem) -> Any:
+    """The problem's 16-32-32-4 tanh MLP as a float64 Keras model holding ``problem.weights``."""
+    keras = _keras_setup("float64")
+    inputs = keras.Input((SIZES[0],), dtype="float64")
+    h = inputs
+    for i, width in enumerate(SIZES[1:]):
+        h = keras.layers.Dense(width, activation="tanh" if i < len(SIZES) - 2 else None, name=f"dense_{i}")(h)
+    model = keras.Model(inputs, h)
+    for v in model.trainable_variables:
+        v.assign(problem.weights[v.path])
+    return model
+
+
+def _weights(model: Any) -> dict[str, np.ndarray]:
+    import keras
+
+    return {v.path: np.array(keras.ops.convert_to_numpy(v), dtype=np.float64) for v in model.trainable_variables}
+
+
+def train_problem(problem: Problem, optimizer: Any) -> Trajectory:
+    """``model.fit`` the problem with ``optimizer``; the weights after every epoch."""
+    keras = _keras_setup("float64")
+    model = build_problem_model(problem)
+    if [v.path for v in model.trainable_variables] != list(NAMES):
+        raise RuntimeError(f"unexpected variable order {[v.path for v in model.trainable_variables]}")
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    out: Trajectory = []
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: out.append(_weights(model)))
+    model.fit(problem.x, problem.y, batch_size=problem.batch_size, epochs=problem.epochs, shuffle=False,
+              verbose=0, callbacks=[record])
+    return out
+
+
+def _dualopt_for(problem: Problem, mode: str) -> Any:
+    from dualopt.keras import DualOpt
+
+    return DualOpt(learning_rate=problem.lr, layer_index=list(LAYER_INDEX),
+                   **optimizer_kwargs(group_hyperparams(mode)))
+
+
+def _native_adam_for(problem: Problem, mode: str) -> Any:
+    import keras
+
+    if mode != "none":
+        raise NotImplementedError("keras.optimizers.Adam only runs mode 'none'")
+    return keras.optimizers.Adam(learning_rate=problem.lr, epsilon=group_hyperparams("none")[NAMES[0]].eps)
+
+
+def run_worker(command: str, payload: Any) -> Any:
+    """Execute one batched request in this process (its Keras backend is already chosen)."""
+    if command == "replay":
+        return {case_id(c): replay_case(c) for c in payload}
+    if command in ("train", "train-native"):
+        problem, modes = payload
+        make = _dualopt_for if command == "train" else _native_adam_for
+        return {mode: train_problem(problem, make(problem, mode)) for mode in modes}
+    raise ValueError(f"command={command!r} is invalid: expected 'replay', 'train' or 'train-native'.")
+
+
+# --------------------------------------------------------------------------- in the suite's process
+def _backend_module(backend: str) -> str:
+    return {"tensorflow": "tensorflow", "torch": "torch", "jax": "jax"}[backend]
+
+
+def _run_subprocess(backend: str, command: str, payload: Any, timeout: float = 1800.0) -> Any:
+    with tempfile.TemporaryDirectory(prefix="dualopt-keras-") as tmp:
+        src, dst = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
+        with open(src, "wb") as fh:
+            pickle.dump(payload, fh)
+        env = dict(os.environ, KERAS_BACKEND=backend, JAX_ENABLE_X64="1", TF_CPP_MIN_LOG_LEVEL="2")
+        proc = subprocess.run([sys.executable, "-m", "dualopt.conformance.impl_keras", command, src, dst], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"keras[{backend}] worker failed ({command}):\n{proc.stderr[-4000:]}")
+        with open(dst, "rb") as fh:
+            return pickle.load(fh)
+
+
+def _unavailable(backend: str) -> str | None:
+    for module in ("keras", _backend_module(backend)):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} not installed"
+    return None
+
+
+class KerasDualOpt:
+    """``dualopt.keras.DualOpt`` on one Keras backend (open and closed loop)."""
+
+    def __init__(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is invalid: expected one of {BACKENDS}.")
+        self.backend = backend
+        self.name = f"keras DualOpt [{backend}]"
+        self.framework = f"keras[{backend}]"
+        # Tolerance class (spec/TOLERANCES.md): scalars are computed on the device from traced
+        # step counts and learning rates; torch's CPU sqrt is not correctly rounded.
+        self.numerics = "torch" if backend == "torch" else "traced-scalars"
+
+    def unavailable(self) -> str | None:
+        return _unavailable(self.backend)
+
+    def supports(self, case: Case) -> bool:
+        return _supported(case)
+
+    def replay_cases(self, cases: Sequence[Case]) -> dict[str, Trajectory]:
+        return _run_subprocess(self.backend, "replay", [c for c in cases if _supported(c)])
+
+    def train(self, problem: Problem, modes: Sequence[str]) -> dict[str, Trajectory]:
+        return _run_subprocess(self.backend, "train", (problem, list(modes)))
+
+
+class KerasNativeAdam:
+    """``keras.optimizers.Adam`` (closed loop, mode ``none`` only): the degenerate comparison."""
+
+    def __init__(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is invalid: expected one of {BACKENDS}.")
+        self.backend = backend
+        self.name = f"keras.optimizers.Adam [{backend}]"
+        self.framework = f"keras[{backend}]"
+        self.numerics = "native"
+
+    def unavailable(self) -> str | None:
+        return _unavailable(self.backend)
+
+    def supports(self, case: Case) -> bool:
+        return False
+
+    def replay_cases(self, cases: Sequence[Case]) -> dict[str, Trajectory]:
+        raise NotImplementedError(f"{self.name} has no open-loop replay")
+
+    def train(self, problem: Problem, modes: Sequence[str]) -> dict[str, Trajectory]:
+        if list(modes) != ["none"]:
+            raise NotImplementedError(f"{self.name} only trains mode 'none' (got {list(modes)})")
+        return _run_subprocess(self.backend, "train-native", (problem, ["none"]))
+
+
+def implementations() -> list[Implementation]:
+    """DualOpt and native Adam on every Keras backend (each skipped when its backend is not installed)."""
+    return [KerasDualOpt(b) for b in BACKENDS] + [KerasNativeAdam(b) for b in BACKENDS]
+
+
+def _main(argv: list[str]) -> int:
+    command, src, dst = argv
+    with open(src, "rb") as fh:
+        payload = pickle.load(fh)
+    result = run_worker(command, payload)
+    with open(dst, "wb") as fh:
+        pickle.dump(result, fh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

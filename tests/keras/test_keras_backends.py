@@ -1,0 +1,185 @@
+"""dualopt.keras on jax, torch and tensorflow: one subprocess per backend runs ``_backend_checks.py``.
+
+Importing Keras with a backend takes 5-7 s and a process can hold only one
+backend, so every check that needs a backend runs in one subprocess per
+backend (cached per pytest worker); the tests below assert on its JSON.
+Each backend is its own xdist group, so ``pytest -n 2 --dist loadgroup`` runs
+two backends at once.
+
+Tolerances (float64 unless stated; "eps" is the dtype's machine epsilon and
+errors are ``max|got - expected| / max|expected|`` per tensor):
+
+- ``FIT_EPS = 64``: a compiled train step computes ``beta ** t`` and the bias
+  corrections from traced tensors (last bit may differ from the host), jax's
+  XLA fuses element-wise chains, and torch's CPU sqrt is not correctly rounded
+  (<= 1 ulp); over at most 24 steps these stay far below 64 eps. tensorflow and
+  torch are usually bit-identical, which the JSON records.
+- float32 vectors, ``F32_EPS = 64`` (float32 eps): the Keras graph computes the
+  step scalars in float32 (documented in ``dualopt.keras``), where the core
+  rounds float64 host scalars once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+BACKENDS = ("jax", "torch", "tensorflow")
+FIT_EPS = 64.0
+F32_EPS = 64.0
+F32_MACHINE_EPS = 2.0**-23
+
+pytestmark = pytest.mark.keras_backend
+
+
+@functools.lru_cache(maxsize=None)
+def results(backend: str) -> dict:
+    pytest.importorskip("keras")
+    pytest.importorskip({"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}[backend])
+    out = HERE / f".keras_checks_{backend}_{os.getpid()}.json"
+    env = dict(os.environ, KERAS_BACKEND=backend, JAX_ENABLE_X64="1", TF_CPP_MIN_LOG_LEVEL="2")
+    try:
+        proc = subprocess.run([sys.executable, str(HERE / "_backend_checks.py"), str(out)], env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"keras[{backend}] checks crashed:\n{proc.stderr[-4000:]}"
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def check(backend: str, name: str) -> dict:
+    r = results(backend)[name]
+    assert not (isinstance(r, dict) and "error" in r), r.get("error") if isinstance(r, dict) else r
+    return r
+
+
+def by_backend(fn):
+    """Parametrize over backends, one xdist group per backend (its subprocess runs once per worker)."""
+    params = [pytest.param(b, marks=pytest.mark.xdist_group(f"keras-{b}")) for b in BACKENDS]
+    return pytest.mark.parametrize("backend", params)(fn)
+
+
+@by_backend
+def test_vectors_through_apply(backend):
+    r = check(backend, "vectors")
+    ran = {k: v for k, v in r.items() if v != "unsupported"}
+    assert sorted(k for k, v in r.items() if v == "unsupported") == [
+        "missing_grads.float64", "mixed_directions.float64"]  # shared step count; one direction per optimizer
+    assert sum(k.endswith("float64") for k in ran) == 18
+    for key, v in ran.items():
+        assert v["nan_pattern_ok"], key
+        tol = FIT_EPS * 2.0**-52 if key.endswith("float64") else F32_EPS * F32_MACHINE_EPS
+        assert v["max_err_over_scale"] <= tol, (key, v)
+
+
+@by_backend
+def test_fit_matches_reference_and_keeps_anchors(backend):
+    r = check(backend, "fit_matches_reference")
+    assert len(r["per_epoch"]) == 3
+    for epoch in r["per_epoch"]:
+        assert epoch["max_err_eps"] <= FIT_EPS, r
+    assert r["step_count"] == r["iterations"] == r["expected_steps"] == 12
+    # The TF trap: anchors are the pre-fit weights after three epochs, on every backend.
+    assert r["anchor_paths"] == ["backbone_0/bias", "backbone_0/kernel", "backbone_1/bias", "backbone_1/kernel"]
+    assert r["anchors_equal_prefit"] is True
+    assert r["anchors_differ_from_current"] is True
+
+
+@by_backend
+def test_nonfinite_batch_is_skipped_in_compiled_step(backend):
+    r = check(backend, "fit_nonfinite_skip_with_ema")
+    assert r["skipped"] == r["expected_skipped"] == 2
+    assert r["step_count"] == r["expected_step_count"] == 6
+    assert r["iterations"] == r["expected_iterations"] == 8
+    for epoch in r["per_epoch"]:
+        assert epoch["max_err_eps"] <= FIT_EPS, r
+    # EMA: fit ends on the average; a skipped step leaves the average alone.
+    assert r["ema_differs_from_params"] > 1e6
+    assert r["ema_weights"]["max_err_eps"] <= FIT_EPS, r
+
+
+@by_backend
+def test_save_load_continue_is_bitwise(backend):
+    r = check(backend, "save_load_continue")
+    assert r["loaded_optimizer"] == "DualOpt"
+    assert r["weights"]["bitwise"], r["weights"]
+    assert r["optimizer_state_equal"]
+    # Fixed slot order (dualopt.keras "Slot layout").
+    names = r["slot_names"]
+    assert names[:5] == ["dualopt/iteration", "dualopt/learning_rate", "dualopt/step", "dualopt/skipped",
+                         "dualopt/layout"]
+    assert names[5:7] == ["dualopt/backbone_0_kernel_m", "dualopt/backbone_0_kernel_v"]
+    assert names[-4:] == ["dualopt/backbone_0_kernel_anchor", "dualopt/backbone_0_bias_anchor",
+                          "dualopt/backbone_1_kernel_anchor", "dualopt/backbone_1_bias_anchor"]
+
+
+@by_backend
+def test_learning_rate_schedule(backend):
+    r = check(backend, "learning_rate_schedules")["piecewise"]
+    assert r["weights"]["max_err_eps"] <= FIT_EPS, r
+    assert r["rollback_max"] == r["expected_rollback_max"]  # 0.01 / schedule(0)
+    assert r["lrs"][0] != r["lrs"][4]  # the schedule moved during the run
+
+
+@by_backend
+def test_clipnorm_and_global_clipnorm(backend):
+    r = check(backend, "clipping")
+    for key in ("clipnorm", "global_clipnorm"):
+        assert r[key]["clipping_mattered"] > 1e6, r  # clipping changed the result ...
+        assert r[key]["weights"]["max_err_eps"] <= FIT_EPS, r  # ... exactly as Keras's formula says
+
+
+@by_backend
+def test_gradient_accumulation(backend):
+    r = check(backend, "gradient_accumulation")
+    assert r["weights"]["max_err_eps"] <= FIT_EPS, r
+    assert r["step_count"] == r["expected_step_count"] == 4
+    assert r["iterations"] == r["expected_iterations"] == 8
+
+
+@by_backend
+def test_config_round_trip(backend):
+    r = check(backend, "config_round_trip")
+    for key in ("mapping", "schedule", "callable"):
+        assert r[key]["type"] == "DualOpt"
+        assert r[key]["equal"], key
+    assert r["mapping"]["rollback_max"] == pytest.approx(0.01 / 0.02)
+    assert r["rollback_max_stored"] == pytest.approx(0.5)  # resolved at construction, not from the current lr
+
+
+@by_backend
+def test_error_messages(backend):
+    r = check(backend, "errors")
+    assert r["beta_1"] == "beta_1=1.0 is invalid: expected a finite number in [0, 1)."
+    assert r["epsilon"] == "epsilon=-1.0 is invalid: expected a finite float >= 0."
+    assert r["paradigm_value"] == "paradigm['head']='scrach' is invalid: expected one of ('scratch', 'finetune', 'none')."
+    assert r["weight_decay_bound"].startswith("weight_decay=3.0 is invalid: expected learning_rate * weight_decay <= 1")
+    for key in ("paradigm", "default_paradigm", "nonfinite", "layer_index", "learning_rate", "layer_index_length",
+                "anchor_shape", "exclude_from_weight_decay"):
+        assert r[key] is not None and " is invalid: expected " in r[key], (key, r[key])
+    assert r["load_other_layout"] is not None and "'a'" in r["load_other_layout"]
+
+
+@by_backend
+def test_doctests_and_imports(backend):
+    r = check(backend, "doctests")
+    assert r["attempted"] > 0 and r["failed"] == 0
+    imports = check(backend, "imports")
+    assert imports["added_by_dualopt"] == []
+
+
+def test_torch_fast_path_equals_generic_path():
+    r = check("torch", "fast_path_equals_generic")
+    assert len(r) > 60
+    assert [k for k, ok in r.items() if not ok] == []
+
+
+test_torch_fast_path_equals_generic_path = pytest.mark.xdist_group("keras-torch")(
+    test_torch_fast_path_equals_generic_path)

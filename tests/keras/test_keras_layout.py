@@ -1,0 +1,71 @@
+"""Which paradigm and layer key each Keras variable gets (pure Python: no Keras backend needed)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace as V
+
+import pytest
+
+from decoupled_core import HyperparameterError
+from dualopt._keras_layout import (check_layer_index_spec, check_paradigm_spec, matching_key, resolve_layer_keys,
+                                   resolve_paradigms)
+
+SEQ = [V(path=p) for p in ("sequential/backbone/conv/kernel", "sequential/backbone/conv/bias",
+                           "sequential/head/kernel", "sequential/head/bias")]
+
+
+def test_matching_is_by_whole_path_segments_and_longest_key_wins():
+    assert matching_key(["head"], "sequential/head/kernel") == "head"
+    assert matching_key(["sequential/head"], "sequential/head/kernel") == "sequential/head"
+    assert matching_key(["head/kernel"], "sequential/head/kernel") == "head/kernel"
+    assert matching_key(["hea", "ead", "head/bias"], "sequential/head/kernel") is None
+    assert matching_key(["head", "head/kernel"], "sequential/head/kernel") == "head/kernel"
+    assert matching_key(["head/kernel", "head"], "sequential/head/kernel") == "head/kernel"
+    # Equal length: the first listed wins.
+    assert matching_key(["backbone", "conv/bias"], "m/backbone/conv/bias") == "conv/bias"
+    assert matching_key(["conv/bias", "backbone"], "m/backbone/conv/bias") == "conv/bias"
+
+
+def test_backbone_finetune_head_scratch_in_one_mapping():
+    assert resolve_paradigms({"head": "scratch"}, "finetune", SEQ) == ["finetune", "finetune", "scratch", "scratch"]
+    assert resolve_paradigms("none", "scratch", SEQ) == ["none"] * 4
+    assert resolve_paradigms({"bias": "none", "head": "scratch"}, "finetune", SEQ) == [
+        "finetune", "none", "scratch", "none"]  # head/bias: "bias" and "head" tie in length; first listed wins
+
+
+def test_callable_paradigm_none_means_default():
+    f = lambda v: "scratch" if v.path.endswith("bias") else None  # noqa: E731
+    assert resolve_paradigms(f, "finetune", SEQ) == ["finetune", "scratch", "finetune", "scratch"]
+    with pytest.raises(HyperparameterError, match=r"paradigm\('sequential/backbone/conv/kernel'\)='x' is invalid"):
+        resolve_paradigms(lambda v: "x", "finetune", SEQ)
+
+
+def test_paradigm_spec_errors_name_the_argument():
+    with pytest.raises(HyperparameterError, match=r"paradigm\['head'\]='scrach' is invalid: expected one of"):
+        check_paradigm_spec({"head": "scrach"}, "finetune")
+    with pytest.raises(HyperparameterError, match="default_paradigm='pretrained' is invalid"):
+        check_paradigm_spec("scratch", "pretrained")
+    with pytest.raises(HyperparameterError, match="paradigm=3 is invalid"):
+        check_paradigm_spec(3, "scratch")
+    assert set(check_paradigm_spec(lambda v: None, "none")) == {"scratch", "finetune", "none"}
+
+
+def test_layer_keys():
+    assert resolve_layer_keys(None, SEQ) is None
+    assert resolve_layer_keys("layer", SEQ) == [0, 0, 1, 1]
+    assert resolve_layer_keys([3, 3, 7, 7], SEQ) == [3, 3, 7, 7]
+    assert resolve_layer_keys({"backbone": 0, "head": 5}, SEQ) == [0, 0, 5, 5]
+    assert resolve_layer_keys(lambda v: len(v.path), SEQ) == [len(v.path) for v in SEQ]
+
+
+def test_layer_key_errors():
+    with pytest.raises(HyperparameterError, match="none matches 'sequential/head/kernel'"):
+        resolve_layer_keys({"backbone": 0}, SEQ)
+    with pytest.raises(HyperparameterError, match=r"one layer key per trainable variable \(4"):
+        resolve_layer_keys([0, 1], SEQ)
+    with pytest.raises(HyperparameterError, match=r"layer_index\[1\]=-1 is invalid"):
+        check_layer_index_spec([0, -1])
+    with pytest.raises(HyperparameterError, match="layer_index='block' is invalid"):
+        check_layer_index_spec("block")
+    with pytest.raises(HyperparameterError, match=r"layer_index\('sequential/backbone/conv/kernel'\)=True"):
+        resolve_layer_keys(lambda v: True, SEQ)
