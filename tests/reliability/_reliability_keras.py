@@ -1,0 +1,65 @@
+"""Run ``_keras_worker.py`` once per Keras backend (per pytest worker) and hand its JSON to the tests.
+
+Importing Keras with a backend costs 3-8 s and a process holds one backend, so
+all Keras reliability checks of one backend share one subprocess. jax runs in
+the default test run; tensorflow and torch are marked slow. Each backend is its
+own xdist group so that ``--dist loadgroup`` never runs one backend's
+subprocess twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+BACKENDS = ("jax", "tensorflow", "torch")
+DEFAULT_BACKENDS = ("jax",)
+_MODULE = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
+
+
+def backend_marks(backend: str) -> list[pytest.MarkDecorator]:
+    marks = [pytest.mark.xdist_group(f"reliability-keras-{backend}")]
+    if backend not in DEFAULT_BACKENDS:
+        marks.append(pytest.mark.slow)
+    return marks
+
+
+def keras_backends() -> list:
+    return [pytest.param(b, marks=backend_marks(b), id=b) for b in BACKENDS]
+
+
+def worker_env(backend: str) -> dict[str, str]:
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
+               CUDA_VISIBLE_DEVICES="")
+    env.pop("JAX_ENABLE_X64", None)
+    return env
+
+
+@functools.lru_cache(maxsize=None)
+def _run(backend: str) -> dict:
+    pytest.importorskip("keras")
+    pytest.importorskip(_MODULE[backend])
+    with tempfile.TemporaryDirectory(prefix=f"dualopt-rel-keras-{backend}-") as tmp:
+        out = Path(tmp) / "results.json"
+        proc = subprocess.run([sys.executable, str(HERE / "_keras_worker.py"), "checks", str(out), tmp],
+                              env=worker_env(backend), capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 or not out.exists():
+            return {"__crash__": f"rc={proc.returncode}\n{proc.stderr[-5000:]}"}
+        return json.loads(out.read_text())
+
+
+def keras_result(backend: str, check: str) -> dict:
+    """One check's results from ``backend``'s worker; fails (not errors) when the worker crashed."""
+    results = _run(backend)
+    assert "__crash__" not in results, results.get("__crash__")
+    r = results[check]
+    assert not (isinstance(r, dict) and "__error__" in r), r.get("__error__")
+    return r
