@@ -1,0 +1,488 @@
+"""DualOpt for PyTorch: a drop-in :class:`torch.optim.Optimizer`.
+
+``DualOpt`` applies the DualOpt rule (``spec/SPEC.md``): a direction (Adam or
+SGD with momentum) gives the pre-weight, then a layer-wise *pull* moves it
+towards an anchor — the pretrained weights for ``paradigm="finetune"`` (weight
+rollback), zero for ``paradigm="scratch"`` (real-time layer-wise decay), nothing
+for ``paradigm="none"`` (plain Adam / SGD). Swap it in for ``torch.optim.AdamW``
+in any training loop, Lightning module or Trainer.
+
+Fine-tuning a pretrained backbone with a new head, in one line (load the
+pretrained weights *before* creating the optimizer: finetune anchors are a
+snapshot of the weights at construction):
+
+>>> import torch
+>>> from collections import OrderedDict
+>>> from dualopt.torch import DualOpt
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> model = torch.nn.Sequential(OrderedDict(
+...     backbone=torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16)),
+...     head=torch.nn.Linear(16, 3)))
+>>> # model.backbone.load_state_dict(pretrained)   # first load the pretrained weights
+>>> opt = DualOpt.for_finetuning(model, head="head", lr=1e-3, layer_index="module")
+>>> [(g["paradigm"], len(g["params"])) for g in opt.param_groups]
+[('finetune', 4), ('scratch', 2)]
+>>> x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+>>> for _ in range(3):
+...     opt.zero_grad()
+...     torch.nn.functional.cross_entropy(model(x), y).backward()
+...     opt.step()
+>>> opt.state[model.backbone[0].weight]["step"]
+3
+
+The backbone's two Linear layers are finetune layers 0 and 1 (``layer_index="module"``
+keys weight and bias of one module together): layer 0 is pulled back hardest
+(``rollback_max``, default ``0.01 / lr``), the last one not at all
+(``rollback_min = 0``). The head is trained from scratch with real-time
+layer-wise decay ``weight_decay * (l + 1) / L``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from decoupled_core import (
+    HyperParams,
+    compute_dtype,
+    invalid,
+    number_layers,
+    pull_rate,
+    resolve_rollback_max,
+    validate,
+)
+
+from ._torch_kernels import (
+    FastPlan,
+    grads_finite_fast,
+    grads_finite_reference,
+    init_state,
+    reference_update,
+)
+from ._torch_setup import Anchors, LayerKeys, check_param, display_names, head_split, make_anchor
+
+__all__ = ["DualOpt", "STATE_FORMAT"]
+
+#: Tag of the ``"dualopt"`` entry that :meth:`DualOpt.state_dict` adds; checked on load.
+STATE_FORMAT = "dualopt.torch/1"
+
+# Canonical core names -> the names a torch user types (for error messages).
+_PUBLIC_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
+_STATE_TENSORS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "anchor")
+_DIRECTION_STATE = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
+
+
+def _group_hp(group: Mapping[str, Any]) -> HyperParams:
+    beta1, beta2 = group["betas"]
+    return HyperParams(
+        direction=group["direction"], beta1=beta1, beta2=beta2, eps=group["eps"], momentum=group["momentum"],
+        nesterov=group["nesterov"], paradigm=group["paradigm"], weight_decay=group["weight_decay"],
+        rollback_max=group["rollback_max"], rollback_min=group["rollback_min"],
+        rollback_power=group["rollback_power"])
+
+
+class DualOpt(torch.optim.Optimizer):
+    """DualOpt: Adam or SGD-momentum direction, then a layer-wise pull to an anchor.
+
+    Parameters
+    ----------
+    params : iterable
+        Tensors, ``model.named_parameters()``, or param-group dicts. Any
+        hyperparameter below except ``layer_index``, ``anchor`` and
+        ``nonfinite`` may be set per group (``paradigm`` included). A group may
+        carry its own ``"layer_index"`` list (one key per tensor).
+    lr : float
+        Learning rate eta (schedulers rewrite ``group["lr"]``).
+    direction : {"adam", "sgd"}
+        Adam (bias-corrected) or heavy-ball SGD with ``dampening=0``.
+    betas : (float, float)
+        Adam's beta1, beta2, read from the group at every step (OneCycleLR may
+        cycle beta1).
+    eps : float
+        Adam's epsilon, added after the bias-corrected square root.
+    momentum, nesterov
+        SGD direction's momentum (read at every step) and Nesterov switch.
+    paradigm : {"scratch", "finetune", "none"}
+        scratch: pull to zero with rate ``weight_decay * (l + 1) / L``;
+        finetune: pull to the anchor with rate
+        ``rollback_min + (1 - l / (L - 1)) ** rollback_power * (rollback_max - rollback_min)``;
+        none: no pull. Fixed at construction.
+    weight_decay : float
+        lambda, the deepest scratch layer's rate.
+    rollback_max, rollback_min, rollback_power : float
+        kappa_max (None: ``0.01 / lr`` of the group at construction, stored
+        resolved), kappa_min and p of the finetune schedule.
+    layer_index : None, "module", callable, dict or sequence
+        Layer keys. ``None``: every tensor is its own layer, in the optimizer's
+        parameter order. ``"module"``: one layer per module (weight and bias
+        share a rate). A callable of the parameter name (e.g. one layer per
+        transformer block), a dict name -> int (both need
+        ``named_parameters()``), or a sequence with one int per tensor. Layers
+        are numbered per paradigm across *all* groups: within a paradigm the
+        distinct keys are sorted, ``l`` is the rank, ``L`` the count.
+    anchor : dict or sequence, optional
+        Finetune anchors: a dict name -> tensor (every finetune parameter
+        needs an entry; other entries are ignored) or a sequence aligned with
+        the parameters (``None`` entries snapshot). Default: a float copy of
+        each finetune tensor at construction — load pretrained weights first.
+        Shapes must match; the dtype must be the parameter's or its compute
+        dtype.
+    maximize : bool
+        Maximise the objective (the gradient is negated).
+    foreach : bool or None
+        ``False``: the reference loop over ``decoupled_core.step_tensor``.
+        ``None``/``True``: the fast multi-tensor path (fused Adam kernel +
+        multi-tensor pull; SGD with ``torch._foreach_*``) on CPU and CUDA,
+        equal to the reference path within ``_torch_kernels.FAST_PATH_TOLERANCE``
+        (bitwise for SGD).
+    nonfinite : {"skip", "propagate"}
+        ``"skip"``: a ``step()`` whose gradients hold any NaN/Inf changes
+        nothing and increments :attr:`skipped`. ``"propagate"``: no check.
+
+    Notes
+    -----
+    - State per tensor (``optimizer.state[p]``): ``step`` (int), ``exp_avg`` and
+      ``exp_avg_sq`` (adam) or ``momentum_buffer`` (sgd), ``anchor`` (finetune),
+      in the compute dtype: float32 for float16/bfloat16 parameters, else the
+      parameter's dtype. Tensors without a gradient are skipped and their
+      ``step`` does not advance.
+    - :meth:`add_param_group` renumbers the layers of every paradigm across all
+      groups (so rates of existing tensors can change, e.g. when unfreezing
+      more finetune layers) and anchors the new finetune tensors at their
+      current values. A constructor ``layer_index`` sequence does not cover new
+      parameters: give the new group its own ``"layer_index"``.
+    - :meth:`state_dict` adds a ``"dualopt"`` entry (format tag, skip counter);
+      :meth:`load_state_dict` rejects dicts without it, restores the saved
+      anchors and keeps float32 state float32 for float16/bfloat16 parameters.
+    - ``step()`` runs eagerly inside ``torch.compile``'d code (it is excluded from
+      tracing): compiling a training step that calls it works unchanged.
+    - ``torch.amp.GradScaler`` unscales and skips steps with inf itself; such
+      skips are not counted in :attr:`skipped`.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, *, direction: str = "adam",
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, momentum: float = 0.9,
+                 nesterov: bool = False, paradigm: str = "scratch", weight_decay: float = 1e-2,
+                 rollback_max: float | None = None, rollback_min: float = 0.0, rollback_power: float = 1.0,
+                 layer_index: None | str | Callable[[str], int] | Mapping[str, int] | Sequence[int] = None,
+                 anchor: Mapping[str, torch.Tensor] | Sequence[torch.Tensor | None] | None = None,
+                 maximize: bool = False, foreach: bool | None = None, nonfinite: str = "skip") -> None:
+        validate(HyperParams(), nonfinite=nonfinite)
+        self.nonfinite = nonfinite
+        self.skipped = 0
+        self._layer_keys = LayerKeys(layer_index)
+        self._anchor_arg = Anchors(anchor)
+        self._all_defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, nesterov=nesterov,
+                                  direction=direction, paradigm=paradigm, weight_decay=weight_decay,
+                                  rollback_max=rollback_max, rollback_min=rollback_min,
+                                  rollback_power=rollback_power, maximize=maximize, foreach=foreach)
+        self._check_group(dict(self._all_defaults), None)
+        defaults = dict(self._all_defaults)
+        if direction == "sgd":
+            # OneCycleLR/CyclicLR cycle betas[0] when "betas" is in the defaults, else "momentum".
+            defaults.pop("betas")
+        self._layout: list[list[tuple[int, int]]] = []
+        self._rate_cache: list[Any] = []
+        super().__init__(params, defaults)
+        total = sum(len(g["params"]) for g in self.param_groups)
+        self._layer_keys.check_complete(total)
+        self._anchor_arg.check_complete(total)
+        self._renumber()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def for_finetuning(cls, model: torch.nn.Module, head: str | Sequence[str] | None = None, *,
+                       lr: float = 1e-3, head_lr: float | None = None, head_paradigm: str = "scratch",
+                       head_weight_decay: float | None = None, **kwargs: Any) -> "DualOpt":
+        """The common fine-tuning setup: pretrained backbone in ``finetune``, a new head in ``head_paradigm``.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            With its pretrained weights already loaded (anchors are snapshotted now).
+        head : str or list of str, optional
+            Name(s) of the head submodule(s), e.g. ``"fc"`` or ``"classifier"``;
+            ``None`` fine-tunes everything.
+        lr, head_lr : float
+            Learning rates of the backbone and the head (``head_lr`` defaults to ``lr``).
+        head_paradigm : {"scratch", "none", "finetune"}
+            The head's paradigm.
+        head_weight_decay : float, optional
+            The head's ``weight_decay`` (lambda of the scratch ramp); default
+            the optimizer's.
+        **kwargs
+            Any other constructor argument (``betas``, ``rollback_max``,
+            ``layer_index="module"``, ...), except ``paradigm``.
+
+        Only parameters with ``requires_grad=True`` are optimised.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from dualopt.torch import DualOpt
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        >>> opt = DualOpt.for_finetuning(net, head="1", lr=1e-2)
+        >>> [(g["paradigm"], g["param_names"]) for g in opt.param_groups]
+        [('finetune', ['0.weight', '0.bias']), ('scratch', ['1.weight', '1.bias'])]
+        >>> opt.param_groups[0]["rollback_max"]   # 0.01 / lr
+        1.0
+        """
+        if "paradigm" in kwargs:
+            raise invalid("paradigm", kwargs["paradigm"], "no paradigm argument: for_finetuning sets 'finetune' for "
+                          "the backbone and head_paradigm for the head")
+        backbone, heads = head_split(model, head)
+        groups: list[dict[str, Any]] = []
+        if backbone:
+            groups.append({"params": backbone, "paradigm": "finetune"})
+        if heads:
+            hg: dict[str, Any] = {"params": heads, "paradigm": head_paradigm}
+            if head_lr is not None:
+                hg["lr"] = head_lr
+            if head_weight_decay is not None:
+                hg["weight_decay"] = head_weight_decay
+            groups.append(hg)
+        if not groups:
+            raise invalid("model", f"<{type(model).__name__}>", "a module with trainable parameters")
+        return cls(groups, lr=lr, **kwargs)
+
+    def _check_group(self, group: dict[str, Any], group_index: int | None) -> None:
+        """Validate one group's hyperparameters (spec wording) and resolve rollback_max in place."""
+        betas = group["betas"]
+        if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+            raise invalid("betas", betas, "a pair (beta1, beta2) of floats in [0, 1)")
+        for key in ("maximize",):
+            if not isinstance(group[key], bool):
+                raise invalid(key, group[key], "True or False")
+        if group["foreach"] not in (None, True, False):
+            raise invalid("foreach", group["foreach"], "None, True or False")
+        hp = _group_hp(group)
+        validate(hp, lr=group["lr"], nonfinite=self.nonfinite, names=_PUBLIC_NAMES)
+        if hp.paradigm == "finetune":
+            group["rollback_max"] = resolve_rollback_max(hp.rollback_max, group["lr"], names=_PUBLIC_NAMES)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (see the class notes: layers are renumbered across all groups)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        try:
+            for key, value in self._all_defaults.items():
+                group.setdefault(key, value)
+            names = display_names(group, gi)
+            for p, name in zip(group["params"], names):
+                check_param(p, name)
+            self._check_group(group, gi)
+            offset = sum(len(g["params"]) for g in self.param_groups[:gi])
+            group["layer_index"] = self._layer_keys.keys_for(group, gi, offset)
+            if group["paradigm"] == "finetune":
+                given = self._anchor_arg.given(group, gi, offset)
+                anchors = [make_anchor(p, name, a) for p, name, a in zip(group["params"], names, given)]
+                for p, a in zip(group["params"], anchors):
+                    self.state[p]["anchor"] = a
+        except Exception:
+            self.param_groups.pop()
+            raise
+        if self._layer_keys.constructed:
+            self._renumber()
+
+    def _renumber(self) -> None:
+        """(l, L) of every tensor, per paradigm across all groups (spec section 3)."""
+        paradigms: list[str] = []
+        keys: list[int] = []
+        for g in self.param_groups:
+            paradigms += [g["paradigm"]] * len(g["params"])
+            keys += list(g["layer_index"])
+        flat = number_layers(paradigms, keys)
+        self._layout = []
+        start = 0
+        for g in self.param_groups:
+            self._layout.append(flat[start:start + len(g["params"])])
+            start += len(g["params"])
+        self._rate_cache = [None] * len(self.param_groups)
+        # Fast-path plans hold lists of state tensors: rebuilt after any renumbering or load.
+        self._plans: dict[int, FastPlan] = {}
+        self._paradigms = [g["paradigm"] for g in self.param_groups]
+
+    def _rates(self, gi: int, hp: HyperParams) -> list[float]:
+        key = (hp.paradigm, hp.weight_decay, hp.rollback_max, hp.rollback_min, hp.rollback_power)
+        cached = self._rate_cache[gi]
+        if cached is None or cached[0] != key:
+            cached = (key, [pull_rate(hp.paradigm, l, L, hp) for l, L in self._layout[gi]])
+            self._rate_cache[gi] = cached
+        return cached[1]
+
+    # ------------------------------------------------------------------ step
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every tensor that has a gradient; returns ``closure()``'s loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        all_grads: list[torch.Tensor] = []
+        for gi, group in enumerate(self.param_groups):
+            if group["paradigm"] != self._paradigms[gi]:
+                raise invalid(f"param_groups[{gi}]['paradigm']", group["paradigm"],
+                              f"{self._paradigms[gi]!r}: the paradigm is fixed when the optimizer is created")
+            params = group["params"]
+            idx = [j for j, p in enumerate(params) if p.grad is not None]
+            if not idx:
+                continue
+            grads = [params[j].grad for j in idx]
+            for j, g in zip(idx, grads):
+                if g.is_sparse:
+                    raise RuntimeError(f"DualOpt does not support sparse gradients "
+                                       f"({display_names(group, gi)[j]})")
+            work.append((gi, group, idx, grads))
+            all_grads += grads
+        if not work:
+            return loss
+        if self.nonfinite == "skip":
+            fast = any(g["foreach"] is not False for _, g, _, _ in work)
+            finite = grads_finite_fast(all_grads) if fast else grads_finite_reference(all_grads)
+            if not finite:
+                self.skipped += 1
+                return loss
+        for gi, group, idx, grads in work:
+            hp = _group_hp(group)
+            lr = float(group["lr"])
+            rates_all = self._rates(gi, hp)
+            params = group["params"]
+            ps = [params[j] for j in idx]
+            states = [self.state[p] for p in ps]
+            first = "exp_avg" if hp.direction == "adam" else "momentum_buffer"
+            for p, st in zip(ps, states):
+                if first not in st:
+                    init_state(st, p, hp.direction)
+                st["step"] += 1
+            rates = [rates_all[j] for j in idx] if len(idx) != len(params) else rates_all
+            if group["foreach"] is False:
+                reference_update(ps, grads, states, rates, hp=hp, lr=lr, maximize=group["maximize"])
+                continue
+            key = (tuple(idx), hp)
+            plan = self._plans.get(gi)
+            if plan is None or plan.key != key:
+                plan = self._plans[gi] = FastPlan(key, ps, states, rates, hp=hp)
+            plan.run(grads, lr=lr, maximize=group["maximize"])
+        return loss
+
+    # ------------------------------------------------------------------ state
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        for key in ("nonfinite", "skipped", "_layer_keys", "_anchor_arg", "_all_defaults", "_layout",
+                    "_rate_cache", "_paradigms"):
+            state[key] = self.__dict__[key]
+        state["_plans"] = {}  # caches of tensor lists; rebuilt on the next step
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``"dualopt": {"format": STATE_FORMAT, "skipped": n}``."""
+        sd = super().state_dict()
+        sd["dualopt"] = {"format": STATE_FORMAT, "skipped": self.skipped}
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict`; rejects other formats and other models, naming the parameter."""
+        meta = state_dict.get("dualopt") if isinstance(state_dict, Mapping) else None
+        if not isinstance(meta, Mapping) or meta.get("format") != STATE_FORMAT:
+            got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
+            found = f" (its 'dualopt' entry has format {meta.get('format')!r})" if isinstance(meta, Mapping) else ""
+            raise invalid("state_dict", f"<dict with keys {got}>{found}",
+                          f"a DualOpt state dict (a 'dualopt' entry with format {STATE_FORMAT!r}); "
+                          "state from another optimizer cannot be loaded")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise invalid("state_dict", f"<{len(saved_groups)} param groups>",
+                          f"{len(self.param_groups)} param groups, like this optimizer")
+        saved_state = state_dict["state"]
+        originals: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            names = display_names(group, gi)
+            if len(saved["params"]) != len(group["params"]):
+                raise invalid("state_dict", f"<param group {gi} with {len(saved['params'])} tensors>",
+                              f"{len(group['params'])} tensors in param group {gi}, like this optimizer")
+            for key in ("paradigm", "direction"):
+                if saved.get(key) != group[key]:
+                    raise invalid("state_dict", f"<param group {gi} with {key}={saved.get(key)!r}>",
+                                  f"{key}={group[key]!r} like this optimizer's group {gi} (first tensor {names[0]!r})")
+            for j, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                entry = saved_state.get(pid, {})
+                self._check_saved_entry(entry, p, names[j], group)
+                originals[p] = {k: entry[k] for k in _STATE_TENSORS if k in entry}
+        payload = {k: v for k, v in state_dict.items() if k != "dualopt"}
+        super().load_state_dict(payload)
+        # torch casts floating state to the parameter's dtype and may alias the
+        # caller's tensors: store copies in the compute dtype instead (spec section 6).
+        for p, entries in originals.items():
+            cd = compute_dtype(p.dtype, torch)
+            for k, v in entries.items():
+                self.state[p][k] = v.detach().to(device=p.device, dtype=cd, copy=True)
+            if "step" in self.state[p]:
+                self.state[p]["step"] = int(self.state[p]["step"])
+        self.skipped = int(meta.get("skipped", 0))
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group, gi)
+        self._renumber()
+
+    @staticmethod
+    def _check_saved_entry(entry: Mapping[str, Any], p: torch.Tensor, name: str, group: Mapping[str, Any]) -> None:
+        unknown = set(entry) - set(_STATE_TENSORS) - {"step"}
+        if unknown:
+            raise invalid("state_dict", f"<state of {name!r} with entries {sorted(unknown)}>",
+                          f"only 'step' and {_STATE_TENSORS} per tensor")
+        for k in _STATE_TENSORS:
+            if k in entry:
+                v = entry[k]
+                if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape):
+                    shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                    raise invalid("state_dict", f"<{k} of {name!r} with shape {shape}>",
+                                  f"the parameter's shape {tuple(p.shape)} (was the state saved for another model?)")
+        expected = set(_DIRECTION_STATE[group["direction"]])
+        present = set(entry) & set(_DIRECTION_STATE["adam"] + _DIRECTION_STATE["sgd"])
+        if present and present != expected:
+            raise invalid("state_dict", f"<state of {name!r} with {sorted(present)}>",
+                          f"{sorted(expected)} for direction={group['direction']!r}")
+        if ("anchor" in entry) != (group["paradigm"] == "finetune"):
+            raise invalid("state_dict", f"<state of {name!r} {'with' if 'anchor' in entry else 'without'} an anchor>",
+                          f"an anchor exactly for finetune tensors (paradigm={group['paradigm']!r})")
+        if "step" in entry:
+            step = entry["step"]
+            value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != int(value):
+                raise invalid("state_dict", f"<step of {name!r} = {step!r}>", "a non-negative integer step count")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_layer_keys" not in self.__dict__:  # unpickled from a plain torch.optim state
+            raise invalid("state", "<pickled without DualOpt attributes>", "a pickled DualOpt")
+
+    # ------------------------------------------------------------------ display
+
+    def __repr__(self) -> str:
+        lines = [f"DualOpt(nonfinite={self.nonfinite!r}, skipped={self.skipped}"]
+        counts: dict[str, int] = {}
+        for layout, g in zip(self._layout, self.param_groups):
+            if layout:
+                counts[g["paradigm"]] = layout[0][1]
+        for gi, g in enumerate(self.param_groups):
+            keys = ["lr", "direction"]
+            keys += ["betas", "eps"] if g["direction"] == "adam" else ["momentum", "nesterov"]
+            keys.append("paradigm")
+            if g["paradigm"] == "scratch":
+                keys.append("weight_decay")
+            elif g["paradigm"] == "finetune":
+                keys += ["rollback_max", "rollback_min", "rollback_power"]
+            keys += ["maximize", "foreach"]
+            settings = ", ".join(f"{k}={g[k]!r}" for k in keys)
+            layers = sorted({l for l, _ in self._layout[gi]}) if gi < len(self._layout) else []
+            span = f"layers {layers[0]}..{layers[-1]} of {counts[g['paradigm']]}" if layers else "no layers"
+            lines.append(f"  group {gi}: {len(g['params'])} tensors, {span}; {settings}")
+        return "\n".join(lines) + "\n)"
