@@ -288,8 +288,10 @@ def write_plot(result: SuiteResult, path: Path) -> Path | None:
     if not panels:
         return None
     impls = [e.name for e in result.entries]
-    cmap = plt.get_cmap("tab20")
-    color = {n: cmap(i % 20) for i, n in enumerate(impls)}
+    # Up to ~20 lines per panel: ten colours times two line styles keep them apart.
+    cmap = plt.get_cmap("tab10")
+    style = {n: dict(color=cmap(i % 10), ls="-" if (i // 10) % 2 == 0 else "-.", marker="os^vD<>p*h"[i % 10])
+             for i, n in enumerate(impls)}
     ncol = min(3, len(panels))
     nrow = math.ceil(len(panels) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 4.2 * nrow), squeeze=False)
@@ -300,7 +302,8 @@ def write_plot(result: SuiteResult, path: Path) -> Path | None:
         for name, ys in series.items():
             x = np.arange(1, len(ys) + 1)
             y = np.maximum(np.asarray(ys, dtype=float), floor)
-            ax.plot(x, y, marker="o", ms=2.5, lw=1.2, color=color.get(name), label=name)
+            st = style.get(name, {})
+            ax.plot(x, y, ms=3, lw=1.1, label=name, alpha=0.85, **st)
         budgets = {OPEN[k].budget for k in OPEN if k[1] == key and OPEN[k].budget} if loop == "open" else \
             {t.budget for t in CLOSED.values()}
         steps = max((len(v) for v in series.values()), default=1)

@@ -219,6 +219,12 @@ def _run_closed(entry: Entry, problem: Problem, modes: Sequence[str], reference:
     return rows
 
 
+def _out_of_process(entry: Entry) -> bool:
+    """Does this implementation do its work in a subprocess (so it can overlap with in-process work)?"""
+    declared = getattr(entry.impl, "out_of_process", None)
+    return bool(declared) if declared is not None else entry.module == "impl_keras"
+
+
 def run_suite(*, backends: Sequence[str] | None = None, dtypes: Sequence[str] = ("float64", "float32"),
               only: str | None = None, modules: Sequence[str] = tuple(IMPL_MODULES),
               package: str = "dualopt.conformance",
@@ -289,18 +295,28 @@ def run_suite(*, backends: Sequence[str] | None = None, dtypes: Sequence[str] = 
         return open_rows, closed_rows, timings
 
     # Implementations that work in subprocesses (Keras: one per backend) leave this
-    # process idle; running two entries at a time overlaps them with in-process work.
-    # Rows are collected per entry and kept in entry order, so the report does not
-    # depend on the schedule.
-    order = sorted(range(len(entries)), key=lambda i: entries[i].module != "impl_keras")
+    # process idle, while the in-process ones hold the GIL. With two or more jobs the
+    # subprocess ones get their own lanes (threads), so they overlap with in-process
+    # work instead of competing with it. Rows are kept in entry order, so the report
+    # does not depend on the schedule.
+    remote = [i for i, e in enumerate(entries) if _out_of_process(e)]
+    local = [i for i in range(len(entries)) if i not in remote]
+    if jobs <= 1 or not remote or not local:
+        lanes = [[i] for i in range(len(entries))] if jobs > 1 else [list(range(len(entries)))]
+    else:
+        lanes = [remote[k::jobs - 1] for k in range(jobs - 1)] + [local]
     outcome: dict[int, tuple[list[Row], list[Row], dict[str, float]]] = {}
-    if jobs <= 1:
-        for i in order:
+
+    def run_lane(lane: list[int]) -> None:
+        for i in lane:
             outcome[i] = run_entry(entries[i])
+
+    if len(lanes) == 1:
+        run_lane(lanes[0])
     else:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {i: pool.submit(run_entry, entries[i]) for i in order}
-            outcome = {i: f.result() for i, f in futures.items()}
+            for f in [pool.submit(run_lane, lane) for lane in lanes]:
+                f.result()
     for i in range(len(entries)):
         result.rows += outcome[i][0]
         result.timings.update(outcome[i][2])

@@ -43,7 +43,8 @@ from quality.runner import FULL, TINY, default_workers, finetune_job, pretrain_j
 
 def methods(cfg) -> list[Method]:
     return ([Method("adamw")] + [Method("l2sp", a) for a in cfg.l2sp_alphas] + [Method("probe")]
-            + [Method("dualopt", f) for f in cfg.rollback_fractions])
+            + [Method("dualopt", f) for f in cfg.rollback_fractions]
+            + [Method("dualopt", f, "module") for f in cfg.module_layer_fractions])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,8 +34,6 @@ class CharMLP(nn.Module):
     >>> m = CharMLP(ModelConfig(vocab_size=10, context=4, embed=2, hidden=8, depth=2))
     >>> m(torch.zeros(3, 4, dtype=torch.long)).shape
     torch.Size([3, 10])
-    >>> m.layer_keys()
-    [0, 1, 1, 2, 2, 3, 3]
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -61,17 +59,6 @@ class CharMLP(nn.Module):
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
-
-    def layer_keys(self) -> list[int]:
-        """One layer key per tensor of :meth:`parameters`: a module's weight and bias share a layer.
-
-        Embedding is layer 0, hidden layer ``k`` is ``k + 1``, the head is ``depth + 1``.
-        """
-        keys = [0]
-        for k, layer in enumerate(self.hidden):
-            keys += [k + 1] * len(list(layer.parameters()))
-        keys += [len(self.hidden) + 1] * len(list(self.head.parameters()))
-        return keys
 
     def reset_head(self, generator: torch.Generator) -> None:
         """Re-initialise the output layer (torch's default Linear init, drawn from ``generator``)."""

@@ -47,8 +47,9 @@ class Config:
     eval_every: int = 250
     eval_positions: int = 8192
     seeds: tuple[int, ...] = (0, 1, 2)
-    l2sp_alphas: tuple[float, ...] = (0.01, 0.1, 1.0)
-    rollback_fractions: tuple[float, ...] = (0.001, 0.01, 0.1, 0.5)
+    l2sp_alphas: tuple[float, ...] = (0.001, 0.01, 0.1)
+    rollback_fractions: tuple[float, ...] = (0.01, 0.1, 0.5)
+    module_layer_fractions: tuple[float, ...] = (0.1,)
     weight_decays: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 
     def model_config(self) -> ModelConfig:
@@ -67,7 +68,7 @@ class Config:
 FULL = Config()
 TINY = Config(context=8, embed=8, hidden=32, depth=3, batch_size=32, pretrain_steps=40, finetune_steps=30,
               scratch_steps=30, eval_every=10, eval_positions=256, seeds=(0, 1), l2sp_alphas=(0.1,),
-              rollback_fractions=(0.01, 0.1), weight_decays=(0.1, 10.0))
+              rollback_fractions=(0.01, 0.1), module_layer_fractions=(0.1,), weight_decays=(0.1, 10.0))
 
 
 def mean_std(xs: Iterable[float]) -> tuple[float, float]:
@@ -162,14 +163,29 @@ def _call(job: tuple) -> Any:
     return out
 
 
+def _progress(k: int, n: int, out: Any) -> None:
+    if isinstance(out, dict) and "curve" in out:
+        last = out["curve"][-1]
+        print(f"  [{k}/{n}] {out['label']} seed {out['seed']}: downstream val {last['down_val']:.4f}"
+              + (f", upstream val {last['up_val']:.4f}" if "up_val" in last else "")
+              + f" ({out['job_seconds']:.0f} s)", flush=True)
+
+
 def run_jobs(jobs: list[tuple], workers: int) -> list[Any]:
-    """Run ``(fn, args)`` jobs, in order of submission, on ``workers`` processes (0: in this process)."""
+    """Run ``(fn, args)`` jobs on ``workers`` processes (0: in this process); results in submission order."""
+    results = []
     if workers <= 0:
         _init_worker()
-        return [_call(j) for j in jobs]
+        for k, job in enumerate(jobs, 1):
+            results.append(_call(job))
+            _progress(k, len(jobs), results[-1])
+        return results
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers, initializer=_init_worker) as pool:
-        return pool.map(_call, jobs, chunksize=1)
+        for k, out in enumerate(pool.imap(_call, jobs, chunksize=1), 1):
+            results.append(out)
+            _progress(k, len(jobs), out)
+    return results
 
 
 def default_workers() -> int:

@@ -71,7 +71,8 @@ def test_finetune_table_and_retention(run):
     res = json.loads((out / "quality" / "tiny" / "finetune.json").read_text())
     labels = {r["label"] for r in res["runs"]}
     assert {"AdamW (full fine-tuning)", "Linear probe (frozen backbone)", "AdamW + L2-SP a=0.1",
-            "DualOpt finetune lr*k_max=0.01", "DualOpt finetune lr*k_max=0.1"} == labels
+            "DualOpt finetune lr*k_max=0.01", "DualOpt finetune lr*k_max=0.1",
+            "DualOpt finetune lr*k_max=0.1, per-module layers"} == labels
     assert len(res["runs"]) == len(labels) * len(res["config"]["seeds"])
     up0 = {p["seed"]: p["up_val"] for p in res["pretrained"]}
     for r in res["runs"]:

@@ -1,0 +1,78 @@
+"""Start the worker processes of a distributed test and collect what each rank wrote.
+
+Every engine here needs a fresh process: torch's process group is one per
+process, and JAX reads ``XLA_FLAGS`` (the number of host devices) only at its
+first import. A worker is a script that takes the path of a pickled request
+and the path to pickle its answer to; torch workers additionally find their
+rank in a torchrun-like environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)
+and rendezvous through a file store (``DUALOPT_DIST_STORE``), which needs no
+free TCP port, so two pytest workers never collide.
+
+Workers are started with one intra-op thread each (``OMP_NUM_THREADS=1``):
+this machine has two cores, and two ranks plus a pytest worker would otherwise
+oversubscribe them many times over.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+
+def run_workers(script: str, request: Any, *, world: int = 1, env: Mapping[str, str] | None = None,
+                timeout: float = 600.0) -> list[Any]:
+    """Run ``world`` copies of ``tests/distributed/<script>`` on ``request``; the answers, by rank.
+
+    A rank that fails (non-zero exit, or no answer) makes this raise with the
+    tail of every rank's stderr, so a failing test shows the worker's traceback.
+    """
+    with tempfile.TemporaryDirectory(prefix="dualopt-dist-") as tmp:
+        src = os.path.join(tmp, "request.pkl")
+        with open(src, "wb") as fh:
+            pickle.dump(request, fh)
+        base = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2",
+                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                    DUALOPT_DIST_STORE=os.path.join(tmp, "store"), WORLD_SIZE=str(world))
+        base.update(env or {})
+        procs = []
+        logs = []
+        for rank in range(world):
+            dst = os.path.join(tmp, f"answer{rank}.pkl")
+            log = open(os.path.join(tmp, f"stderr{rank}.txt"), "w+")
+            logs.append(log)
+            rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+            procs.append((subprocess.Popen([sys.executable, str(HERE / script), src, dst], env=rank_env, cwd=ROOT,
+                                           stdout=subprocess.DEVNULL, stderr=log), dst))
+        deadline = time.monotonic() + timeout
+        codes = []
+        try:
+            for proc, _ in procs:
+                codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for proc, _ in procs:
+                proc.kill()
+            codes = [proc.wait() for proc, _ in procs]
+            codes = [f"killed after {timeout:.0f} s" for _ in codes]
+        answers = []
+        problems = []
+        for rank, ((proc, dst), log, code) in enumerate(zip(procs, logs, codes)):
+            log.seek(0)
+            err = log.read()
+            log.close()
+            if code != 0 or not os.path.exists(dst):
+                problems.append(f"--- rank {rank} (exit {code}):\n{err[-6000:]}")
+                continue
+            with open(dst, "rb") as fh:
+                answers.append(pickle.load(fh))
+        if problems:
+            raise RuntimeError(f"{script} with {world} process(es) failed:\n" + "\n".join(problems))
+        return answers
