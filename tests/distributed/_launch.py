@@ -22,10 +22,43 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+
+
+def once_per_session(tmp_path_factory: Any, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per pytest session, shared by all xdist workers, one distributed run at a time.
+
+    A session-scoped fixture alone runs once per *worker*; the tests of one
+    request are meant to share an ``xdist_group`` (one worker), but
+    ``--dist loadgroup`` silently stops grouping with pytest 9.2 and
+    pytest-xdist 3.8 (pytest-dev/pytest-xdist#1386: the group suffix is
+    written to ``item._nodeid``, which pytest 9.2 no longer reads), and the
+    requests would then run on both workers at once, twice, on two cores.
+    So the answer is pickled under the session's shared temporary directory
+    (the pattern of the pytest-xdist docs, "Making session-scoped fixtures
+    execute only once") and one file lock serialises every distributed run.
+    An answer that raised is not stored: a later caller recomputes it and
+    shows its own error.
+    """
+    from filelock import FileLock
+
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return compute()
+    shared = tmp_path_factory.getbasetemp().parent  # the same directory for every worker of this session
+    with FileLock(str(shared / "dualopt-distributed.lock")):
+        path = shared / f"dualopt-distributed-{key}.pkl"
+        if path.exists():
+            with open(path, "rb") as fh:
+                return pickle.load(fh)
+        answer = compute()
+        partial = path.with_suffix(".partial")
+        with open(partial, "wb") as fh:
+            pickle.dump(answer, fh)
+        os.replace(partial, path)
+        return answer
 
 
 def run_workers(script: str, request: Any, *, world: int = 1, env: Mapping[str, str] | None = None,

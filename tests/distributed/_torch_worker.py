@@ -19,9 +19,15 @@ The global batch is always the problem's (32 rows of
 engines average the gradients over ranks, so every engine computes the same
 mean gradient up to rounding.
 
-Jobs (dicts): ``kind`` is ``train`` (weights after every epoch, state layout),
-``nan`` (a step with a non-finite gradient on one rank only) or ``checkpoint``
-(save a sharded checkpoint half way, resume it into a freshly built model and
+The ``single`` engine can also emulate the two-rank arithmetic in one
+process (job key ``micro=2``, see :func:`backward`): the reference that DDP,
+and FSDP2's reference path, must equal bit for bit.
+
+Jobs (dicts): ``kind`` is ``train`` (initial weights, weights after every
+epoch, state layout, how many tensors took the fast path's fused kernels),
+``nan`` (a step with a non-finite gradient on one rank only), ``finite`` (the
+skip decision for one hand-made sharded tensor) or ``checkpoint`` (save a
+sharded checkpoint half way, resume it into a freshly built model and
 optimizer, finish). Weights travel as float64 numpy arrays in Keras layout
 (``dense_i/kernel`` is ``nn.Linear.weight`` transposed) under the problem's
 names.
@@ -162,27 +168,52 @@ def local_snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[t
 
 # ----------------------------------------------------------------------------- training
 class Data:
-    """This rank's rows of every global batch of the conformance problem."""
+    """This rank's rows of every global batch of the conformance problem.
 
-    def __init__(self) -> None:
+    ``micro`` (single process only) emulates ``micro`` ranks in one process:
+    :func:`backward` then computes each emulated rank's gradient separately
+    and combines them the way the engines do (see there).
+    """
+
+    def __init__(self, micro: int = 1) -> None:
         self.problem = make_problem()
         self.rank, self.world = rank_world()
-        self.per_rank = self.problem.batch_size // self.world
+        if micro != 1 and self.world != 1:
+            raise ValueError(f"micro={micro} is invalid: expected 1 in a {self.world}-process run.")
+        self.micro = micro
+        self.per_rank = self.problem.batch_size // (self.world * micro)
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         k = step % self.problem.steps_per_epoch
-        start = k * self.problem.batch_size + self.rank * self.per_rank
+        start = k * self.problem.batch_size + (self.rank if rank is None else rank) * self.per_rank
         rows = slice(start, start + self.per_rank)
         return torch.from_numpy(self.problem.x[rows]).clone(), torch.from_numpy(self.problem.y[rows])
 
 
 def backward(model: torch.nn.Module, opt: torch.optim.Optimizer, data: Data, step: int,
              poison_input: bool = False) -> None:
-    x, y = data.batch(step)
-    if poison_input and data.rank == 0:
-        x[0, 0] = float("nan")  # only rank 0's rows: the engine's reduction spreads it
     opt.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(model(x), y).backward()
+    if data.micro == 1:
+        x, y = data.batch(step)
+        if poison_input and data.rank == 0:
+            x[0, 0] = float("nan")  # only rank 0's rows: the engine's reduction spreads it
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        return
+    # The engines' gradient, computed in one process: every rank's mean-loss
+    # gradient times 1/world, summed over ranks. DDP multiplies each gradient
+    # by 1/world as it copies it into its bucket, then all-reduces with SUM;
+    # FSDP2 on float64 pre-divides by 2 and reduce-scatters with SUM
+    # (torch.distributed.fsdp._fully_shard._fsdp_collectives._get_gradient_divide_factors).
+    # With two ranks the sum of two numbers does not depend on their order and
+    # the scaling by 1/2 is exact, so this is the engines' arithmetic bit for bit.
+    params = list(model.parameters())
+    scale = 1.0 / data.micro
+    for r in range(data.micro):
+        x, y = data.batch(step, rank=r)
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), params)
+        for p, g in zip(params, grads):
+            g = g * scale
+            p.grad = g if p.grad is None else p.grad + g
 
 
 def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, data: Data, start: int, stop: int,
@@ -228,14 +259,31 @@ def anchors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, np.
 
 
 # ----------------------------------------------------------------------------- jobs
+def fast_path_use(opt: torch.optim.Optimizer) -> dict[str, int]:
+    """How many tensors DualOpt's fast path sent through its fused kernels vs its reference loop.
+
+    Reads the private ``_plans`` of :class:`dualopt.torch.DualOpt` (see
+    ``backends/_torch_kernels.FastPlan``): a DTensor the fast path could not
+    take would silently fall back to the loop, and only this shows it.
+    """
+    plans = getattr(opt, "_plans", None)
+    if plans is None:
+        return {}
+    return {"fused": sum(len(b.idx) for plan in plans.values() for b in plan.buckets),
+            "loop": sum(len(plan.loop) for plan in plans.values())}
+
+
 def job_train(engine: str, job: dict[str, Any]) -> dict[str, Any]:
-    data = Data()
+    data = Data(micro=job.get("micro", 1))
     model = wrap(engine, build_model(job["model"]))
     opt = build_optimizer(inner(model), job, data.problem.lr)
     trajectory: list[dict[str, np.ndarray]] = []
+    initial = weights(model)
     train_steps(model, opt, data, 0, job["steps"], trajectory)
-    return {"trajectory": trajectory, "layout": state_layout(model, opt), "anchors": anchors(model, opt),
-            "steps": sorted({int(s["step"]) for s in opt.state.values() if "step" in s})}
+    steps = sorted({int(s["step"]) for s in opt.state.values() if "step" in s})
+    return {"initial": initial, "trajectory": trajectory, "layout": state_layout(model, opt),
+            "anchors": anchors(model, opt), "steps": steps, "fast_path": fast_path_use(opt),
+            "skipped": int(getattr(opt, "skipped", 0))}
 
 
 def job_nan(engine: str, job: dict[str, Any]) -> dict[str, Any]:
@@ -263,6 +311,39 @@ def job_nan(engine: str, job: dict[str, Any]) -> dict[str, Any]:
             "final": weights(model)}
 
 
+def job_finite(engine: str, job: dict[str, Any]) -> dict[str, Any]:
+    """The skip decision for one hand-made sharded parameter (``distribute_tensor``, ``Shard(0)``).
+
+    One tensor per optimizer is the case where the core's check is a single
+    reduction of a sharded gradient; ``large`` tensors (``FOLD_MIN_NUMEL``
+    elements and more) take the fast path's sum-then-recheck branch. ``where``:
+    no NaN, a NaN in rank 0's or in rank 1's shard, or ``overflow`` (finite
+    gradients of 1e308 whose sum is inf: the step must be taken).
+    Answers ``{(size, where, foreach): [skipped, step]}``.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from dualopt.torch import DualOpt
+
+    rank, world = rank_world()
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = {"small": (8, 4), "large": (512, 64)}
+    out: dict[Any, list[int]] = {}
+    for size, shape in shapes.items():
+        for where in ("none", "rank0", "rank1", "overflow"):
+            for foreach in (None, False):
+                p = torch.nn.Parameter(distribute_tensor(torch.ones(shape), mesh, [Shard(0)]))
+                opt = DualOpt([p], lr=0.1, paradigm="none", foreach=foreach)
+                g = distribute_tensor(torch.full(shape, 1e308 if where == "overflow" else 1e-3), mesh, [Shard(0)])
+                if where == f"rank{rank}":
+                    g.to_local()[0, 0] = float("nan")
+                p.grad = g
+                opt.step()
+                out[(size, where, foreach)] = [int(opt.skipped), int(opt.state[p].get("step", 0))]
+    return out
+
+
 def _clone_state(tree: Any) -> Any:
     """Deep copy of a state dict whose tensors may be DTensors (they alias the live optimizer state)."""
     if isinstance(tree, torch.Tensor):
@@ -275,7 +356,7 @@ def _clone_state(tree: Any) -> Any:
 
 
 def _workaround(opt: torch.optim.Optimizer, model: torch.nn.Module, skipped: int) -> None:
-    """Make DualOpt acceptable to torch.distributed.checkpoint.state_dict (see test_dist_torch_fsdp).
+    """Make DualOpt acceptable to torch.distributed.checkpoint.state_dict (see test_dist_torch.py, KNOWN_ERRORS).
 
     1. Materialise the lazily created moments and step with one zero-gradient
        step at lr 0 (what torch's ``_init_optim_state`` does for optimizers
@@ -331,9 +412,14 @@ def job_checkpoint(engine: str, job: dict[str, Any]) -> dict[str, Any]:
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
         kept = None
     else:
-        kept = (_clone_state(get_model_state_dict(model)), _clone_state(get_optimizer_state_dict(model, opt)))
+        osd = get_optimizer_state_dict(model, opt)
+        kept = (_clone_state(get_model_state_dict(model)), _clone_state(osd))
+    saved_layout = {f"{fqn}/{k}": (type(v).__name__, str(tuple(getattr(v, "placements", ()))), tuple(local(v).shape))
+                    for fqn, entry in osd["state"].items() for k, v in entry.items() if isinstance(v, torch.Tensor)}
     train_steps(model, opt, data, half, steps)
     out: dict[str, Any] = {"uninterrupted": weights(model), "saved_skipped": saved_skipped,
+                           "saved_layout": saved_layout,
+                           "files": sorted(os.listdir(ckpt_dir)) if job["api"] == "dcp" else [],
                            "initial_anchors": {k: v for k, v in initial_weights(job["model"])[1].items()}}
     fresh = wrap(engine, build_model(job["model"], scale=0.5))
     fresh_opt = build_optimizer(inner(fresh), job, data.problem.lr)
@@ -361,7 +447,7 @@ def job_checkpoint(engine: str, job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-JOBS = {"train": job_train, "nan": job_nan, "checkpoint": job_checkpoint}
+JOBS = {"train": job_train, "nan": job_nan, "finite": job_finite, "checkpoint": job_checkpoint}
 
 
 def main(src: str, dst: str) -> None:
@@ -387,7 +473,7 @@ def main(src: str, dst: str) -> None:
         dist.barrier()
         dist.destroy_process_group()
     with open(dst, "wb") as fh:
-        pickle.dump({"rank": rank, "world": world, "torch": torch.__version__, "jobs": answers}, fh)
+        pickle.dump({"rank": rank, "world": world, "torch": str(torch.__version__), "jobs": answers}, fh)
 
 
 if __name__ == "__main__":
