@@ -17,6 +17,7 @@ from decoupled_core import HyperParams
 from _core_helpers import from_numpy, to_numpy
 
 PROPERTY = settings(max_examples=150, deadline=None)
+TINY32 = float(np.finfo(np.float32).smallest_normal)
 
 DTYPES = st.sampled_from(["float64", "float32"])
 SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)
@@ -231,7 +232,10 @@ def test_float32_step_is_close_to_float64_evaluation(p):
             step_mag = lr * (np.abs(st64[0]) + np.abs(g)) * (1.0 + hp.momentum)
         scale = scale + np.abs(th64) + step_mag
         err = np.abs(th32.astype(np.float64) - th64)
-        assert np.all(err <= 16 * u32 * scale), (err.max(initial=0), (16 * u32 * scale).min(initial=0))
+        # Plus float32's underflow: a learning rate of 1e-308 is a valid float64 host scalar whose
+        # float32 products round to 0 (or a subnormal), an absolute error no relative bound covers.
+        bound = 16 * u32 * scale + 16 * TINY32
+        assert np.all(err <= bound), (err.max(initial=0), bound.min(initial=0))
 
 
 # ------------------------------------------------------------------------------------- rho = 0
