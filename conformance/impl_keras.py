@@ -12,7 +12,11 @@ subprocess, so each backend's start-up (5-7 s) is paid once.
   epochs=problem.epochs, shuffle=False)`` on the problem's MLP in float64 with
   softmax cross-entropy; a callback records the weights after every epoch.
   ``paradigm`` maps each variable path to its group's paradigm and
-  ``layer_index`` is :data:`dualopt.conformance.problem.LAYER_INDEX`.
+  ``layer_index`` is :data:`dualopt.conformance.problem.LAYER_INDEX`. The
+  layers and the loss are small custom ones (:func:`float64_layers`) on the
+  backend's own ops: in Keras 3.15 ``keras.layers.Dense``, ``ops.tanh`` and the
+  built-in losses compute in float32 on jax and torch even in a float64 model
+  (keras-team/keras#23704, #23223), which moved this comparison by ~3e-7.
 
 Cases a single ``DualOpt`` cannot express are not supported: gradients missing
 on some steps only (Keras keeps one shared step count) and groups that differ
@@ -46,7 +50,7 @@ from .problem import LAYER_INDEX, NAMES, SIZES, Problem, group_hyperparams
 from .protocol import Implementation, Trajectory, case_id
 
 __all__ = ["KerasDualOpt", "KerasNativeAdam", "implementations", "optimizer_kwargs", "replay_case", "train_problem",
-           "run_worker", "BACKENDS"]
+           "build_problem_model", "float64_layers", "run_worker", "BACKENDS"]
 
 BACKENDS = ("jax", "torch", "tensorflow")
 _COMMON = ("direction", "beta1", "beta2", "eps", "momentum", "nesterov")
@@ -121,13 +125,106 @@ def replay_case(case: Case, *, fast_path: bool = True) -> Trajectory:
     return out
 
 
+class _Float64Ops:
+    """``matmul``, ``tanh`` and the batch-mean cross-entropy with this process's backend's own ops.
+
+    Keras 3.15's ``keras.ops`` demote float64 to float32 on jax and torch:
+    ``keras.backend.result_type("float64", "float64")`` is ``"float32"`` there
+    (``BIT64_TO_BIT32_DTYPE`` in ``keras/src/backend/common/dtypes.py``;
+    keras-team/keras#23704, #23223), and ops that consult it compute in float32
+    even on float64 inputs: ``ops.tanh`` on jax, ``ops.matmul`` on torch,
+    ``ops.mean`` on both (so ``keras.layers.Dense`` and the built-in losses'
+    ``sum_over_batch_size`` reduction, via ``ops.divide_no_nan`` on torch). The
+    closed loop is a float64 comparison, so its layer and loss call jax.numpy,
+    torch or tf directly; ``tests/keras`` checks with ``jax.make_jaxpr`` and
+    against the hand-written numpy backprop that the whole forward and backward
+    pass stays in float64.
+    """
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        if backend == "jax":
+            import jax
+            import jax.numpy as jnp
+
+            self.matmul, self.tanh = jnp.matmul, jnp.tanh
+            self._log_softmax, self._mean = jax.nn.log_softmax, jnp.mean
+            self._pick = lambda logp, y: jnp.take_along_axis(logp, y.astype("int64")[:, None], axis=1)
+        elif backend == "torch":
+            import torch
+
+            self.matmul, self.tanh = torch.matmul, torch.tanh
+            self._log_softmax, self._mean = (lambda z: torch.log_softmax(z, dim=-1)), torch.mean
+            self._pick = lambda logp, y: torch.gather(logp, 1, y.long()[:, None])
+        elif backend == "tensorflow":
+            import tensorflow as tf
+
+            self.matmul, self.tanh = tf.linalg.matmul, tf.math.tanh
+            self._log_softmax, self._mean = tf.nn.log_softmax, tf.reduce_mean
+            self._pick = lambda logp, y: tf.gather(logp, tf.cast(y, "int64")[:, None], axis=1, batch_dims=1)
+        else:
+            raise ValueError(f"backend={backend!r} is invalid: expected one of {BACKENDS}.")
+
+    def cross_entropy(self, labels: Any, logits: Any) -> Any:
+        """``mean_i -log softmax(logits_i)[labels_i]`` (a scalar: Keras's reduction is left out)."""
+        return -self._mean(self._pick(self._log_softmax(logits), labels))
+
+
+_KERAS_CLASSES: dict[str, Any] = {}
+
+
+def float64_layers() -> tuple[type, type]:
+    """``(Float64Dense, Float64CrossEntropy)``: the closed loop's layer and loss (see :class:`_Float64Ops`).
+
+    ``Float64Dense(units, tanh=...)`` computes ``x @ kernel + bias`` (then
+    ``tanh``) and owns variables named ``kernel`` and ``bias`` like
+    ``keras.layers.Dense``; ``Float64CrossEntropy`` is softmax cross-entropy
+    from logits, averaged over the batch. Defined on first use, so importing
+    this module imports no framework.
+    """
+    if not _KERAS_CLASSES:
+        import keras
+
+        ops_ = _Float64Ops(keras.backend.backend())
+
+        class Float64Dense(keras.layers.Layer):
+            def __init__(self, units: int, tanh: bool = False, **kwargs: Any) -> None:
+                super().__init__(**kwargs)
+                self.units, self.use_tanh = units, tanh
+
+            def build(self, input_shape: Any) -> None:
+                self.kernel = self.add_weight(shape=(input_shape[-1], self.units), initializer="zeros",
+                                              name="kernel")
+                self.bias = self.add_weight(shape=(self.units,), initializer="zeros", name="bias")
+
+            def call(self, x: Any) -> Any:
+                z = ops_.matmul(x, self.kernel.value) + self.bias.value
+                return ops_.tanh(z) if self.use_tanh else z
+
+            def compute_output_shape(self, input_shape: Any) -> tuple:
+                return (*input_shape[:-1], self.units)
+
+        class Float64CrossEntropy(keras.losses.Loss):
+            def call(self, y_true: Any, y_pred: Any) -> Any:
+                return ops_.cross_entropy(y_true, y_pred)
+
+        _KERAS_CLASSES.update(dense=Float64Dense, loss=Float64CrossEntropy)
+    return _KERAS_CLASSES["dense"], _KERAS_CLASSES["loss"]
+
+
 def build_problem_model(problem: Problem) -> Any:
-    """The problem's 16-32-32-4 tanh MLP as a float64 Keras model holding ``problem.weights``."""
+    """The problem's 16-32-32-4 tanh MLP as a float64 Keras model holding ``problem.weights``.
+
+    Its layers are :func:`float64_layers`'s ``Float64Dense``, not
+    ``keras.layers.Dense`` (which computes in float32 on jax and torch in
+    Keras 3.15, see :class:`_Float64Ops`).
+    """
     keras = _keras_setup("float64")
+    dense, _ = float64_layers()
     inputs = keras.Input((SIZES[0],), dtype="float64")
     h = inputs
     for i, width in enumerate(SIZES[1:]):
-        h = keras.layers.Dense(width, activation="tanh" if i < len(SIZES) - 2 else None, name=f"dense_{i}")(h)
+        h = dense(width, tanh=i < len(SIZES) - 2, dtype="float64", name=f"dense_{i}")(h)
     model = keras.Model(inputs, h)
     for v in model.trainable_variables:
         v.assign(problem.weights[v.path])
@@ -146,7 +243,8 @@ def train_problem(problem: Problem, optimizer: Any) -> Trajectory:
     model = build_problem_model(problem)
     if [v.path for v in model.trainable_variables] != list(NAMES):
         raise RuntimeError(f"unexpected variable order {[v.path for v in model.trainable_variables]}")
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    _, loss = float64_layers()
+    model.compile(optimizer=optimizer, loss=loss())
     out: Trajectory = []
     record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: out.append(_weights(model)))
     model.fit(problem.x, problem.y, batch_size=problem.batch_size, epochs=problem.epochs, shuffle=False,
@@ -175,6 +273,9 @@ def run_worker(command: str, payload: Any) -> Any:
         return {case_id(c): replay_case(c) for c in payload}
     if command in ("train", "train-native"):
         problem, modes = payload
+        # Before the optimizer exists: Keras creates its learning-rate variable in
+        # floatx, and a float32 learning rate would move a float64 run by ~1e-7.
+        _keras_setup("float64")
         make = _dualopt_for if command == "train" else _native_adam_for
         return {mode: train_problem(problem, make(problem, mode)) for mode in modes}
     raise ValueError(f"command={command!r} is invalid: expected 'replay', 'train' or 'train-native'.")
@@ -217,7 +318,7 @@ class KerasDualOpt:
         self.framework = f"keras[{backend}]"
         # Tolerance class (spec/TOLERANCES.md): scalars are computed on the device from traced
         # step counts and learning rates; torch's CPU sqrt is not correctly rounded.
-        self.numerics = "torch" if backend == "torch" else "traced-scalars"
+        self.numerics = "traced-scalars"
 
     def unavailable(self) -> str | None:
         return _unavailable(self.backend)
@@ -241,7 +342,7 @@ class KerasNativeAdam:
         self.backend = backend
         self.name = f"keras.optimizers.Adam [{backend}]"
         self.framework = f"keras[{backend}]"
-        self.numerics = "native"
+        self.numerics = "native-epsilon-hat"
 
     def unavailable(self) -> str | None:
         return _unavailable(self.backend)

@@ -21,13 +21,15 @@ from .hyperparams import (
     PARADIGMS,
     HyperparameterError,
     HyperParams,
+    ACCEPTED,
+    accepted,
     check_anchor,
     dtype_name,
     invalid,
     resolve_rollback_max,
     validate,
 )
-from .layers import finetune_rate, layer_rates, number_layers, pull_rate, scratch_rate
+from .layers import check_layer_count, check_layer_key, finetune_rate, layer_rates, number_layers, pull_rate, scratch_rate
 from .reference import ReferenceOptimizer
 from .rule import (
     AdamState,
@@ -47,8 +49,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamCoefficients", "adam_coefficients", "pull_coefficient",
     "DEFAULT_ROLLBACK_FRACTION", "DIRECTIONS", "NONFINITE_POLICIES", "PARADIGMS",
-    "HyperparameterError", "HyperParams", "check_anchor", "dtype_name", "invalid", "resolve_rollback_max", "validate",
-    "finetune_rate", "layer_rates", "number_layers", "pull_rate", "scratch_rate",
+    "HyperparameterError", "HyperParams", "ACCEPTED", "accepted", "check_anchor", "dtype_name", "invalid", "resolve_rollback_max", "validate",
+    "check_layer_count", "check_layer_key", "finetune_rate", "layer_rates", "number_layers", "pull_rate", "scratch_rate",
     "ReferenceOptimizer",
     "AdamState", "SGDState", "adam_pre_weight", "all_finite", "init_anchor", "init_direction_state",
     "pull", "sgd_pre_weight", "step_tensor", "compute_dtype",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 __all__ = [
     "DIRECTIONS",
@@ -22,6 +22,8 @@ __all__ = [
     "HyperparameterError",
     "HyperParams",
     "invalid",
+    "ACCEPTED",
+    "accepted",
     "validate",
     "resolve_rollback_max",
     "dtype_name",
@@ -51,6 +53,47 @@ def invalid(name: str, value: Any, accepted: str) -> HyperparameterError:
     'eps=-1.0 is invalid: expected a finite float >= 0.'
     """
     return HyperparameterError(f"{name}={value!r} is invalid: expected {accepted}.")
+
+
+_A01 = "a finite number in [0, 1)"
+_NONNEG = "a finite float >= 0"
+
+#: The ``<accepted>`` text of every canonical argument: the one place where the
+#: shared wording of the valid range lives (adapters extend it with
+#: :func:`accepted`, never rewrite it).
+ACCEPTED: dict[str, str] = {
+    "lr": _NONNEG,
+    "direction": f"one of {DIRECTIONS}",
+    "paradigm": f"one of {PARADIGMS}",
+    "nonfinite": f"one of {NONFINITE_POLICIES}",
+    "beta1": _A01,
+    "beta2": _A01,
+    "eps": _NONNEG,
+    "momentum": _A01,
+    "nesterov": "True or False",
+    "weight_decay": _NONNEG,
+    "rollback_max": f"{_NONNEG}, or None",
+    "rollback_min": _NONNEG,
+    "rollback_power": "a finite float > 0",
+}
+
+
+def accepted(key: str, also: Sequence[str] = ()) -> str:
+    """The shared ``<accepted>`` text of canonical argument ``key``, plus any forms an adapter accepts besides.
+
+    An adapter that legitimately takes more than the core's range (an Optax
+    schedule, a Keras ``LearningRateSchedule``, a mapping of paradigms) names
+    only the extra forms; the range itself and the way they are joined stay
+    the core's, so the messages agree across adapters.
+
+    Examples
+    --------
+    >>> accepted("lr")
+    'a finite float >= 0'
+    >>> str(invalid("learning_rate", "1e-3", accepted("lr", ("an optax schedule",))))
+    "learning_rate='1e-3' is invalid: expected a finite float >= 0, or an optax schedule."
+    """
+    return ACCEPTED[key] + "".join(f", or {form}" for form in also)
 
 
 @dataclass(frozen=True)
@@ -142,7 +185,8 @@ def resolve_rollback_max(rollback_max: float | None, base_lr: float | None, *, n
     return DEFAULT_ROLLBACK_FRACTION / lr0
 
 
-def validate(hp: HyperParams, *, lr: float | None = None, nonfinite: str = "skip", names: Mapping[str, str] | None = None) -> None:
+def validate(hp: HyperParams, *, lr: float | None = None, nonfinite: str = "skip", names: Mapping[str, str] | None = None,
+             also_accepted: Mapping[str, Sequence[str]] | None = None) -> None:
     """Check one group's hyperparameters; raise :class:`HyperparameterError` on the first bad one.
 
     Parameters
@@ -157,6 +201,10 @@ def validate(hp: HyperParams, *, lr: float | None = None, nonfinite: str = "skip
         The non-finite gradient policy.
     names : mapping, optional
         Canonical name -> the adapter's public name (``{"beta1": "betas[0]"}``).
+    also_accepted : mapping, optional
+        Canonical name -> forms the adapter accepts besides the core's range
+        (``{"lr": ("an optax schedule",)}``), appended by :func:`accepted` to
+        every range message about that argument.
 
     Examples
     --------
@@ -167,31 +215,35 @@ def validate(hp: HyperParams, *, lr: float | None = None, nonfinite: str = "skip
     decoupled_core.hyperparams.HyperparameterError: b1=1.0 is invalid: expected a finite number in [0, 1).
     """
     n = dict(names or {})
+    also = dict(also_accepted or {})
 
     def nm(key: str) -> str:
         return n.get(key, key)
 
+    def acc(key: str) -> str:
+        return accepted(key, also.get(key, ()))
+
     if lr is not None:
-        _check_range(nm("lr"), lr, 0.0, None, accepted="a finite float >= 0")
+        _check_range(nm("lr"), lr, 0.0, None, accepted=acc("lr"))
     if hp.direction not in DIRECTIONS:
-        raise invalid(nm("direction"), hp.direction, f"one of {DIRECTIONS}")
+        raise invalid(nm("direction"), hp.direction, acc("direction"))
     if hp.paradigm not in PARADIGMS:
-        raise invalid(nm("paradigm"), hp.paradigm, f"one of {PARADIGMS}")
+        raise invalid(nm("paradigm"), hp.paradigm, acc("paradigm"))
     if nonfinite not in NONFINITE_POLICIES:
-        raise invalid(nm("nonfinite"), nonfinite, f"one of {NONFINITE_POLICIES}")
-    _check_range(nm("beta1"), hp.beta1, 0, 1, hi_open=True)
-    _check_range(nm("beta2"), hp.beta2, 0, 1, hi_open=True)
-    _check_range(nm("eps"), hp.eps, 0.0, None, accepted="a finite float >= 0")
-    _check_range(nm("momentum"), hp.momentum, 0, 1, hi_open=True)
+        raise invalid(nm("nonfinite"), nonfinite, acc("nonfinite"))
+    _check_range(nm("beta1"), hp.beta1, 0, 1, hi_open=True, accepted=acc("beta1"))
+    _check_range(nm("beta2"), hp.beta2, 0, 1, hi_open=True, accepted=acc("beta2"))
+    _check_range(nm("eps"), hp.eps, 0.0, None, accepted=acc("eps"))
+    _check_range(nm("momentum"), hp.momentum, 0, 1, hi_open=True, accepted=acc("momentum"))
     if not isinstance(hp.nesterov, bool):
-        raise invalid(nm("nesterov"), hp.nesterov, "True or False")
+        raise invalid(nm("nesterov"), hp.nesterov, acc("nesterov"))
     if hp.nesterov and hp.direction == "sgd" and hp.momentum <= 0:
         raise invalid(nm("momentum"), hp.momentum, "a momentum > 0 when nesterov=True")
-    _check_range(nm("weight_decay"), hp.weight_decay, 0.0, None, accepted="a finite float >= 0")
+    _check_range(nm("weight_decay"), hp.weight_decay, 0.0, None, accepted=acc("weight_decay"))
     if hp.rollback_max is not None:
-        _check_range(nm("rollback_max"), hp.rollback_max, 0.0, None, accepted="a finite float >= 0, or None")
-    _check_range(nm("rollback_min"), hp.rollback_min, 0.0, None, accepted="a finite float >= 0")
-    _check_range(nm("rollback_power"), hp.rollback_power, 0.0, None, lo_open=True, accepted="a finite float > 0")
+        _check_range(nm("rollback_max"), hp.rollback_max, 0.0, None, accepted=acc("rollback_max"))
+    _check_range(nm("rollback_min"), hp.rollback_min, 0.0, None, accepted=acc("rollback_min"))
+    _check_range(nm("rollback_power"), hp.rollback_power, 0.0, None, lo_open=True, accepted=acc("rollback_power"))
     rollback_max = hp.rollback_max
     if rollback_max is None and hp.paradigm == "finetune":
         rollback_max = resolve_rollback_max(None, lr, names=n) if lr is not None else None

@@ -11,7 +11,47 @@ from typing import Any, Sequence
 
 from .hyperparams import PARADIGMS, HyperParams, invalid
 
-__all__ = ["number_layers", "scratch_rate", "finetune_rate", "pull_rate", "layer_rates"]
+__all__ = ["check_layer_key", "check_layer_count", "number_layers", "scratch_rate", "finetune_rate", "pull_rate", "layer_rates"]
+
+
+def check_layer_key(name: str, key: Any) -> int:
+    """One layer key as an ``int``, or the shared error (adapters call it on keys they resolve themselves).
+
+    Any non-negative integer is a key, including numpy and 0-d integer array
+    scalars (``__index__``); bools, floats, strings and traced values are not.
+
+    Examples
+    --------
+    >>> check_layer_key("layer_index", 3)
+    3
+    >>> check_layer_key("layer_index['head']", -1)
+    Traceback (most recent call last):
+    ...
+    decoupled_core.hyperparams.HyperparameterError: layer_index['head']=-1 is invalid: expected a non-negative integer layer key for every tensor.
+    """
+    value = None
+    if not isinstance(key, bool) and hasattr(key, "__index__"):
+        try:
+            value = int(key.__index__())
+        except Exception:  # e.g. a traced jax array, which cannot be a layer key
+            value = None
+    if value is None or value < 0:
+        raise invalid(name, key, "a non-negative integer layer key for every tensor")
+    return value
+
+
+def check_layer_count(name: str, given: int, expected: int) -> None:
+    """The shared error for a per-tensor ``layer_index`` sequence of the wrong length.
+
+    Examples
+    --------
+    >>> check_layer_count("layer_index", 3, 2)
+    Traceback (most recent call last):
+    ...
+    decoupled_core.hyperparams.HyperparameterError: layer_index='<3 entries>' is invalid: expected one layer index per parameter tensor (2).
+    """
+    if given != expected:
+        raise invalid(name, f"<{given} entries>", f"one layer index per parameter tensor ({expected})")
 
 
 def number_layers(paradigms: Sequence[str], layer_index: Sequence[int] | None = None, *, name: str = "layer_index") -> list[tuple[int, int]]:
@@ -41,14 +81,8 @@ def number_layers(paradigms: Sequence[str], layer_index: Sequence[int] | None = 
         keys = list(range(len(paradigms)))
     else:
         keys = list(layer_index)
-        if len(keys) != len(paradigms):
-            raise invalid(name, f"<{len(keys)} entries>", f"one layer index per parameter tensor ({len(paradigms)})")
-        for k in keys:
-            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-                if hasattr(k, "__index__") and not isinstance(k, bool) and int(k) >= 0:
-                    continue
-                raise invalid(name, k, "a non-negative integer layer key for every tensor")
-        keys = [int(k) for k in keys]
+        check_layer_count(name, len(keys), len(paradigms))
+        keys = [check_layer_key(name, k) for k in keys]
     rank: dict[str, dict[int, int]] = {}
     for p in PARADIGMS:
         distinct = sorted({k for k, q in zip(keys, paradigms) if q == p})
