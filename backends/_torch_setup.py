@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from decoupled_core import check_anchor, compute_dtype, invalid
+from decoupled_core import check_anchor, check_layer_count, check_layer_key, compute_dtype, invalid
 
 __all__ = [
     "display_names",
@@ -43,9 +43,7 @@ def check_param(p: torch.Tensor, name: str) -> None:
 
 
 def _check_key(key: Any, name: str) -> int:
-    if isinstance(key, bool) or not hasattr(key, "__index__") or int(key) < 0:
-        raise invalid(f"layer_index[{name!r}]", key, "a non-negative integer layer key")
-    return int(key)
+    return check_layer_key(f"layer_index[{name!r}]", key)
 
 
 class LayerKeys:
@@ -87,9 +85,10 @@ class LayerKeys:
             if self.spec is not None:
                 raise invalid("layer_index", "<given both to the constructor and in a param group>",
                               "layer_index either as a constructor argument or per param group, not both")
-            if isinstance(own, (str, bytes)) or not isinstance(own, Sequence) or len(own) != n:
+            if isinstance(own, (str, bytes)) or not isinstance(own, Sequence):
                 raise invalid(f"param_groups[{group_index}]['layer_index']", own,
                               f"a list with one non-negative int per parameter of the group ({n})")
+            check_layer_count(f"param_groups[{group_index}]['layer_index']", len(own), n)
             return [_check_key(k, nm) for k, nm in zip(own, names)]
         if self.spec is None:
             return list(range(offset, offset + n))
@@ -98,11 +97,10 @@ class LayerKeys:
                 raise invalid("layer_index", "<a sequence aligned with the constructor's params>",
                               "a 'layer_index' list in the param group passed to add_param_group "
                               "(the constructor's sequence does not cover new parameters)")
-            seq = self.spec[offset:offset + n]
-            if len(seq) != n:
-                raise invalid("layer_index", f"<{len(self.spec)} entries>",
-                              "one layer key per parameter tensor (more parameters than entries)")
-            return [_check_key(k, nm) for k, nm in zip(seq, names)]
+            seq = [_check_key(k, nm) for k, nm in zip(self.spec[offset:offset + n], names)]
+            # Too short: the total is known only after the last group; check_complete
+            # then raises the shared "one layer index per parameter tensor (total)".
+            return seq + [0] * (n - len(seq))
         if group.get("param_names") is None:
             raise invalid("layer_index", self.spec if isinstance(self.spec, str) else f"<{type(self.spec).__name__}>",
                           "a sequence of ints or None when params are given without names "
@@ -125,8 +123,8 @@ class LayerKeys:
 
     def check_complete(self, total: int) -> None:
         """At the end of construction: a sequence must have had exactly one key per parameter."""
-        if self.is_sequence and len(self.spec) != total:
-            raise invalid("layer_index", f"<{len(self.spec)} entries>", f"one layer key per parameter tensor ({total})")
+        if self.is_sequence:
+            check_layer_count("layer_index", len(self.spec), total)
         self.constructed = True
 
 

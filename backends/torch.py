@@ -66,13 +66,24 @@ from ._torch_setup import Anchors, LayerKeys, check_param, display_names, head_s
 
 __all__ = ["DualOpt", "STATE_FORMAT"]
 
-#: Tag of the ``"dualopt"`` entry that :meth:`DualOpt.state_dict` adds; checked on load.
+#: Format tag of DualOpt's state: the value of the ``"dualopt"`` key of every param group; checked on load.
 STATE_FORMAT = "dualopt.torch/1"
+
+# Optimizer-wide facts ride in every param group (like torch's schedulers' ``initial_lr``):
+# torch.distributed.checkpoint's state-dict helpers keep only ``state`` and ``param_groups``,
+# and the groups' keys survive them (flattened or not), a top-level entry does not.
+_FORMAT_KEY, _SKIPPED_KEY = "dualopt", "skipped"
 
 # Canonical core names -> the names a torch user types (for error messages).
 _PUBLIC_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "anchor")
 _DIRECTION_STATE = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
+
+
+def _label(name: str) -> str:
+    """A parameter's name inside a message: quoted when it is a ``named_parameters()`` name; a
+    positional ``param_groups[i]['params'][j]`` stays bare (quoting it again would escape its quotes)."""
+    return name if name.startswith("param_groups[") else repr(name)
 
 
 def _group_hp(group: Mapping[str, Any]) -> HyperParams:
@@ -147,16 +158,27 @@ class DualOpt(torch.optim.Optimizer):
     - State per tensor (``optimizer.state[p]``): ``step`` (int), ``exp_avg`` and
       ``exp_avg_sq`` (adam) or ``momentum_buffer`` (sgd), ``anchor`` (finetune),
       in the compute dtype: float32 for float16/bfloat16 parameters, else the
-      parameter's dtype. Tensors without a gradient are skipped and their
-      ``step`` does not advance.
+      parameter's dtype. It is created with the optimizer (constructor and
+      :meth:`add_param_group`): ``step = 0`` and zero moments for every tensor
+      that requires grad, so ``state_dict()`` of a fresh optimizer is complete
+      and is the template ``torch.distributed.checkpoint`` loads into (torch's
+      own optimizers create it at the first step). A frozen
+      (``requires_grad=False``) tensor gets only its anchor; its moments appear
+      when it first has a gradient. Tensors without a gradient are skipped and
+      their ``step`` does not advance (it stays 0 until their first update).
     - :meth:`add_param_group` renumbers the layers of every paradigm across all
       groups (so rates of existing tensors can change, e.g. when unfreezing
       more finetune layers) and anchors the new finetune tensors at their
       current values. A constructor ``layer_index`` sequence does not cover new
       parameters: give the new group its own ``"layer_index"``.
-    - :meth:`state_dict` adds a ``"dualopt"`` entry (format tag, skip counter);
-      :meth:`load_state_dict` rejects dicts without it, restores the saved
-      anchors and keeps float32 state float32 for float16/bfloat16 parameters.
+    - Every param group carries ``"dualopt": STATE_FORMAT`` (the format tag) and
+      ``"skipped"`` (the optimizer's skip counter, the same in every group), so
+      ``state_dict()`` carries both through torch's distributed helpers
+      (``get_state_dict``/``set_state_dict``, ``get_optimizer_state_dict``/
+      ``set_optimizer_state_dict``, flattened or not, ``dcp.save``/``dcp.load``).
+      :meth:`load_state_dict` rejects dicts without the tag (another
+      optimizer's), restores the saved anchors and keeps float32 state float32
+      for float16/bfloat16 parameters.
     - ``step()`` runs eagerly inside ``torch.compile``'d code (it is excluded from
       tracing): compiling a training step that calls it works unchanged.
     - ``torch.amp.GradScaler`` unscales and skips steps with inf itself; such
@@ -172,7 +194,7 @@ class DualOpt(torch.optim.Optimizer):
                  maximize: bool = False, foreach: bool | None = None, nonfinite: str = "skip") -> None:
         validate(HyperParams(), nonfinite=nonfinite)
         self.nonfinite = nonfinite
-        self.skipped = 0
+        self._skipped = 0  # before super().__init__: add_param_group copies it into each group
         self._layer_keys = LayerKeys(layer_index)
         self._anchor_arg = Anchors(anchor)
         self._all_defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, nesterov=nesterov,
@@ -278,14 +300,21 @@ class DualOpt(torch.optim.Optimizer):
             self._check_group(group, gi)
             offset = sum(len(g["params"]) for g in self.param_groups[:gi])
             group["layer_index"] = self._layer_keys.keys_for(group, gi, offset)
+            anchors: list[torch.Tensor | None] = [None] * len(group["params"])
             if group["paradigm"] == "finetune":
                 given = self._anchor_arg.given(group, gi, offset)
                 anchors = [make_anchor(p, name, a) for p, name, a in zip(group["params"], names, given)]
-                for p, a in zip(group["params"], anchors):
-                    self.state[p]["anchor"] = a
         except Exception:
             self.param_groups.pop()
             raise
+        group[_FORMAT_KEY] = STATE_FORMAT
+        group[_SKIPPED_KEY] = self._skipped
+        for p, a in zip(group["params"], anchors):
+            st = self.state[p]
+            if a is not None:
+                st["anchor"] = a
+            if p.requires_grad:  # the whole state now (class notes), as torch's helpers expect it
+                init_state(st, p, group["direction"])
         if self._layer_keys.constructed:
             self._renumber()
 
@@ -314,6 +343,41 @@ class DualOpt(torch.optim.Optimizer):
             cached = (key, [pull_rate(hp.paradigm, l, L, hp) for l, L in self._layout[gi]])
             self._rate_cache[gi] = cached
         return cached[1]
+
+    def layer_rates(self) -> dict[str, float]:
+        """The pull rate rho of every tensor, by parameter name, from the groups' current hyperparameters.
+
+        Names are those of ``named_parameters()`` when the optimizer got them,
+        else ``"param_groups[i]['params'][j]"``. The pull coefficient of a step
+        is ``min(lr * rho, 1)``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from dualopt.torch import DualOpt
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> DualOpt(net.named_parameters(), lr=0.1, weight_decay=0.4, layer_index="module").layer_rates()
+        {'0.weight': 0.2, '0.bias': 0.2, '1.weight': 0.4, '1.bias': 0.4}
+        """
+        out: dict[str, float] = {}
+        for gi, group in enumerate(self.param_groups):
+            out.update(zip(display_names(group, gi), self._rates(gi, _group_hp(group))))
+        return out
+
+    @property
+    def skipped(self) -> int:
+        """How many ``step()`` calls were skipped for non-finite gradients (``nonfinite="skip"``).
+
+        Also stored as ``"skipped"`` in every param group, so that it travels in
+        :meth:`state_dict` (see the class notes); assigning it updates the groups.
+        """
+        return self._skipped
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self._skipped = int(value)
+        for group in self.param_groups:
+            group[_SKIPPED_KEY] = self._skipped
 
     # ------------------------------------------------------------------ step
 
@@ -358,52 +422,93 @@ class DualOpt(torch.optim.Optimizer):
             ps = [params[j] for j in idx]
             states = [self.state[p] for p in ps]
             first = "exp_avg" if hp.direction == "adam" else "momentum_buffer"
-            for p, st in zip(ps, states):
+            for j, p, st in zip(idx, ps, states):
                 if first not in st:
+                    if hp.paradigm == "finetune" and "anchor" not in st:
+                        # e.g. optimizer.state was cleared: pulling towards zero instead would be silent.
+                        raise RuntimeError(f"DualOpt: the finetune tensor {_label(display_names(group, gi)[j])} "
+                                           "has no 'anchor' in optimizer.state (was the state cleared or replaced?); "
+                                           "create a new optimizer, or load a state dict that has its anchor")
                     init_state(st, p, hp.direction)
                 st["step"] += 1
             rates = [rates_all[j] for j in idx] if len(idx) != len(params) else rates_all
             if group["foreach"] is False:
                 reference_update(ps, grads, states, rates, hp=hp, lr=lr, maximize=group["maximize"])
                 continue
-            key = (tuple(idx), hp)
+            # What shapes a plan (see FastPlan); the other hyperparameters are read every step.
+            key = (tuple(idx), hp.direction, hp.paradigm, hp.weight_decay, hp.rollback_max, hp.rollback_min,
+                   hp.rollback_power)
             plan = self._plans.get(gi)
-            if plan is None or plan.key != key:
+            if plan is None or plan.key != key or not plan.holds(states):
                 plan = self._plans[gi] = FastPlan(key, ps, states, rates, hp=hp)
-            plan.run(grads, lr=lr, maximize=group["maximize"])
+            plan.run(grads, hp=hp, lr=lr, maximize=group["maximize"])
         return loss
 
     # ------------------------------------------------------------------ state
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for key in ("nonfinite", "skipped", "_layer_keys", "_anchor_arg", "_all_defaults", "_layout",
+        for key in ("nonfinite", "_skipped", "_layer_keys", "_anchor_arg", "_all_defaults", "_layout",
                     "_rate_cache", "_paradigms"):
             state[key] = self.__dict__[key]
         state["_plans"] = {}  # caches of tensor lists; rebuilt on the next step
         return state
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``"dualopt": {"format": STATE_FORMAT, "skipped": n}``."""
-        sd = super().state_dict()
-        sd["dualopt"] = {"format": STATE_FORMAT, "skipped": self.skipped}
-        return sd
+    @staticmethod
+    def _saved_skipped(state_dict: Any) -> int:
+        """The skip counter of a DualOpt state dict; raises for anything else (e.g. another optimizer's state).
+
+        Current layout: every param group tagged ``"dualopt": STATE_FORMAT`` with
+        the counter in ``"skipped"``. Also read: the first layout (never
+        released), a top-level ``"dualopt": {"format": ..., "skipped": n}`` entry.
+        """
+        got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
+        legacy = state_dict.get("dualopt") if isinstance(state_dict, Mapping) else None
+        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if not isinstance(groups, Sequence) or not all(isinstance(g, Mapping) for g in groups):
+            groups = []
+        counts: list[tuple[str, Any]] | None = None
+        found = ""
+        if isinstance(legacy, Mapping):
+            if legacy.get("format") == STATE_FORMAT:
+                counts = [("'dualopt' entry", legacy.get("skipped", 0))]
+            else:
+                found = f" (its 'dualopt' entry has format {legacy.get('format')!r})"
+        elif groups and all(g.get(_FORMAT_KEY) == STATE_FORMAT for g in groups):
+            counts = [(f"param group {gi}", g.get(_SKIPPED_KEY)) for gi, g in enumerate(groups)]
+        else:
+            bad = next((gi for gi, g in enumerate(groups) if g.get(_FORMAT_KEY) != STATE_FORMAT), None)
+            if bad is not None and any(_FORMAT_KEY in g for g in groups):  # a tag, but not (everywhere) ours
+                tag = groups[bad].get(_FORMAT_KEY)
+                found = (f" (its param group {bad} has {_FORMAT_KEY!r}: {tag!r})" if _FORMAT_KEY in groups[bad]
+                         else f" (its param group {bad} has no {_FORMAT_KEY!r} tag)")
+        if counts is None:
+            raise invalid("state_dict", f"<dict with keys {got}>{found}",
+                          f"a DualOpt state dict (every param group with {_FORMAT_KEY!r}: {STATE_FORMAT!r}); "
+                          "state from another optimizer cannot be loaded")
+        first = counts[0][1]
+        for where, n in counts:
+            if isinstance(n, bool) or not hasattr(n, "__index__") or int(n) < 0 or n != first:
+                raise invalid("state_dict", f"<{where} with {_SKIPPED_KEY}={n!r}>",
+                              f"the same non-negative int {_SKIPPED_KEY!r} (the skip counter) in every param group")
+        return int(first)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a :meth:`state_dict`; rejects other formats and other models, naming the parameter."""
-        meta = state_dict.get("dualopt") if isinstance(state_dict, Mapping) else None
-        if not isinstance(meta, Mapping) or meta.get("format") != STATE_FORMAT:
-            got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
-            found = f" (its 'dualopt' entry has format {meta.get('format')!r})" if isinstance(meta, Mapping) else ""
-            raise invalid("state_dict", f"<dict with keys {got}>{found}",
-                          f"a DualOpt state dict (a 'dualopt' entry with format {STATE_FORMAT!r}); "
-                          "state from another optimizer cannot be loaded")
+        """Load a :meth:`state_dict`; rejects other formats and other models, naming the parameter.
+
+        Also what torch's distributed helpers hand over (``set_state_dict``,
+        ``set_optimizer_state_dict``): parameters keyed by name, and a frozen
+        (``requires_grad=False``) tensor possibly without its entry; it then
+        keeps its current state.
+        """
+        skipped = self._saved_skipped(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise invalid("state_dict", f"<{len(saved_groups)} param groups>",
                           f"{len(self.param_groups)} param groups, like this optimizer")
         saved_state = state_dict["state"]
         originals: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        kept: dict[torch.Tensor, dict[str, Any]] = {}
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             names = display_names(group, gi)
             if len(saved["params"]) != len(group["params"]):
@@ -412,13 +517,27 @@ class DualOpt(torch.optim.Optimizer):
             for key in ("paradigm", "direction"):
                 if saved.get(key) != group[key]:
                     raise invalid("state_dict", f"<param group {gi} with {key}={saved.get(key)!r}>",
-                                  f"{key}={group[key]!r} like this optimizer's group {gi} (first tensor {names[0]!r})")
+                                  f"{key}={group[key]!r} like this optimizer's group {gi} (first tensor {_label(names[0])})")
+            # Layer keys decide every rate; torch would silently adopt the saved ones (spec 6: refuse).
+            saved_keys = list(saved.get("layer_index") or [])
+            if saved_keys != list(group["layer_index"]):
+                j = next((j for j, (a, b) in enumerate(zip(saved_keys, group["layer_index"])) if a != b),
+                         min(len(saved_keys), len(names) - 1))
+                raise invalid("state_dict", f"<param group {gi} with layer_index={saved.get('layer_index')!r}>",
+                              f"layer_index={list(group['layer_index'])!r} like this optimizer's group {gi} "
+                              f"(first differing tensor {_label(names[j])})")
             for j, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                if pid not in saved_state and not p.requires_grad:
+                    # torch's distributed helpers save and load state only for tensors that require grad.
+                    kept[p] = dict(self.state.get(p, {}))
+                    continue
                 entry = saved_state.get(pid, {})
                 self._check_saved_entry(entry, p, names[j], group)
                 originals[p] = {k: entry[k] for k in _STATE_TENSORS if k in entry}
         payload = {k: v for k, v in state_dict.items() if k != "dualopt"}
         super().load_state_dict(payload)
+        for p, entries in kept.items():
+            self.state[p] = entries
         # torch casts floating state to the parameter's dtype and may alias the
         # caller's tensors: store copies in the compute dtype instead (spec section 6).
         for p, entries in originals.items():
@@ -427,37 +546,41 @@ class DualOpt(torch.optim.Optimizer):
                 self.state[p][k] = v.detach().to(device=p.device, dtype=cd, copy=True)
             if "step" in self.state[p]:
                 self.state[p]["step"] = int(self.state[p]["step"])
-        self.skipped = int(meta.get("skipped", 0))
         for gi, group in enumerate(self.param_groups):
+            group[_FORMAT_KEY] = STATE_FORMAT  # (a dict of the first layout has no tags in its groups)
             self._check_group(group, gi)
+            for p in group["params"]:
+                if p.requires_grad:  # complete what a saved state may lack (tensors never updated before)
+                    init_state(self.state[p], p, group["direction"])
+        self.skipped = skipped
         self._renumber()
 
     @staticmethod
     def _check_saved_entry(entry: Mapping[str, Any], p: torch.Tensor, name: str, group: Mapping[str, Any]) -> None:
         unknown = set(entry) - set(_STATE_TENSORS) - {"step"}
         if unknown:
-            raise invalid("state_dict", f"<state of {name!r} with entries {sorted(unknown)}>",
+            raise invalid("state_dict", f"<state of {_label(name)} with entries {sorted(unknown)}>",
                           f"only 'step' and {_STATE_TENSORS} per tensor")
         for k in _STATE_TENSORS:
             if k in entry:
                 v = entry[k]
                 if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape):
                     shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                    raise invalid("state_dict", f"<{k} of {name!r} with shape {shape}>",
+                    raise invalid("state_dict", f"<{k} of {_label(name)} with shape {shape}>",
                                   f"the parameter's shape {tuple(p.shape)} (was the state saved for another model?)")
         expected = set(_DIRECTION_STATE[group["direction"]])
         present = set(entry) & set(_DIRECTION_STATE["adam"] + _DIRECTION_STATE["sgd"])
         if present and present != expected:
-            raise invalid("state_dict", f"<state of {name!r} with {sorted(present)}>",
+            raise invalid("state_dict", f"<state of {_label(name)} with {sorted(present)}>",
                           f"{sorted(expected)} for direction={group['direction']!r}")
         if ("anchor" in entry) != (group["paradigm"] == "finetune"):
-            raise invalid("state_dict", f"<state of {name!r} {'with' if 'anchor' in entry else 'without'} an anchor>",
+            raise invalid("state_dict", f"<state of {_label(name)} {'with' if 'anchor' in entry else 'without'} an anchor>",
                           f"an anchor exactly for finetune tensors (paradigm={group['paradigm']!r})")
         if "step" in entry:
             step = entry["step"]
             value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != int(value):
-                raise invalid("state_dict", f"<step of {name!r} = {step!r}>", "a non-negative integer step count")
+                raise invalid("state_dict", f"<step of {_label(name)} = {step!r}>", "a non-negative integer step count")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
