@@ -17,12 +17,13 @@ from typing import Any, Sequence
 
 import jax
 
-from decoupled_core import HyperParams, invalid, number_layers, pull_rate, resolve_rollback_max, validate
+from decoupled_core import (HyperParams, accepted, check_layer_count, check_layer_key, invalid, number_layers, pull_rate,
+                            resolve_rollback_max, validate)
 
 from ._optax_tree import Path, layer_keys, leaf_paths, path_str, per_leaf
 
-__all__ = ["PUBLIC_NAMES", "HP_ARGS", "Settings", "LeafConfig", "resolve_leaves", "check_settings", "resolve_anchors",
-           "concrete_float", "base_lr_of", "is_schedule"]
+__all__ = ["PUBLIC_NAMES", "ALSO_ACCEPTED", "HP_ARGS", "Settings", "LeafConfig", "resolve_leaves", "check_settings",
+           "resolve_anchors", "concrete_float", "base_lr_of", "is_schedule"]
 
 #: dualopt.optax argument -> canonical HyperParams field (the rest share their name).
 HP_ARGS: dict[str, str] = {
@@ -32,6 +33,8 @@ HP_ARGS: dict[str, str] = {
 }
 #: canonical name -> public name, for the shared validator's messages.
 PUBLIC_NAMES: dict[str, str] = {"lr": "learning_rate", "beta1": "b1", "beta2": "b2"}
+#: Forms accepted besides the core's range (the core appends them to its message: ``decoupled_core.accepted``).
+ALSO_ACCEPTED: dict[str, tuple[str, ...]] = {"lr": ("an optax schedule",)}
 
 # Values that pass every check, substituted for traced hyperparameters so that
 # the concrete ones can still be validated (a traced value cannot be checked).
@@ -97,16 +100,11 @@ def _validate_once(hp: HyperParams, lr: float | None, nonfinite: str, seen: set)
     if key in seen:
         return
     seen.add(key)
-    concrete = {}
-    for name, v in hp.as_dict().items():
-        if name in ("direction", "paradigm", "nesterov"):
-            concrete[name] = v
-        elif v is None:
-            concrete[name] = None
-        else:
-            f = concrete_float(v)
-            concrete[name] = _PLACEHOLDER[name] if f is None else (v if isinstance(v, (int, float)) and not isinstance(v, bool) else f)
-    validate(hp.replace(**concrete), lr=lr, nonfinite=nonfinite, names=PUBLIC_NAMES)
+    # Only a traced value (inject_hyperparams) is replaced: anything else, bools and
+    # strings included, goes to the core as the user gave it, so it is rejected in its words.
+    concrete = {name: _PLACEHOLDER[name] if isinstance(v, jax.core.Tracer) and name in _PLACEHOLDER else v
+                for name, v in hp.as_dict().items()}
+    validate(hp.replace(**concrete), lr=lr, nonfinite=nonfinite, names=PUBLIC_NAMES, also_accepted=ALSO_ACCEPTED)
 
 
 def _resolve_rollback(hp: HyperParams, learning_rate: Any, base_lr: float | None) -> HyperParams:
@@ -138,10 +136,31 @@ def resolve_leaves(settings: Settings, params: Any) -> tuple[list[LeafConfig], l
                 raise type(e)(f"{e} (parameter {path_str(path)!r})") from None
             raise
         hps.append(hp)
-    keys = layer_keys(settings.layer_index, params, paths)
+    keys = _checked_layer_keys(settings.layer_index, params, paths)
     layout = number_layers([hp.paradigm for hp in hps], keys)
     leaves = [LeafConfig(hp, pull_rate(hp.paradigm, l, L, hp), path) for hp, (l, L), path in zip(hps, layout, paths)]
     return leaves, paths
+
+
+def _checked_layer_keys(layer_index: Any, params: Any, paths: Sequence[Path]) -> list[int]:
+    """:func:`layer_keys`, with explicit keys checked first by the core so that errors are in its words.
+
+    A flat list of keys for a flat list of arrays is the torch-like spelling; a
+    length mismatch there is the core's "one layer index per parameter tensor"
+    (any other structure mismatch keeps the prefix-pytree message).
+    """
+    if layer_index is None or isinstance(layer_index, str):
+        return layer_keys(layer_index, params, paths)
+    is_leaf = jax.tree_util.treedef_is_leaf
+    if (isinstance(layer_index, (list, tuple)) and isinstance(params, (list, tuple))
+            and all(is_leaf(jax.tree_util.tree_structure(p)) for p in params)):
+        check_layer_count("layer_index", len(layer_index), len(params))
+        explicit = list(layer_index)  # entry i is leaf i's key (a flat list's paths are (0,), (1,), ...)
+    else:
+        explicit = per_leaf("layer_index", layer_index, params, paths)
+    for path, k in zip(paths, explicit):
+        check_layer_key(f"layer_index[{path_str(path)!r}]", k)
+    return layer_keys(layer_index, params, paths)
 
 
 def _is_single(v: Any) -> bool:
@@ -154,11 +173,12 @@ def check_settings(settings: Settings) -> None:
     """Construction-time checks of everything that does not need the params."""
     lr = settings.learning_rate
     if isinstance(lr, bool) or not (isinstance(lr, (int, float)) or callable(lr) or hasattr(lr, "dtype")):
-        raise invalid("learning_rate", lr, "a finite float >= 0, a 0-d array or an optax schedule")
+        raise invalid("learning_rate", lr, accepted("lr", ALSO_ACCEPTED["lr"]))
     base = base_lr_of(lr)
     if base is not None and not (math.isfinite(base) and base >= 0):
         raise invalid("learning_rate", lr if not callable(lr) else f"<schedule with schedule(0)={base!r}>",
-                      "a finite float >= 0" if not callable(lr) else "a schedule with a finite schedule(0) >= 0")
+                      accepted("lr", ALSO_ACCEPTED["lr"]) if not callable(lr)
+                      else "a schedule with a finite schedule(0) >= 0")
     single = {HP_ARGS[k]: v for k, v in settings.hyper.items() if _is_single(v)}
     if len(single) == len(HP_ARGS):
         hp = HyperParams(**single)
@@ -166,7 +186,7 @@ def check_settings(settings: Settings) -> None:
         if hp.paradigm == "finetune":
             _resolve_rollback(hp, lr, base)
     elif settings.nonfinite not in ("skip", "propagate"):
-        validate(HyperParams(), nonfinite=settings.nonfinite, names=PUBLIC_NAMES)
+        validate(HyperParams(), nonfinite=settings.nonfinite, names=PUBLIC_NAMES, also_accepted=ALSO_ACCEPTED)
 
 
 def is_schedule(learning_rate: Any) -> bool:

@@ -40,8 +40,14 @@ def _grads_fn(params0):
     return fn
 
 
+# rho = 0 three ways: no pull at all, scratch with weight_decay = 0, finetune with both rollback bounds 0.
+RHO_ZERO = {"none": dict(paradigm="none"), "scratch-wd0": dict(paradigm="scratch", weight_decay=0.0),
+            "finetune-k0": dict(paradigm="finetune", rollback_max=0.0, rollback_min=0.0)}
+
+
+@pytest.mark.parametrize("rho_zero", RHO_ZERO)
 @pytest.mark.parametrize("lr", [1e-2, "schedule"])
-def test_rho_zero_equals_optax_adam(lr):
+def test_rho_zero_equals_optax_adam(lr, rho_zero):
     import jax
     import optax
 
@@ -51,7 +57,7 @@ def test_rho_zero_equals_optax_adam(lr):
     if lr == "schedule":
         lr = optax.warmup_cosine_decay_schedule(0.0, 3e-2, 10, 100)
     fn = _grads_fn(params)
-    ours = _run(dualopt(lr, paradigm="none", eps=1e-8), params, fn, 100)
+    ours = _run(dualopt(lr, eps=1e-8, **RHO_ZERO[rho_zero]), params, fn, 100)
     ref = _run(optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8), params, fn, 100)
     # Different but equivalent order of operations (Optax divides by the bias
     # corrections, the spec multiplies by host reciprocals): float64 round-off only.
@@ -61,8 +67,9 @@ def test_rho_zero_equals_optax_adam(lr):
     assert moved > 1e-2  # the comparison is not vacuous
 
 
+@pytest.mark.parametrize("rho_zero", ["none", "scratch-wd0"])
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
-def test_rho_zero_equals_optax_sgd(momentum, nesterov):
+def test_rho_zero_equals_optax_sgd(momentum, nesterov, rho_zero):
     import jax
     import optax
 
@@ -70,7 +77,8 @@ def test_rho_zero_equals_optax_sgd(momentum, nesterov):
 
     params = jax.tree.map(jax.numpy.asarray, mlp_params(1))
     fn = _grads_fn(params)
-    ours = _run(dualopt(0.05, direction="sgd", momentum=momentum, nesterov=nesterov, paradigm="none"), params, fn, 100)
+    ours = _run(dualopt(0.05, direction="sgd", momentum=momentum, nesterov=nesterov, **RHO_ZERO[rho_zero]),
+                params, fn, 100)
     ref = _run(optax.sgd(0.05, momentum=momentum or None, nesterov=nesterov), params, fn, 100)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), ours, ref)
 

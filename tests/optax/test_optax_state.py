@@ -226,3 +226,125 @@ def test_shardings_are_kept():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK 2" in out.stdout
+
+
+def test_init_directly_on_shape_dtype_structs():
+    """Like optax.adam, ``tx.init`` on ``jax.ShapeDtypeStruct`` leaves returns real zero moments; finetune
+    leaves need values for their anchors: a clear error, unless the anchors are passed explicitly."""
+    import jax
+    import jax.numpy as jnp
+
+    from decoupled_core import HyperparameterError
+    from dualopt.optax import dualopt
+
+    params = _params()
+    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    scratch = dualopt(1e-2, paradigm="scratch").init(abstract)
+    assert tree_equal(scratch, dualopt(1e-2, paradigm="scratch").init(params))
+    with pytest.raises(HyperparameterError, match=r"params=\"<jax.ShapeDtypeStruct at 'Dense_0/bias'>\" is invalid: "
+                                                  r"expected arrays for finetune leaves"):
+        dualopt(1e-2, **MIXED).init(abstract)
+    anchors = jax.tree.map(lambda p: p + 1.0, params)
+    given = dualopt(1e-2, anchor=anchors, **MIXED).init(abstract)
+    np.testing.assert_array_equal(given.anchor["Dense_1"]["kernel"], anchors["Dense_1"]["kernel"])
+    assert given.anchor["Dense_2"]["kernel"].shape == (0,)
+    assert isinstance(given.mu["Dense_0"]["kernel"], jax.Array)
+    np.testing.assert_array_equal(given.mu["Dense_0"]["kernel"], jnp.zeros_like(params["Dense_0"]["kernel"]))
+
+
+def test_float32_stays_float32_without_x64():
+    """x64 off (as most users run), a float32 schedule: params, updates and state stay float32, counts int32,
+    and a step equals the core's reference on jax.numpy within the float32 "xla-jit" budget."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from dualopt.optax import dualopt, leaf_paths, natural_layer_index
+
+    with jax.enable_x64(False):
+        params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), mlp_params(5, dtype=np.float32))
+        schedule = optax.linear_schedule(2e-2, 1e-2, 10)
+        tx = dualopt(schedule, **MIXED)
+        state = tx.init(params)
+        jstep = _jit_step(tx)
+        p, s = params, state
+        for k in range(5):
+            g = _grads(k, params)
+            u, _ = jax.jit(tx.update)(g, s, p)
+            assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(u))
+            p, s = jstep(p, s, g)
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((p, s.mu, s.nu, s.anchor)))
+        assert s.count.dtype == jnp.int32 and s.skipped.dtype == jnp.int32 and int(s.count) == 5
+
+        paths = leaf_paths(params)
+        hps = [HyperParams(direction=MIXED["direction"][q[0]], paradigm=MIXED["paradigm"][q[0]], rollback_max=3.0,
+                           weight_decay=0.5) for q in paths]
+        ref = ReferenceOptimizer([np.asarray(x) for x in jax.tree.leaves(params)], hps, base_lr=float(schedule(0)),
+                                 layer_index=jax.tree.leaves(natural_layer_index(params)))
+        for k in range(5):
+            ref.step([np.asarray(x) for x in jax.tree.leaves(_grads(k, params))], float(schedule(k)))
+        scale = max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(params))
+        gap = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(p), ref.params))
+        assert gap <= 4 * np.finfo(np.float32).eps * 5 * scale, gap
+
+
+def _keyed(tree, prefix):
+    """An orbax-style flat checkpoint: ``{"prefix/key/path": numpy array}``."""
+    import jax
+
+    from dualopt.optax import path_str
+
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = tuple(getattr(e, "key", getattr(e, "name", getattr(e, "idx", e))) for e in path)
+        out[f"{prefix}/{path_str(keys)}"] = np.asarray(leaf)
+    return out
+
+
+def test_pytree_checkpoint_of_a_composite_state_resumes_bitwise(tmp_path):
+    """``chain(clip_by_global_norm, inject_hyperparams(dualopt))`` with a learning-rate change at run time:
+    the whole optimizer state (nested NamedTuples, a dict of hyperparameters) goes to an ``.npz`` under its
+    key paths and is restored *into the template* of a freshly built transform
+    (``jax.eval_shape(tx.init, ...)``), as orbax's restore-into-target does; the resumed run (a new jitted
+    step) ends bit for bit where the uninterrupted one does."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from dualopt.optax import dualopt
+
+    def make():
+        inner = optax.inject_hyperparams(dualopt, static_args=("paradigm", "direction"))
+        return optax.chain(optax.clip_by_global_norm(2.0), inner(learning_rate=1e-2, **MIXED))
+
+    params = _params()
+    grads = [_grads(k, params) for k in range(8)]
+
+    def run(tx, p, s, start, stop):
+        step = _jit_step(tx, donate=True)
+        for k in range(start, stop):
+            if k == 2:
+                s[1].hyperparams["learning_rate"] = jnp.asarray(3e-3, s[1].hyperparams["learning_rate"].dtype)
+            p, s = step(p, s, grads[k])
+        return p, s
+
+    tx = make()
+    p, s = run(tx, jax.tree.map(jnp.copy, params), tx.init(params), 0, 5)
+    np.savez(tmp_path / "ckpt.npz", **_keyed(p, "params"), **_keyed(s, "state"))
+    uninterrupted = run(tx, p, s, 5, 8)
+
+    tx = make()
+    template = jax.eval_shape(lambda q: (q, tx.init(q)), params)
+    with np.load(tmp_path / "ckpt.npz", allow_pickle=False) as z:
+        saved = {k: z[k] for k in z.files}
+    names = list(_keyed(jax.tree.map(lambda _: np.zeros(()), template[0]), "params")) + \
+        list(_keyed(jax.tree.map(lambda _: np.zeros(()), template[1]), "state"))
+    assert sorted(names) == sorted(saved)
+    leaves = [jnp.asarray(saved[k]) for k in names]
+    for x, t in zip(leaves, jax.tree.leaves(template)):
+        assert (x.shape, x.dtype) == (t.shape, t.dtype)
+    p, s = jax.tree.unflatten(jax.tree.structure(template), leaves)
+    assert float(s[1].hyperparams["learning_rate"]) == np.float64(3e-3)
+    resumed = run(tx, p, s, 5, 8)
+    assert tree_equal(resumed, uninterrupted)
+    assert int(resumed[1][1].inner_state.count) == 8
