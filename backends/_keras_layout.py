@@ -19,13 +19,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-from decoupled_core import PARADIGMS, invalid
+from decoupled_core import PARADIGMS, accepted, check_layer_count, check_layer_key, invalid
 
 __all__ = ["variable_path", "matching_key", "resolve_paradigms", "resolve_layer_keys", "check_paradigm_spec",
-           "check_layer_index_spec", "LAYER_PER_KERAS_LAYER"]
+           "check_layer_index_spec", "LAYER_PER_KERAS_LAYER", "PARADIGM_ALSO_ACCEPTED"]
 
 #: ``layer_index="layer"``: variables of one Keras layer share a key.
 LAYER_PER_KERAS_LAYER = "layer"
+#: What ``paradigm`` accepts besides one paradigm (appended to the core's text by ``decoupled_core.accepted``).
+PARADIGM_ALSO_ACCEPTED = ("a mapping from layer name / variable path to one of them", "a callable taking the variable")
 
 
 def variable_path(variable: Any) -> str:
@@ -76,10 +78,10 @@ def check_paradigm_spec(paradigm: Any, default_paradigm: str) -> tuple[str, ...]
     ('none',)
     """
     if default_paradigm not in PARADIGMS:
-        raise invalid("default_paradigm", default_paradigm, f"one of {PARADIGMS}")
+        raise invalid("default_paradigm", default_paradigm, accepted("paradigm"))
     if isinstance(paradigm, str):
         if paradigm not in PARADIGMS:
-            raise invalid("paradigm", paradigm, f"one of {PARADIGMS}, a mapping or a callable")
+            raise invalid("paradigm", paradigm, accepted("paradigm", PARADIGM_ALSO_ACCEPTED))
         return (paradigm,)
     if isinstance(paradigm, Mapping):
         for key, value in paradigm.items():
@@ -87,12 +89,11 @@ def check_paradigm_spec(paradigm: Any, default_paradigm: str) -> tuple[str, ...]
                 raise invalid("paradigm", dict(paradigm), "a mapping from layer names or variable paths (non-empty "
                               f"str) to one of {PARADIGMS}; key {key!r} is not")
             if value not in PARADIGMS:
-                raise invalid(f"paradigm[{key!r}]", value, f"one of {PARADIGMS}")
+                raise invalid(f"paradigm[{key!r}]", value, accepted("paradigm"))
         return tuple(dict.fromkeys([*paradigm.values(), default_paradigm]))
     if callable(paradigm):
         return PARADIGMS
-    raise invalid("paradigm", paradigm, f"one of {PARADIGMS}, a mapping from layer name / variable path to one of "
-                  "them, or a callable taking the variable")
+    raise invalid("paradigm", paradigm, accepted("paradigm", PARADIGM_ALSO_ACCEPTED))
 
 
 def resolve_paradigms(paradigm: Any, default_paradigm: str, variables: Sequence[Any]) -> list[str]:
@@ -149,9 +150,7 @@ def check_layer_index_spec(layer_index: Any) -> None:
 
 
 def _check_key(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 0:
-        raise invalid(name, value, "a non-negative integer layer key")
-    return int(value)
+    return check_layer_key(name, value)
 
 
 def resolve_layer_keys(layer_index: Any, variables: Sequence[Any]) -> list[int] | None:
@@ -190,8 +189,7 @@ def resolve_layer_keys(layer_index: Any, variables: Sequence[Any]) -> list[int] 
             keys.append(_check_key(f"layer_index[{k!r}]", layer_index[k]))
         return keys
     if isinstance(layer_index, Sequence):
-        if len(layer_index) != len(variables):
-            raise invalid("layer_index", list(layer_index),
-                          f"one layer key per trainable variable ({len(variables)}, in var_list order)")
+        # One key per variable in var_list order (model.trainable_variables for fit).
+        check_layer_count("layer_index", len(layer_index), len(variables))
         return [int(k) for k in layer_index]
     return [_check_key(f"layer_index({p!r})", layer_index(v)) for v, p in zip(variables, paths)]

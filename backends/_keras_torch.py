@@ -4,7 +4,7 @@ Keras runs a custom optimizer's ``update_step`` once per variable, in Python;
 on many small variables that loop is about 10x slower than Keras's built-in
 torch Adam, which uses ``torch._foreach_*``. This module performs the core's
 operations (:func:`decoupled_core.step_tensor`, spec section 4) in the same
-order, each as one ``torch._foreach_*`` call over all variables:
+order, each as one ``torch._foreach_*`` call over a batch of variables:
 
 - adam: ``m*b1``, ``g*(1-b1)``, add; ``v*b2``, ``g*g``, ``*(1-b2)``, add;
   ``sqrt(v)``, ``*inv_sqrt_bc2``, ``+eps``; ``m/d``, ``*step_size``,
@@ -18,11 +18,20 @@ and :func:`decoupled_core.pull_coefficient` on ``keras.ops``), so both paths
 give the same bits; ``tests/keras`` checks it, since ``torch._foreach_*`` and
 ``torch._amp_foreach_non_finite_check_and_unscale_`` are private APIs.
 
-The non-finite check uses ``torch._amp_foreach_non_finite_check_and_unscale_``
-with a scale of 1 (the check GradScaler uses: one pass over all gradients). It
-multiplies the gradients in place by 1.0, which leaves every value, NaN and
--0.0 included, unchanged. The decision to skip is taken on the host (torch runs
-eagerly), like GradScaler's.
+Large tensors are updated in flat pieces, and the op sequence runs on batches
+of about ``BATCH_ELEMS`` elements (``CHUNK_ELEMS``, ``BATCH_ELEMS``): every
+operation is element-wise, so this changes no bit, but the temporaries and the
+pieces each op reads again stay in cache instead of making ~15 sweeps over main
+memory per step (about 2.5x less time for 8 M float32 parameters, measured
+here).
+
+The non-finite check reads each large gradient once through its sum (NaN and
+Inf propagate; an overflowing sum is re-checked element by element) and checks
+small gradients with ``torch._amp_foreach_non_finite_check_and_unscale_`` and
+a scale of 1 (GradScaler's check: one multi-tensor call), which multiplies them
+in place by 1.0 and so leaves every value, NaN and -0.0 included, unchanged.
+The decision to skip is taken on the host (torch runs eagerly), like
+GradScaler's.
 """
 
 from __future__ import annotations
@@ -37,20 +46,40 @@ from decoupled_core import adam_coefficients
 
 from ._keras_xp import KERAS_XP
 
-__all__ = ["update", "all_finite_torch"]
+__all__ = ["update", "all_finite_torch", "CHUNK_ELEMS", "BATCH_ELEMS", "SUM_CHECK_MIN_NUMEL"]
+
+#: Tensors with more elements are updated in flat pieces of at most this many elements ...
+CHUNK_ELEMS = 1 << 16
+#: ... and the op sequence runs on batches of pieces (and of small tensors) of about this many
+#: elements, so that its temporaries and the pieces it reads again stay in cache: on large
+#: tensors one sweep per op over main memory would cost ~15 sweeps per step. Every operation
+#: is element-wise, so the batching changes no bit (tests/keras compares with the generic path).
+BATCH_ELEMS = 1 << 18
+#: Gradients with at least this many elements are checked for NaN/Inf through their sum (one
+#: read; a non-finite sum is re-checked element-wise, since finite values may overflow).
+SUM_CHECK_MIN_NUMEL = 1 << 15
 
 
 def all_finite_torch(grads: list[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor: every element of every gradient is finite."""
+    """A 0-d bool tensor: every element of every gradient is finite.
+
+    Large gradients: through their sum (NaN and Inf propagate through
+    addition; a non-finite sum of finite values, an overflow, is re-checked
+    element-wise). Small ones: one multi-tensor call per device.
+    """
     by_device: dict[Any, list[torch.Tensor]] = defaultdict(list)
+    finite = True
     for g in grads:
-        by_device[g.device].append(g)
-    flags = []
+        if g.numel() >= SUM_CHECK_MIN_NUMEL:
+            total = g.sum(dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None)
+            finite = finite and bool(torch.isfinite(total) or torch.isfinite(g).all())
+        else:
+            by_device[g.device].append(g)
     for device, gs in by_device.items():
         found = torch.zeros(1, dtype=torch.float32, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(gs, found, torch.ones(1, dtype=torch.float32, device=device))
-        flags.append(found.to(grads[0].device))
-    return (torch.cat(flags).sum() == 0).reshape(())
+        finite = finite and bool(found == 0)
+    return torch.tensor(finite, device=grads[0].device if grads else None)
 
 
 def update(opt: Any, grads: list[Any], variables: list[Any], learning_rate: Any) -> None:
@@ -77,7 +106,6 @@ def update(opt: Any, grads: list[Any], variables: list[Any], learning_rate: Any)
         _update_group(opt, ctx, [opt._facts[opt._get_variable_index(variables[i])] for i in idx],
                       [variables[i].value for i in idx], [grads[i] for i in idx])
     if fallback:
-        ctx.select = False  # the step is known to be finite here
         opt._runtime.context = ctx
         try:
             for i in fallback:
@@ -87,11 +115,52 @@ def update(opt: Any, grads: list[Any], variables: list[Any], learning_rate: Any)
     opt._advance_counters(ctx)
 
 
+def _pieces(t: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    """Flat views of at most ``chunk`` elements covering ``t`` (``t`` itself when it is small)."""
+    if t.numel() <= chunk:
+        return [t]
+    return list(t.view(-1).split(chunk))
+
+
 def _update_group(opt: Any, ctx: Any, facts: list[Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """One dtype/device group: the scalars once, then the op sequence batch by batch (see ``BATCH_ELEMS``)."""
     lr, t = ctx.scalars[facts[0].compute_dtype]
-    slots = [[f.slots[k].value for f in facts] for k in range(len(facts[0].slots))]
+    coeffs = adam_coefficients(lr, opt.beta_1, opt.beta_2, t, xp=KERAS_XP) if opt.direction == "adam" else None
+    pulled = [i for i, f in enumerate(facts) if f.paradigm in ("finetune", "scratch") and f.rate != 0.0]
+    cs = dict(zip(pulled, _coefficients(lr, [facts[i].rate for i in pulled]))) if pulled else {}
+    # Rows of (param, grad, *slots, anchor, c, paradigm) pieces; a tensor is split only where all of
+    # its in-place targets are contiguous (views), else it is updated whole.
+    rows: list[tuple] = []
+    for i, (f, p, g) in enumerate(zip(facts, params, grads)):
+        slots = [s.value for s in f.slots]
+        anchor = f.anchor.value if f.anchor is not None else None
+        targets = [p, *slots] + ([anchor] if anchor is not None else [])
+        chunk = CHUNK_ELEMS if all(x.is_contiguous() for x in targets) else max(p.numel(), 1)
+        split = [_pieces(x, chunk) for x in targets]
+        gs = _pieces(g if g.is_contiguous() else g.contiguous(), chunk)
+        c, paradigm = cs.get(i), f.paradigm
+        for k in range(len(gs)):
+            pieces = [s[k] for s in split]
+            rows.append((pieces[0], gs[k], pieces[1:1 + len(slots)], pieces[-1] if anchor is not None else None,
+                         c, paradigm))
+    batch: list[tuple] = []
+    size = 0
+    for row in rows:
+        if batch and size + row[0].numel() > BATCH_ELEMS:
+            _update_batch(opt, coeffs, lr, batch)
+            batch, size = [], 0
+        batch.append(row)
+        size += row[0].numel()
+    if batch:
+        _update_batch(opt, coeffs, lr, batch)
+
+
+def _update_batch(opt: Any, coeffs: Any, lr: Any, rows: list[tuple]) -> None:
+    """The core's operations (module docstring), each one ``torch._foreach_*`` call over the batch."""
+    params = [r[0] for r in rows]
+    grads = [r[1] for r in rows]
+    slots = [[r[2][k] for r in rows] for k in range(len(rows[0][2]))]
     if opt.direction == "adam":
-        coeffs = adam_coefficients(lr, opt.beta_1, opt.beta_2, t, xp=KERAS_XP)
         m, v = slots
         torch._foreach_mul_(m, opt.beta_1)
         torch._foreach_add_(m, torch._foreach_mul(grads, 1.0 - opt.beta_1))
@@ -116,17 +185,17 @@ def _update_group(opt: Any, ctx: Any, facts: list[Any], params: list[torch.Tenso
             u = b
         u = torch._foreach_mul(u, lr)
         torch._foreach_sub_(params, u)
-    # params now hold the pre-weights; pull them (spec 4.2).
-    finetune = [(p, f) for p, f in zip(params, facts) if f.paradigm == "finetune" and f.rate != 0.0]
-    scratch = [(p, f) for p, f in zip(params, facts) if f.paradigm == "scratch" and f.rate != 0.0]
+    # params now hold the pre-weights; pull them (spec 4.2). c is None where it is host-known 0.
+    finetune = [r for r in rows if r[5] == "finetune" and r[4] is not None]
+    scratch = [r for r in rows if r[5] == "scratch" and r[4] is not None]
     if finetune:
-        pre = [p for p, _ in finetune]
-        diff = torch._foreach_sub(pre, [f.anchor.value for _, f in finetune])
-        torch._foreach_mul_(diff, _coefficients(lr, [f.rate for _, f in finetune]))
+        pre = [r[0] for r in finetune]
+        diff = torch._foreach_sub(pre, [r[3] for r in finetune])
+        torch._foreach_mul_(diff, [r[4] for r in finetune])
         torch._foreach_sub_(pre, diff)
     if scratch:
-        pre = [p for p, _ in scratch]
-        pulled = torch._foreach_mul(pre, _coefficients(lr, [f.rate for _, f in scratch]))
+        pre = [r[0] for r in scratch]
+        pulled = torch._foreach_mul(pre, [r[4] for r in scratch])
         torch._foreach_sub_(pre, pulled)
 
 

@@ -47,8 +47,11 @@ built, which ``fit`` does on its first step: **load the pretrained weights
 before the first ``fit``** (or pass ``anchor``, a mapping ``{variable path:
 array}`` or a sequence in ``var_list`` order). On TensorFlow the optimizer is
 built while the train step is traced; the anchor is therefore created from an
-initializer that copies the variable once, never by an ``assign`` in
-``build()`` that would become part of every step. ``anchor`` is not part of
+initializer that copies the variable once (read eagerly under
+``tf.init_scope``, so that XLA, ``jit_compile=True``, can lift it), never by an
+``assign`` in ``build()`` that would become part of every step. The tests check
+on every backend and compile mode that the anchors are still the pre-fit
+weights after several steps. ``anchor`` is not part of
 ``get_config()``: anchors are optimizer variables and travel in ``.keras``
 files.
 
@@ -70,9 +73,14 @@ element is NaN or Inf (checked after Keras's clipping and, with gradient
 accumulation, on the accumulated gradient at the update step) changes no model
 variable, moment, anchor, ``t``, or EMA average; ``skipped`` counts such
 calls. ``iterations`` still advances: it counts batches, and learning-rate
-schedules, gradient accumulation and EMA follow it, as a torch scheduler keeps
-stepping when a step is skipped. The check is a select inside the compiled
-step on jax and a ``cond`` on tensorflow and torch.
+schedules, gradient accumulation and ``ema_overwrite_frequency`` follow it, as a
+torch scheduler keeps stepping when a step is skipped. The EMA average starts
+(Keras's momentum 0) at the first *applied* call, so a skipped first batch is
+not averaged in as Keras's zero-initialised average. With a constant learning
+rate a run with skipped calls equals, bit for bit, the run without them.
+``nonfinite="propagate"`` makes no check: NaN/Inf flow into the variables and
+state. The check is a ``cond`` inside the compiled step (``jax.lax.cond`` on
+jax, ``ops.cond`` on tensorflow, a host-side branch on torch).
 
 Precision of the scalars
 ------------------------
@@ -82,7 +90,32 @@ computed on the device in each variable's compute dtype: float64 in a float64
 model (where ``beta ** t`` may differ from the host value in the last bit) and
 **float32 in a float32 model**, with the same operations in the same order as
 the core. ``1 - beta``, epsilon, momentum and the per-layer rates are host
-float64 values rounded once to the compute dtype.
+float64 values rounded once to the compute dtype. A float learning rate is
+held in a float64 variable whatever ``floatx()`` is (Keras's built-in
+optimizers use ``floatx()``), so a float64 model in a float32 session steps
+with the float64 eta; a schedule computes in its own dtype (``floatx()`` for
+Keras's schedules).
+
+Float64 models: a known Keras limitation
+----------------------------------------
+Keras 3.15 demotes float64 to float32 on the jax and torch backends:
+``keras.backend.result_type("float64", "float64")`` is ``"float32"`` there
+(``BIT64_TO_BIT32_DTYPE`` in ``keras/src/backend/common/dtypes.py``; see
+https://github.com/keras-team/keras/issues/23704 and
+https://github.com/keras-team/keras/issues/23223), and the ``keras.ops`` that
+consult it compute in float32 even on float64 inputs: ``ops.tanh`` and
+``ops.mean`` on jax, ``ops.matmul``, ``ops.mean``, ``ops.maximum`` and
+``ops.divide_no_nan`` on torch. So a "float64" model built from
+``keras.layers.Dense`` and Keras's losses computes its forward and backward
+pass partly in float32 on those backends (about 1e-7 relative), and
+``clipnorm`` / ``global_clipnorm`` clip in float32 on torch. DualOpt's own
+update is not affected: it uses only operators and the ``keras.ops`` of
+:mod:`dualopt._keras_xp`, which keep float64 on every backend (the tests
+replay the float64 spec vectors bit for bit and check every op's dtype). For
+a model that must really compute in float64 on jax or torch, write the
+affected layers and the loss with the backend's own ops, as
+``dualopt.conformance.impl_keras.float64_layers`` does, or use the
+tensorflow backend.
 
 Slot layout (``optimizer.variables``; ``.keras`` files restore by position)
 --------------------------------------------------------------------------
@@ -109,16 +142,18 @@ import keras
 import numpy as np
 from keras import ops
 
-from decoupled_core import (AdamState, HyperParams, SGDState, all_finite, compute_dtype, invalid, number_layers,
-                            pull_rate, resolve_rollback_max, step_tensor, validate)
+from decoupled_core import (AdamState, HyperParams, SGDState, accepted, all_finite, check_anchor, compute_dtype,
+                            invalid, number_layers, pull_rate, resolve_rollback_max, step_tensor, validate)
 
-from ._keras_layout import (check_layer_index_spec, check_paradigm_spec, resolve_layer_keys, resolve_paradigms,
-                            variable_path)
+from ._keras_layout import (PARADIGM_ALSO_ACCEPTED, check_layer_index_spec, check_paradigm_spec, resolve_layer_keys,
+                            resolve_paradigms, variable_path)
 from ._keras_xp import KERAS_XP
 
 __all__ = ["DualOpt"]
 
 _NAMES = {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon"}
+#: Forms accepted besides the core's range (appended to the core's messages by ``decoupled_core.accepted``).
+_ALSO = {"lr": ("a LearningRateSchedule",), "paradigm": PARADIGM_ALSO_ACCEPTED}
 _PARADIGM_CODE = {"scratch": 1, "finetune": 2, "none": 3}
 _CALLABLE = "__callable__"  # marks a serialized callable in get_config (a plain mapping never has this key)
 
@@ -143,8 +178,6 @@ class _StepContext:
 
     def __init__(self, opt: "DualOpt", learning_rate: Any, finite: Any) -> None:
         self.finite = finite  # None under nonfinite="propagate"
-        # jax: update_step selects (no branching inside a stateless/jitted step); others branch once.
-        self.select = finite is not None and keras.backend.backend() == "jax"
         self.step_before = ops.convert_to_tensor(opt._step_count)
         self.t_int = ops.add(self.step_before, 1)
         # Cast once per compute dtype, before any branch, so every variable reuses the same tensors.
@@ -232,8 +265,9 @@ class DualOpt(keras.optimizers.Optimizer):
         Finetune anchors, by variable path or in ``var_list`` order; default:
         snapshot at build. Not part of ``get_config()``.
     nonfinite : {"skip", "propagate"}
-        ``"skip"``: an apply call with any NaN/Inf gradient changes nothing and
-        increments ``skipped``.
+        ``"skip"``: an apply call with any NaN/Inf gradient changes no variable,
+        moment, anchor, ``t`` or EMA average and increments ``skipped``
+        (``iterations`` still counts the batch). ``"propagate"``: no check.
     **kwargs
         Keras base optimizer options: ``clipnorm``, ``clipvalue``,
         ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
@@ -259,11 +293,12 @@ class DualOpt(keras.optimizers.Optimizer):
                  rollback_min: float = 0.0, rollback_power: float = 1.0, layer_index: Any = None,
                  anchor: Mapping[str, Any] | Sequence[Any] | None = None, nonfinite: str = "skip",
                  name: str = "dualopt", **kwargs: Any) -> None:
+        given_lr = learning_rate  # messages quote the value as the user wrote it (np.float64(-0.001))
         if isinstance(learning_rate, (int, np.integer, np.floating)) and not isinstance(learning_rate, bool):
             learning_rate = float(learning_rate)
         schedule = _is_schedule(learning_rate)
         if not schedule and not isinstance(learning_rate, float):
-            raise invalid("learning_rate", learning_rate, "a finite float >= 0 or a LearningRateSchedule")
+            raise invalid("learning_rate", given_lr, accepted("lr", _ALSO["lr"]))
         candidates = check_paradigm_spec(paradigm, default_paradigm)
         check_layer_index_spec(layer_index)
         lr0 = _initial_lr(learning_rate)
@@ -271,13 +306,15 @@ class DualOpt(keras.optimizers.Optimizer):
                            nesterov=nesterov, weight_decay=weight_decay, rollback_max=rollback_max,
                            rollback_min=rollback_min, rollback_power=rollback_power)
         for p in candidates:
-            validate(base.replace(paradigm=p), lr=None if schedule else lr0, nonfinite=nonfinite, names=_NAMES)
+            validate(base.replace(paradigm=p), lr=None if schedule else given_lr, nonfinite=nonfinite, names=_NAMES,
+                     also_accepted=_ALSO)
         if rollback_max is None and "finetune" in candidates and lr0 > 0:
             rollback_max = resolve_rollback_max(None, lr0, names=_NAMES)
             validate(base.replace(paradigm="finetune", rollback_max=rollback_max), lr=None if schedule else lr0,
-                     nonfinite=nonfinite, names=_NAMES)
+                     nonfinite=nonfinite, names=_NAMES, also_accepted=_ALSO)
         # Keras's own decay is not DualOpt's pull: the base class gets None and never decays.
         super().__init__(learning_rate=learning_rate, weight_decay=None, name=name, **kwargs)
+        self._learning_rate_in_float64(learning_rate)
         self.weight_decay = float(weight_decay)
         self.direction = direction
         self.beta_1 = float(beta_1)
@@ -297,6 +334,30 @@ class DualOpt(keras.optimizers.Optimizer):
         # The torch backend's multi-tensor path (tests switch it off to compare with the generic path).
         self._use_fast_path = True
         self._facts: list[_VariableFacts] = []
+
+    def _learning_rate_in_float64(self, value: Any) -> None:
+        """Hold a float learning rate in a float64 variable (same name and slot position).
+
+        Keras's base class creates it in ``floatx()``: with the default float32,
+        a float64 model (``dtype="float64"`` layers) would step with eta rounded
+        to float32 (~1e-8 relative). The spec's eta is a float64 scalar; each
+        variable's step casts it once to its compute dtype, so a float32 model
+        sees the same bits as before. jax without ``jax_enable_x64`` cannot
+        hold float64 and keeps floatx.
+        """
+        old = self._learning_rate
+        if not isinstance(old, keras.Variable) or keras.backend.standardize_dtype(old.dtype) == "float64":
+            return
+        if keras.backend.backend() == "jax":
+            import jax
+
+            if not jax.config.jax_enable_x64:
+                return
+        with keras.name_scope(self.name, caller=self):
+            new = keras.Variable(float(value), name="learning_rate", dtype="float64",
+                                 trainable=False, aggregation="only_first_replica")
+        self._tracker.replace_tracked_value("variables", old, new)  # same position in self.variables
+        self._learning_rate = new  # already tracked: not appended again
 
     # ------------------------------------------------------------------ build
     def _hyperparams(self, paradigm: str) -> HyperParams:
@@ -370,10 +431,11 @@ class DualOpt(keras.optimizers.Optimizer):
         for v, a, p in zip(var_list, out, paradigms):
             if a is None:
                 continue
-            shape = tuple(np.shape(a))
-            if shape != tuple(v.shape):
-                raise invalid(f"anchor[{variable_path(v)!r}]", f"<array of shape {shape}>",
-                              f"an array of the variable's shape {tuple(v.shape)}")
+            # Shape and dtype in the core's words (a dtype-less list is converted as given).
+            own = keras.backend.standardize_dtype(v.dtype)
+            given = getattr(a, "dtype", None)
+            check_anchor(f"anchor[{variable_path(v)!r}]", tuple(np.shape(a)),
+                         own if given is None else keras.backend.standardize_dtype(given), tuple(v.shape), own)
         return [a if p == "finetune" else None for a, p in zip(out, paradigms)]
 
     # ------------------------------------------------------------------ update
@@ -406,13 +468,48 @@ class DualOpt(keras.optimizers.Optimizer):
         self._runtime.context = ctx
         try:
             base_update = super()._backend_update_step
-            if finite is None or ctx.select:
+            if finite is None:
                 base_update(grads, trainable_variables, learning_rate)
+            elif keras.backend.backend() == "jax":
+                self._jax_cond_update(finite, lambda: base_update(grads, trainable_variables, learning_rate),
+                                      trainable_variables)
             else:
                 ops.cond(finite, lambda: base_update(grads, trainable_variables, learning_rate), lambda: None)
             self._advance_counters(ctx)
         finally:
             self._runtime.context = None
+
+    def _jax_cond_update(self, finite: Any, update: Callable[[], None], trainable_variables: list[Any]) -> None:
+        """``update()`` under ``jax.lax.cond(finite, ...)``, written functionally.
+
+        Inside a jitted (stateless) step a branch cannot assign, so the update
+        runs in a nested ``keras.StatelessScope`` and the branch returns the new
+        values, as Keras's LossScaleOptimizer does. A conditional rather than a
+        select of new against old values: with selects XLA recomputed the
+        moments inside every parameter's fusion and read every tensor twice
+        (about 1.6x the step's time measured here).
+        """
+        import jax
+
+        if not isinstance(finite, jax.core.Tracer):  # eager apply: decide on the host, ops run one by one
+            if bool(finite):
+                update()
+            return
+        touched = list(trainable_variables) + [slot for f in self._facts for slot in f.slots]
+        current = [v.value for v in touched]
+        # Everything the update reads (anchors too) must be visible in the nested scope.
+        ids = {id(v) for v in touched}
+        read = [v for v in self.variables if id(v) not in ids]
+        mapping = list(zip(touched, current)) + [(v, v.value) for v in read]
+
+        def applied() -> list[Any]:
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                update()
+            new = [scope.get_current_value(v) for v in touched]
+            return [c if n is None else n for n, c in zip(new, current)]
+
+        for variable, value in zip(touched, jax.lax.cond(finite, applied, lambda: current)):
+            variable.assign(value)
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """One variable's step: :func:`decoupled_core.step_tensor` on ``keras.ops``."""
@@ -427,9 +524,6 @@ class DualOpt(keras.optimizers.Optimizer):
         anchor = None if f.anchor is None else ops.convert_to_tensor(f.anchor)
         new_param, new_state = step_tensor(param, gradient, state, anchor, hp=f.hp, lr=lr, step=t, rate=f.rate,
                                            xp=KERAS_XP)
-        if ctx.select:
-            new_param = ops.where(ctx.finite, new_param, param)
-            new_state = tuple(ops.where(ctx.finite, n, o) for n, o in zip(new_state, values))
         self.assign(variable, new_param)
         for slot, value in zip(f.slots, new_state):
             self.assign(slot, value)
@@ -443,6 +537,9 @@ class DualOpt(keras.optimizers.Optimizer):
         self.assign(self._skipped, ops.add(skipped, ops.cast(ops.logical_not(ctx.finite), skipped.dtype)))
 
     # EMA: Keras updates the averages after every apply; a skipped apply must leave them alone too.
+    # Keras starts an average (zeros at build) with momentum 0 when iterations == 0; after skipped
+    # applies that first update comes later, so "first" is "no apply accepted yet"
+    # (iterations - skipped == 0): else a skipped first batch would leave 0.9 * zeros in the average.
     def _backend_apply_gradients(self, grads: Any, trainable_variables: Any) -> None:
         if self.use_ema and self.nonfinite == "skip":
             self._runtime.skips_before = ops.copy(ops.convert_to_tensor(self._skipped))
@@ -459,9 +556,11 @@ class DualOpt(keras.optimizers.Optimizer):
         old = [None if a is None else ops.copy(ops.convert_to_tensor(a)) for a in averages]
         super()._update_model_variables_moving_average(trainable_variables)
         applied = ops.equal(ops.convert_to_tensor(self._skipped), before)
-        for average, previous in zip(averages, old):
+        first = ops.equal(ops.subtract(ops.cast(ops.convert_to_tensor(self.iterations), before.dtype), before), 0)
+        for average, previous, var in zip(averages, old, trainable_variables):
             if average is not None:
-                self.assign(average, ops.where(applied, ops.convert_to_tensor(average), previous))
+                value = ops.where(first, ops.convert_to_tensor(var), ops.convert_to_tensor(average))
+                self.assign(average, ops.where(applied, value, previous))
 
     # ------------------------------------------------------------------ state
     @property
@@ -549,10 +648,18 @@ def _copy_of(source: Any, dtype: str) -> Callable[..., Any]:
 
     The copy is taken when the slot variable is created. Using an initializer
     (rather than assigning in build) matters on TensorFlow, where build runs
-    while the train step is traced: an assign would run on every step.
+    while the train step is traced: an assign would run on every step. There
+    the value is also read once, eagerly (``tf.init_scope``), before the
+    variable is created: an initializer that reads another variable cannot be
+    lifted out of an XLA-compiled train step (``jit_compile=True``).
     """
 
     target = dtype
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.init_scope():
+            source = tf.identity(ops.cast(ops.convert_to_tensor(source), target))
 
     def initializer(shape: Any, dtype: Any = None) -> Any:
         return ops.copy(ops.cast(ops.convert_to_tensor(source), target))

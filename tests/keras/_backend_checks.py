@@ -12,7 +12,13 @@ The gradients (``x_k^T t / B`` and ``sum(t) / B``) do not depend on the
 weights, and with small-integer data and a power-of-two batch they are exact in
 float64 whatever the summation order, so
 :class:`decoupled_core.ReferenceOptimizer` can replay exactly the gradients
-Keras's compiled train step used.
+Keras's compiled train step used. They are exact in float32 too, so Keras
+3.15's float64-to-float32 demotion on jax and torch (``keras.layers.Dense``
+and the loss reduction compute in float32 there; keras-team/keras#23704)
+cannot move them: ``gradients_exact`` checks Keras's gradients bit for bit,
+``keras_xp_float64`` that DualOpt's own ops keep float64, and
+``conformance_model_float64`` that the conformance closed loop's model (which
+is not exact) computes in float64 on every backend.
 """
 
 from __future__ import annotations
@@ -213,34 +219,61 @@ def fast_path_equals_generic() -> dict[str, Any]:
         fast, generic = replay_case(case, fast_path=True), replay_case(case, fast_path=False)
         out[f"vector:{case.name}.{case.dtype}"] = all(np.array_equal(f[n], g[n], equal_nan=True)
                                                       for f, g in zip(fast, generic) for n in case.names)
-    rng = np.random.default_rng(5)
+    from dualopt import _keras_torch
+
+    defaults = (_keras_torch.CHUNK_ELEMS, _keras_torch.BATCH_ELEMS, _keras_torch.SUM_CHECK_MIN_NUMEL)
+
+    def as_torch(g: np.ndarray, dt: str, transposed: bool) -> Any:
+        if transposed and g.ndim == 2:  # a non-contiguous gradient of the right shape
+            return torch.as_tensor(np.ascontiguousarray(g.T)).to(getattr(torch, dt)).T
+        return torch.as_tensor(g).to(getattr(torch, dt))
+
+    def compare(shapes: list, dtype: str, direction: str, nesterov: bool, paradigm: Any, layer_index: list,
+                steps: int, inf_at: tuple, transposed: bool) -> bool:
+        results = []
+        for fast_path in (True, False):
+            keras.config.set_floatx("float32" if dtype != "float64" else "float64")
+            dts = [("float16" if (dtype == "mixed16" and i % 3 == 0) else
+                    ("float32" if dtype == "mixed16" else dtype)) for i in range(len(shapes))]
+            local = np.random.default_rng(11)
+            vs = [keras.Variable(local.standard_normal(s).astype(dt), dtype=dt, name=f"v{i}")
+                  for i, (s, dt) in enumerate(zip(shapes, dts))]
+            opt = dualopt(learning_rate=0.05, direction=direction, nesterov=nesterov, paradigm=paradigm,
+                          default_paradigm="finetune", weight_decay=0.7, rollback_max=3.0, rollback_min=0.5,
+                          layer_index=layer_index)
+            opt._use_fast_path = fast_path
+            for step in range(steps):
+                grads = [local.standard_normal(s) for s in shapes]
+                if step == 3:
+                    grads[inf_at[0]][inf_at[1]] = np.inf
+                opt.learning_rate = 0.05 * (1 + step % 2)
+                opt.apply([as_torch(g, dt, transposed) for g, dt in zip(grads, dts)], vs)
+            results.append([np.array(ops.convert_to_numpy(v)) for v in vs]
+                           + [np.array(ops.convert_to_numpy(v)) for v in opt.variables])
+        return all(np.array_equal(a, b, equal_nan=True) for a, b in zip(*results))
+
     shapes = [(7, 5), (5,), (3, 4, 2), (), (0, 3), (16,), (9, 9), (1,)]
-    for dtype in ("float32", "float64", "mixed16"):
-        for direction, nesterov in (("adam", False), ("sgd", True), ("sgd", False)):
-            for paradigm in ("scratch", "finetune", "none", "mixed"):
-                results = []
-                for fast_path in (True, False):
-                    keras.config.set_floatx("float32" if dtype != "float64" else "float64")
-                    dts = [("float16" if (dtype == "mixed16" and i % 3 == 0) else
-                            ("float32" if dtype == "mixed16" else dtype)) for i in range(len(shapes))]
-                    local = np.random.default_rng(11)
-                    vs = [keras.Variable(local.standard_normal(s).astype(dt), dtype=dt, name=f"v{i}")
-                          for i, (s, dt) in enumerate(zip(shapes, dts))]
-                    para = paradigm if paradigm != "mixed" else {"v1": "scratch", "v5": "none", "v6": "scratch"}
-                    opt = dualopt(learning_rate=0.05, direction=direction, nesterov=nesterov, paradigm=para,
-                                  default_paradigm="finetune", weight_decay=0.7, rollback_max=3.0,
-                                  rollback_min=0.5, layer_index=[0, 0, 1, 2, 2, 3, 4, 4])
-                    opt._use_fast_path = fast_path
-                    for step in range(6):
-                        grads = [local.standard_normal(s) for s in shapes]
-                        if step == 3:
-                            grads[2][(0, 1, 1)] = np.inf
-                        opt.learning_rate = 0.05 * (1 + step % 2)
-                        opt.apply([torch.as_tensor(g).to(getattr(torch, dt)) for g, dt in zip(grads, dts)], vs)
-                    results.append([np.array(ops.convert_to_numpy(v)) for v in vs]
-                                   + [np.array(ops.convert_to_numpy(v)) for v in opt.variables])
-                out[f"random:{dtype}:{direction}{'+nesterov' if nesterov else ''}:{paradigm}"] = all(
-                    np.array_equal(a, b, equal_nan=True) for a, b in zip(*results))
+    mixed = {"v1": "scratch", "v5": "none", "v6": "scratch"}
+    try:
+        # "whole": every tensor fits one piece; "pieces": tiny pieces and batches, so that tensors are split,
+        # batches cut through tensors, the sum-based NaN/Inf check runs and a gradient is non-contiguous.
+        for mode, constants in (("whole", defaults), ("pieces", (5, 17, 10))):
+            _keras_torch.CHUNK_ELEMS, _keras_torch.BATCH_ELEMS, _keras_torch.SUM_CHECK_MIN_NUMEL = constants
+            for dtype in ("float32", "float64", "mixed16"):
+                for direction, nesterov in (("adam", False), ("sgd", True), ("sgd", False)):
+                    for paradigm in ("scratch", "finetune", "none", "mixed"):
+                        key = f"random:{mode}:{dtype}:{direction}{'+nesterov' if nesterov else ''}:{paradigm}"
+                        out[key] = compare(shapes, dtype, direction, nesterov, mixed if paradigm == "mixed"
+                                           else paradigm, [0, 0, 1, 2, 2, 3, 4, 4], 6, (2, (0, 1, 1)),
+                                           mode == "pieces")
+        _keras_torch.CHUNK_ELEMS, _keras_torch.BATCH_ELEMS, _keras_torch.SUM_CHECK_MIN_NUMEL = defaults
+        # Real sizes with the default constants: several pieces per tensor, batches across tensors.
+        big = [(300, 700), (3 * defaults[0] + 7,), (5,), (defaults[1] - 3,)]
+        for dtype, direction in (("float32", "adam"), ("float64", "sgd")):
+            out[f"large:{dtype}:{direction}"] = compare(big, dtype, direction, True, {"v1": "scratch"}, [0, 1, 2, 3],
+                                                        5, (0, (299, 699)), True)
+    finally:
+        _keras_torch.CHUNK_ELEMS, _keras_torch.BATCH_ELEMS, _keras_torch.SUM_CHECK_MIN_NUMEL = defaults
     keras.config.set_floatx("float64")
     return out
 
@@ -350,7 +383,8 @@ def learning_rate_schedules() -> dict[str, Any]:
     xs, t = data(6)
     epochs = 3
     grads = exact_grads(xs, t, epochs)
-    for name, sched in (("piecewise", keras.optimizers.schedules.PiecewiseConstantDecay([3, 7], [0.02, 0.01, 0.004])),):
+    for name, sched in (("piecewise", keras.optimizers.schedules.PiecewiseConstantDecay([3, 7], [0.02, 0.01, 0.004])),
+                        ("exponential", keras.optimizers.schedules.ExponentialDecay(0.02, 4, 0.5))):
         w0 = initial_weights(7)
         model = make_model(w0)
         opt = dualopt(learning_rate=sched, paradigm={"head": "scratch"}, default_paradigm="finetune",
@@ -361,6 +395,18 @@ def learning_rate_schedules() -> dict[str, Any]:
         ref, traj = reference(w0, mixed_hps(weight_decay=0.5, rollback_max=rollback_max), grads, lrs, base_lr=lrs[0])
         out[name] = {"weights": diff(weights_of(model), traj[-1]), "rollback_max": opt.rollback_max,
                      "expected_rollback_max": rollback_max, "lrs": lrs[:8]}
+    # A float learning rate set by a callback between epochs (keras.callbacks.LearningRateScheduler).
+    w0 = initial_weights(7)
+    model = make_model(w0)
+    opt = dualopt(learning_rate=0.02, paradigm={"head": "scratch"}, default_paradigm="finetune", weight_decay=0.5)
+    model.compile(optimizer=opt, loss=linear_loss)
+    per_epoch = lambda epoch: 0.02 * 0.5**epoch  # noqa: E731
+    model.fit(xs, t, batch_size=B, epochs=epochs, shuffle=False, verbose=0,
+              callbacks=[keras.callbacks.LearningRateScheduler(per_epoch)])
+    lrs = [per_epoch(i // (N // B)) for i in range(len(grads))]
+    ref, traj = reference(w0, mixed_hps(weight_decay=0.5, rollback_max=0.01 / 0.02), grads, lrs, base_lr=0.02)
+    out["callback"] = {"weights": diff(weights_of(model), traj[-1]), "rollback_max": opt.rollback_max,
+                       "expected_rollback_max": 0.01 / 0.02, "lrs": lrs[::N // B]}
     return out
 
 
@@ -425,13 +471,351 @@ def gradient_accumulation() -> dict[str, Any]:
             "iterations": int(ops.convert_to_numpy(opt._iterations)), "expected_iterations": len(grads)}
 
 
+def keras_gradients(model: Any, loss_fn: Callable[[Any, Any], Any], xs: Any, y: Any) -> tuple[list[np.ndarray], str]:
+    """The gradient of ``loss_fn(y, model(xs))`` as this backend computes it, and (jax) the jaxpr's text."""
+    if BACKEND == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        others = [v.value for v in model.non_trainable_variables]
+
+        def f(tv: Any) -> Any:
+            out, _ = model.stateless_call(tv, others, xs)
+            return loss_fn(y, out)
+
+        text = str(jax.make_jaxpr(jax.value_and_grad(f))(trainable))
+        return [np.asarray(g) for g in jax.grad(f)(trainable)], text
+    if BACKEND == "torch":
+        import torch
+
+        for v in model.trainable_variables:
+            v.value.grad = None
+        loss = loss_fn(torch.as_tensor(y), model([torch.as_tensor(x) for x in xs] if isinstance(xs, list)
+                                                 else torch.as_tensor(xs)))
+        loss.backward()
+        return [v.value.grad.detach().numpy().copy() for v in model.trainable_variables], ""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        loss = loss_fn(tf.constant(y), model(xs))
+    return [g.numpy() for g in tape.gradient(loss, [v.value for v in model.trainable_variables])], ""
+
+
+def _fit_loss() -> Any:
+    """The loss ``compile(loss=linear_loss)`` gives ``fit``: Keras's wrapper, batch-mean reduction included."""
+    from keras.src.losses.losses import LossFunctionWrapper  # what compile wraps a function in (not public)
+
+    return LossFunctionWrapper(linear_loss)
+
+
+@check
+def gradients_exact() -> dict[str, Any]:
+    """The fit checks' gradients, as Keras computes them, are bitwise the exact ones replayed to the core.
+
+    Keras 3.15 computes part of a "float64" Dense model in float32 on jax and
+    torch (``dualopt.keras``, "Float64 models"); these gradients are exact in
+    float32 as well, so that demotion cannot move them, and the fit checks
+    compare the optimizer alone.
+    """
+    xs, t = data()
+    model = make_model(initial_weights())
+    got, _ = keras_gradients(model, _fit_loss(), [x[:B] for x in xs], t[:B])
+    want = exact_grads(xs, t, 1)[0]
+    return {"bitwise": all(np.array_equal(g, w) for g, w in zip(got, want)),
+            "dtypes": sorted({str(g.dtype) for g in got})}
+
+
+@check
+def conformance_model_float64() -> dict[str, Any]:
+    """The conformance closed loop's Keras model really computes in float64 here.
+
+    ``impl_keras.float64_layers`` against the hand-written numpy backprop of
+    the same MLP (errors relative to each gradient's largest element, float64
+    round-off is ~1e-15; float32 would be ~1e-7), and on jax no float32 in
+    the jaxpr of the loss and its gradient. The same MLP from
+    ``keras.layers.Dense`` and ``SparseCategoricalCrossentropy`` is recorded
+    for comparison (Keras's float32 demotion on jax and torch), not asserted.
+    """
+    from dualopt.conformance.impl_keras import build_problem_model, float64_layers
+    from dualopt.conformance.problem import NAMES, SIZES, loss_and_grads_numpy, make_problem
+
+    problem = make_problem()
+    x, y = problem.x[:32], problem.y[:32]
+    ref_loss, ref = loss_and_grads_numpy(problem.weights, x, y)
+
+    def rel(got: list[np.ndarray]) -> float:
+        return max(float(np.max(np.abs(g - ref[n])) / np.max(np.abs(ref[n]))) for g, n in zip(got, NAMES))
+
+    _, loss = float64_layers()
+    got, jaxpr = keras_gradients(build_problem_model(problem), loss(), x, y)
+    inputs = keras.Input((SIZES[0],), dtype="float64")
+    h = inputs
+    for i, width in enumerate(SIZES[1:]):
+        h = keras.layers.Dense(width, activation="tanh" if i < 2 else None, name=f"dense_{i}")(h)
+    plain = keras.Model(inputs, h)
+    for v in plain.trainable_variables:
+        v.assign(problem.weights[v.path])
+    plain_got, _ = keras_gradients(plain, keras.losses.SparseCategoricalCrossentropy(from_logits=True), x, y)
+    return {"grad_rel_err": rel(got), "dtypes": sorted({str(g.dtype) for g in got}),
+            "jaxpr_has_f32": "f32" in jaxpr, "jaxpr_has_f64": "f64" in jaxpr,
+            "keras_dense_grad_rel_err": rel(plain_got),
+            "keras_result_type_float64": keras.backend.result_type("float64", "float64")}
+
+
+@check
+def keras_xp_float64() -> dict[str, Any]:
+    """Every keras.ops call of dualopt's update keeps float64 (Keras demotes many others on jax/torch)."""
+    from dualopt._keras_xp import KERAS_XP as xp
+
+    rng = np.random.default_rng(3)
+    a = rng.uniform(0.1, 2.0, 257)
+    x = ops.convert_to_tensor(a, dtype="float64")
+    flag = ops.convert_to_tensor(True)
+    results = {
+        "sqrt": (xp.sqrt(x), np.sqrt(a)),
+        "clip": (xp.clip(x * 0.7, 0.0, 1.0), np.clip(a * 0.7, 0.0, 1.0)),
+        "astype": (xp.astype(x, "float64", copy=True), a),
+        "cast": (ops.cast(x, "float64"), a),
+        "copy": (ops.copy(x), a),
+        "where": (ops.where(flag, x, x * 2.0), a),
+        "operators": (x * 0.1 + x / 3.0 - x, a * 0.1 + a / 3.0 - a),
+    }
+    out = {}
+    for name, (got, want) in results.items():
+        g = np.asarray(ops.convert_to_numpy(got))
+        out[name] = {"dtype": keras.backend.standardize_dtype(got.dtype),
+                     "max_rel_err": float(np.max(np.abs(g - want) / np.abs(want)))}
+    out["isfinite_all"] = bool(ops.convert_to_numpy(xp.all(xp.isfinite(x))))
+    return out
+
+
+def _fit_reference_case(opt: Any, weights: dict[str, np.ndarray], seed: int, epochs: int, **fit_kw: Any
+                        ) -> tuple[Any, list[np.ndarray], list[list[np.ndarray]]]:
+    """fit ``opt`` on the exact-gradient model; (model, final weights, exact gradients)."""
+    xs, t = data(seed)
+    model = make_model(weights)
+    model.compile(optimizer=opt, loss=linear_loss, **fit_kw)
+    model.fit(xs, t, batch_size=B, epochs=epochs, shuffle=False, verbose=0)
+    return model, weights_of(model), exact_grads(xs, t, epochs)
+
+
+@check
+def anchor_trap() -> dict[str, Any]:
+    """FIELD_NOTES' TensorFlow trap, tested on every backend and way of compiling the train step.
+
+    TensorFlow builds the optimizer while it traces the train step, so an
+    anchor assigned in ``build()`` would be reset to the current weights on
+    every step and the pull would vanish. After 12 steps the anchors must still
+    be the pre-fit weights and the weights must match the core replaying the
+    same gradients with pre-fit anchors (a vanished pull moves them by ~1e13 eps).
+    ``default`` is Keras's ``jit_compile="auto"``: XLA on jax, a plain
+    ``tf.function`` on tensorflow's CPU, eager on torch.
+    """
+    variants = {"default": {}, "no_jit": {"jit_compile": False}, "eager": {"run_eagerly": True}}
+    if BACKEND != "torch":  # torch's jit_compile=True is torch.compile, not a trace of this train step
+        variants["xla"] = {"jit_compile": True}
+    out = {}
+    w0 = initial_weights(21)
+    for key, kw in variants.items():
+        opt = dualopt(learning_rate=LR, paradigm="finetune", rollback_max=20.0)
+        built_before = bool(opt.built)
+        model, got, grads = _fit_reference_case(opt, w0, 22, 3, **kw)
+        hps = [HyperParams(paradigm="finetune", rollback_max=20.0)] * len(PATHS)
+        _, traj = reference(w0, hps, grads, [LR] * len(grads))
+        _, no_pull = reference(w0, [HyperParams(paradigm="none")] * len(PATHS), grads, [LR] * len(grads))
+        anchors = {p: np.array(ops.convert_to_numpy(a)) for p, a in opt.anchors().items()}
+        out[key] = {"built_before_fit": built_before, "jit_compile": str(model.jit_compile),
+                    "anchors_equal_prefit": sorted(anchors) == sorted(PATHS) and all(
+                        np.array_equal(anchors[p], w0[p]) for p in PATHS),
+                    "weights": diff(got, traj[-1]), "pull_mattered": diff(traj[-1], no_pull[-1])["max_err_eps"],
+                    "step_count": int(ops.convert_to_numpy(opt.step_count))}
+    return out
+
+
+def make_mixed_model(weights: dict[str, np.ndarray]) -> Any:
+    """``make_model`` under the ``mixed_float16`` policy: float32 variables, float16 compute."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        inputs = [keras.Input((w,), dtype="float32", name=f"x{i}") for i, w in enumerate(IN)]
+        outs = [keras.layers.Dense(OUT, name=n)(x) for n, x in zip(("backbone_0", "backbone_1", "head"), inputs)]
+        model = keras.Model(inputs, keras.layers.Add()(outs))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    for v in model.trainable_variables:
+        v.assign(weights[v.path].astype(np.float32))
+    return model
+
+
+TINY = 2.0**-28  # scales the mixed-precision loss so that unscaled float16 gradients underflow to 0
+
+
+@keras.saving.register_keras_serializable(package="dualopt_tests")
+def tiny_linear_loss(y_true: Any, y_pred: Any) -> Any:
+    return ops.sum(y_true * y_pred, axis=-1) * TINY
+
+
+@check
+def loss_scaling() -> dict[str, Any]:
+    """``loss_scale_factor``, and Keras's automatic LossScaleOptimizer, value-checked.
+
+    float64: ``loss_scale_factor=1024`` (a power of two: scaling and unscaling
+    are exact) gives bitwise the weights of the unscaled run.
+    mixed_float16: the loss is scaled by 2**-28, so float16 gradients of the
+    unscaled loss underflow to zero; with ``loss_scale_factor=2**16``
+    (``auto_scale_loss=False``) or Keras's default dynamic LossScaleOptimizer
+    around DualOpt, the gradients are exact again and the float32 weights match
+    the core replaying the exact gradients (float32, traced float32 scalars:
+    the ``traced-scalars`` budget of 16 float32 eps per step). Backbone
+    finetune anchors stay the pre-fit weights (the wrapper builds DualOpt while
+    tracing on TensorFlow).
+    """
+    out: dict[str, Any] = {}
+    w0 = initial_weights(23)
+    runs = {}
+    for key, factor in (("unscaled", None), ("scaled", 1024.0)):
+        opt = dualopt(learning_rate=LR, paradigm={"head": "scratch"}, default_paradigm="finetune", rollback_max=4.0,
+                      weight_decay=0.5, loss_scale_factor=factor)
+        _, runs[key], grads = _fit_reference_case(opt, w0, 24, 2)
+        runs[key + "_scale_loss"] = float(ops.convert_to_numpy(opt.scale_loss(ops.convert_to_tensor(1.0))))
+    _, traj = reference(w0, mixed_hps(weight_decay=0.5, rollback_max=4.0), grads, [LR] * len(grads))
+    out["float64"] = {"bitwise_equal_unscaled": all(np.array_equal(a, b) for a, b in zip(runs["scaled"],
+                                                                                         runs["unscaled"])),
+                      "scale_loss_of_1": runs["scaled_scale_loss"], "weights": diff(runs["scaled"], traj[-1])}
+
+    xs, t = data(25)
+    epochs = 2
+    grads = [[(g * TINY).astype(np.float32) for g in step] for step in exact_grads(xs, t, epochs)]
+    w32 = {k: v.astype(np.float32) for k, v in w0.items()}
+    ref = ReferenceOptimizer([w32[p].copy() for p in PATHS], mixed_hps(weight_decay=0.5, rollback_max=4.0),
+                             base_lr=LR, xp=np)
+    for g in grads:
+        ref.step(g, LR)
+    eps32 = float(np.finfo(np.float32).eps)
+    for key, opt_kw, compile_kw in (("mixed_loss_scale_factor", {"loss_scale_factor": 2.0**16},
+                                     {"auto_scale_loss": False}),
+                                    ("mixed_auto_loss_scale", {}, {}),
+                                    ("mixed_unscaled", {}, {"auto_scale_loss": False})):
+        keras.config.set_floatx("float32")
+        try:
+            model = make_mixed_model(w0)
+            opt = dualopt(learning_rate=LR, paradigm={"head": "scratch"}, default_paradigm="finetune",
+                          rollback_max=4.0, weight_decay=0.5, **opt_kw)
+            model.compile(optimizer=opt, loss=tiny_linear_loss, **compile_kw)
+            model.fit([x.astype(np.float32) for x in xs], t.astype(np.float32), batch_size=B, epochs=epochs,
+                      shuffle=False, verbose=0)
+        finally:
+            keras.config.set_floatx("float64")
+        got = weights_of(model)
+        worst = max(float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), 1e-30) for a, b in
+                    zip(got, ref.params))
+        anchors = {p: np.array(ops.convert_to_numpy(a)) for p, a in opt.anchors().items()}
+        out[key] = {"optimizer": type(model.optimizer).__name__, "dtypes": sorted({str(w.dtype) for w in got}),
+                    "max_err_eps32": worst / eps32, "steps": len(grads),
+                    "step_count": int(ops.convert_to_numpy(opt.step_count)),
+                    "anchors_equal_prefit": len(anchors) == 4 and all(np.array_equal(anchors[p], w32[p])
+                                                                      for p in anchors)}
+    return out
+
+
+@check
+def ema() -> dict[str, Any]:
+    """``use_ema`` with ``ema_overwrite_frequency=3``: Keras copies the averages into the weights every 3 steps.
+
+    The reference replays Keras's EMA rule (momentum 0 on the first apply, then
+    ``ema_momentum``) and the overwrite; after ``fit`` the weights are the averages.
+    """
+    w0 = initial_weights(26)
+    opt = dualopt(learning_rate=LR, paradigm={"head": "scratch"}, default_paradigm="finetune", rollback_max=4.0,
+                  weight_decay=0.5, use_ema=True, ema_momentum=0.8, ema_overwrite_frequency=3)
+    _, got, grads = _fit_reference_case(opt, w0, 27, 2)
+    ref = ReferenceOptimizer([w0[p].copy() for p in PATHS], mixed_hps(weight_decay=0.5, rollback_max=4.0),
+                             base_lr=LR, xp=np)
+    average = None
+    overwrites = 0
+    for i, g in enumerate(grads):
+        ref.step(g, LR)
+        momentum = 0.8 if i else 0.0
+        average = [p.copy() if average is None else momentum * a + (1 - momentum) * p
+                   for a, p in zip(average or ref.params, ref.params)]
+        if (i + 1) % 3 == 0:
+            ref.params[:] = [a.copy() for a in average]
+            overwrites += 1
+    _, plain = reference(w0, mixed_hps(weight_decay=0.5, rollback_max=4.0), grads, [LR] * len(grads))
+    return {"weights": diff(got, average), "overwrites": overwrites,
+            "ema_mattered": diff(average, plain[-1])["max_err_eps"]}
+
+
+@check
+def float64_model_float32_floatx() -> dict[str, Any]:
+    """A float64 model in a float32 session (``dtype="float64"`` layers, default floatx).
+
+    Keras's base class would hold the learning rate in a float32 variable
+    (eta rounded by ~1e-8 relative); DualOpt holds it in float64. The same fit
+    with a float32 learning-rate variable swapped in (what the base class
+    creates) is recorded as the control: it must be far off.
+    """
+
+    def hold_in_float32(opt: Any, value: float) -> None:
+        lr32 = keras.Variable(value, dtype="float32", name="learning_rate", trainable=False)
+        opt._tracker.replace_tracked_value("variables", opt._learning_rate, lr32)
+        opt._learning_rate = lr32
+
+    w0 = initial_weights(28)
+    xs, t = data(29)
+    grads = exact_grads(xs, t, 2)
+    _, traj = reference(w0, mixed_hps(weight_decay=0.5, rollback_max=4.0), grads, [LR] * len(grads))
+    out: dict[str, Any] = {}
+    keras.config.set_floatx("float32")
+    try:
+        for hold in ("float64", "float32"):
+            opt = dualopt(learning_rate=LR, paradigm={"head": "scratch"}, default_paradigm="finetune",
+                          rollback_max=4.0, weight_decay=0.5)
+            if hold == "float32":
+                hold_in_float32(opt, LR)
+            inputs = [keras.Input((w,), dtype="float64", name=f"x{i}") for i, w in enumerate(IN)]
+            outs = [keras.layers.Dense(OUT, dtype="float64", name=n)(x)
+                    for n, x in zip(("backbone_0", "backbone_1", "head"), inputs)]
+            model = keras.Model(inputs, keras.layers.Add(dtype="float64")(outs))
+            for v in model.trainable_variables:
+                v.assign(w0[v.path])
+            model.compile(optimizer=opt, loss=linear_loss)
+            model.fit(xs, t, batch_size=B, epochs=2, shuffle=False, verbose=0)
+            out["model" if hold == "float64" else "control_float32_lr"] = {
+                "lr_dtype": keras.backend.standardize_dtype(opt._learning_rate.dtype),
+                "variable_dtypes": sorted({str(w.dtype) for w in weights_of(model)}),
+                "weights": diff(weights_of(model), traj[-1])}
+        # A float32 model steps with the same bits whichever dtype holds eta (one rounding either way).
+        bits = []
+        for hold in ("float64", "float32"):
+            rng = np.random.default_rng(30)
+            vs = [keras.Variable(rng.standard_normal(s).astype(np.float32), dtype="float32", name=f"w{i}")
+                  for i, s in enumerate(((5, 3), (3,), (7,)))]
+            small = dualopt(learning_rate=0.01, paradigm={"w2": "scratch"}, default_paradigm="finetune",
+                            rollback_max=3.0, weight_decay=0.5)
+            if hold == "float32":
+                hold_in_float32(small, 0.01)
+            held = keras.backend.standardize_dtype(small._learning_rate.dtype)
+            for step in range(5):
+                small.learning_rate = 0.013 * (step + 1)
+                small.apply([rng.standard_normal(tuple(v.shape)).astype(np.float32) for v in vs], vs)
+            bits.append((held, [np.array(ops.convert_to_numpy(v)) for v in vs + small.variables[2:]],
+                         [v.path for v in small.variables]))
+    finally:
+        keras.config.set_floatx("float64")
+    out.update({"float32_model_lr_dtypes": [b[0] for b in bits], "float32_model_slots": [b[2] for b in bits],
+                "float32_model_same_bits": all(np.array_equal(a, b) for a, b in zip(bits[0][1], bits[1][1]))})
+    return out
+
+
 @check
 def config_round_trip() -> dict[str, Any]:
     from dualopt.keras import DualOpt
 
     cases = {
         "mapping": dict(learning_rate=0.02, paradigm={"head": "scratch"}, default_paradigm="finetune",
-                        layer_index=[0, 0, 1, 1, 2, 2], clipnorm=1.0, use_ema=True, nonfinite="propagate"),
+                        layer_index=[0, 0, 1, 1, 2, 2], clipnorm=1.0, use_ema=True, ema_momentum=0.95,
+                        ema_overwrite_frequency=5, loss_scale_factor=128.0, nonfinite="propagate"),
         "schedule": dict(learning_rate=keras.optimizers.schedules.ExponentialDecay(0.01, 100, 0.9),
                          direction="sgd", nesterov=True, momentum=0.8, paradigm="finetune", rollback_min=0.5,
                          rollback_power=2.0, layer_index="layer", gradient_accumulation_steps=3),
@@ -446,9 +830,12 @@ def config_round_trip() -> dict[str, Any]:
         again = keras.optimizers.deserialize(json.loads(text))
         config2 = again.get_config()
         direct = DualOpt.from_config(config).get_config()
+        # Every plain argument comes back with the value it was given (a dropped option would compare equal above).
+        lost = sorted(k for k, v in kwargs.items() if isinstance(v, (int, float, str, bool, list, dict))
+                      and config2.get(k) != v)
         out[key] = {"type": type(again).__name__, "equal": json.dumps(config2, sort_keys=True) ==
                     json.dumps(config, sort_keys=True) == json.dumps(direct, sort_keys=True),
-                    "rollback_max": config["rollback_max"]}
+                    "rollback_max": config["rollback_max"], "arguments_not_kept": lost}
     # The resolved rollback_max is stored: a later learning-rate change does not move it.
     opt = DualOpt(learning_rate=0.02, paradigm="finetune")
     opt.learning_rate = 0.1

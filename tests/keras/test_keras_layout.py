@@ -61,7 +61,7 @@ def test_layer_keys():
 def test_layer_key_errors():
     with pytest.raises(HyperparameterError, match="none matches 'sequential/head/kernel'"):
         resolve_layer_keys({"backbone": 0}, SEQ)
-    with pytest.raises(HyperparameterError, match=r"one layer key per trainable variable \(4"):
+    with pytest.raises(HyperparameterError, match=r"layer_index='<2 entries>' is invalid: expected one layer index per parameter tensor \(4\)"):
         resolve_layer_keys([0, 1], SEQ)
     with pytest.raises(HyperparameterError, match=r"layer_index\[1\]=-1 is invalid"):
         check_layer_index_spec([0, -1])
