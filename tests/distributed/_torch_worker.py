@@ -355,51 +355,46 @@ def _clone_state(tree: Any) -> Any:
     return copy.deepcopy(tree)
 
 
-def _workaround(opt: torch.optim.Optimizer, model: torch.nn.Module, skipped: int) -> None:
-    """Make DualOpt acceptable to torch.distributed.checkpoint.state_dict (see test_dist_torch.py, KNOWN_ERRORS).
-
-    1. Materialise the lazily created moments and step with one zero-gradient
-       step at lr 0 (what torch's ``_init_optim_state`` does for optimizers
-       whose state is empty; DualOpt's finetune state is not empty - it holds
-       the anchors - so torch skips it and the load template lacks the moments).
-    2. Re-attach the ``"dualopt"`` format entry, which ``get_optimizer_state_dict``
-       drops (it keeps only ``state`` and ``param_groups``).
-    """
-    for p in inner(model).parameters():
-        p.grad = torch.zeros_like(p)
-    lrs = [g["lr"] for g in opt.param_groups]
-    for g in opt.param_groups:
-        g["lr"] = 0.0
-    opt.step()
-    for g, lr in zip(opt.param_groups, lrs):
-        g["lr"] = lr
-    opt.zero_grad(set_to_none=True)
-    original = opt.load_state_dict
-
-    def load_state_dict(state_dict: Any) -> None:
-        from dualopt.torch import STATE_FORMAT
-
-        original({**state_dict, "dualopt": {"format": STATE_FORMAT, "skipped": skipped}})
-
-    opt.load_state_dict = load_state_dict  # type: ignore[method-assign]
+def _tensor_leaves(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a (nested or flattened) optimizer state dict's ``state``, by path."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            key = f"{prefix}/{k}" if prefix else str(k)
+            if prefix or k == "state" or str(k).startswith("state."):
+                out.update(_tensor_leaves(v, key))
+    return out
 
 
 def job_checkpoint(engine: str, job: dict[str, Any]) -> dict[str, Any]:
-    """Train to ``half`` (one skipped step on the way), save sharded state, finish; resume a fresh copy, finish.
+    """Train to ``half`` (one skipped step on the way), save the state, finish; resume a fresh copy, finish.
 
-    ``api="dcp"``: ``get_state_dict`` -> ``torch.distributed.checkpoint.save``,
-    then a freshly built model and optimizer -> ``get_state_dict`` (the load
-    template) -> ``dcp.load`` -> ``set_state_dict``. ``api="state_dict"``:
-    ``get_optimizer_state_dict`` / ``get_model_state_dict`` kept in memory and
-    given to ``set_optimizer_state_dict`` / ``set_model_state_dict``.
+    Each ``api`` is a recipe of torch's docs, unchanged:
+
+    - ``dcp``: ``get_state_dict`` -> ``torch.distributed.checkpoint.save``; then a
+      freshly built model and optimizer -> ``get_state_dict`` (the load template)
+      -> ``dcp.load`` -> ``set_state_dict``;
+    - ``dcp-flattened``: the same with ``StateDictOptions(flatten_optimizer_state_dict=True)``
+      (torchtitan's setting);
+    - ``state_dict``: ``get_optimizer_state_dict`` / ``get_model_state_dict`` (sharded)
+      kept in memory, given to ``set_optimizer_state_dict`` / ``set_model_state_dict``;
+    - ``full_state_dict``: the same with ``StateDictOptions(full_state_dict=True)``
+      (whole tensors on every rank, resharded on load).
+
     The fresh model starts from *other* weights (x0.5), so its own anchor
     snapshot differs: only a restored anchor gives the original trajectory.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         get_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict, set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict,
+                                                         set_state_dict)
 
+    api = job["api"]
+    options = {"dcp-flattened": StateDictOptions(flatten_optimizer_state_dict=True),
+               "full_state_dict": StateDictOptions(full_state_dict=True)}.get(api)
     data = Data()
     steps, half = job["steps"], job["steps"] // 2
     model = wrap(engine, build_model(job["model"]))
@@ -407,34 +402,34 @@ def job_checkpoint(engine: str, job: dict[str, Any]) -> dict[str, Any]:
     train_steps(model, opt, data, 0, half, poison_at=half // 2)
     saved_skipped = int(opt.skipped)
     ckpt_dir = job["dir"]
-    if job["api"] == "dcp":
-        msd, osd = get_state_dict(model, opt)
+    if api.startswith("dcp"):
+        msd, osd = get_state_dict(model, opt, options=options)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
         kept = None
     else:
-        osd = get_optimizer_state_dict(model, opt)
-        kept = (_clone_state(get_model_state_dict(model)), _clone_state(osd))
-    saved_layout = {f"{fqn}/{k}": (type(v).__name__, str(tuple(getattr(v, "placements", ()))), tuple(local(v).shape))
-                    for fqn, entry in osd["state"].items() for k, v in entry.items() if isinstance(v, torch.Tensor)}
+        osd = get_optimizer_state_dict(model, opt, options=options)
+        kept = (_clone_state(get_model_state_dict(model, options=options)), _clone_state(osd))
+    saved_layout = {path: (type(v).__name__, str(tuple(getattr(v, "placements", ()))), tuple(local(v).shape))
+                    for path, v in _tensor_leaves(osd).items()}
     train_steps(model, opt, data, half, steps)
     out: dict[str, Any] = {"uninterrupted": weights(model), "saved_skipped": saved_skipped,
                            "saved_layout": saved_layout,
-                           "files": sorted(os.listdir(ckpt_dir)) if job["api"] == "dcp" else [],
+                           "files": sorted(os.listdir(ckpt_dir)) if api.startswith("dcp") else [],
                            "initial_anchors": {k: v for k, v in initial_weights(job["model"])[1].items()}}
     fresh = wrap(engine, build_model(job["model"], scale=0.5))
     fresh_opt = build_optimizer(inner(fresh), job, data.problem.lr)
     try:
-        if job["workaround"]:
-            _workaround(fresh_opt, fresh, saved_skipped)
-        if job["api"] == "dcp":
-            msd, osd = get_state_dict(fresh, fresh_opt)
+        if api.startswith("dcp"):
+            msd, osd = get_state_dict(fresh, fresh_opt, options=options)
+            out["template_steps"] = sorted({int(s["step"]) for s in fresh_opt.state.values() if "step" in s})
             sd = {"model": msd, "optim": osd}
             dcp.load(sd, checkpoint_id=ckpt_dir)
-            set_state_dict(fresh, fresh_opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+            set_state_dict(fresh, fresh_opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                           options=options)
         else:
             assert kept is not None
-            set_model_state_dict(fresh, kept[0])
-            set_optimizer_state_dict(fresh, fresh_opt, kept[1])
+            set_model_state_dict(fresh, kept[0], options=options)
+            set_optimizer_state_dict(fresh, fresh_opt, kept[1], options=options)
         out["resumed_skipped"] = int(fresh_opt.skipped)
         out["resumed_steps"] = sorted({int(s["step"]) for s in fresh_opt.state.values() if "step" in s})
         out["resumed_keys"] = sorted({k for s in fresh_opt.state.values() for k in s})

@@ -82,12 +82,12 @@ def _nan_jobs(engine: str) -> list[dict]:
 
 
 CKPT_STEPS = 24  # saved after 12 (one of them skipped: a NaN input), then 12 more on both copies
+CKPT_APIS = ("dcp", "dcp-flattened", "state_dict", "full_state_dict")  # see _torch_worker.job_checkpoint
 
 
 def _checkpoint_jobs() -> list[dict]:
-    return [dict(name=f"ckpt-{api}-{'workaround' if workaround else 'plain'}", kind="checkpoint", model="mlp",
-                 mode="mixed", optimizer="dualopt", steps=CKPT_STEPS, api=api, workaround=workaround)
-            for api in ("dcp", "state_dict") for workaround in (True, False)]
+    return [dict(name=f"ckpt-{api}", kind="checkpoint", model="mlp", mode="mixed", optimizer="dualopt",
+                 steps=CKPT_STEPS, api=api) for api in CKPT_APIS]
 
 
 @pytest.fixture(scope="session")
@@ -264,65 +264,40 @@ def test_fsdp_skip_decision_for_one_sharded_tensor_is_global(fsdp: list[dict]) -
 
 
 # ----------------------------------------------------------------------------- FSDP2 checkpoints
-def _check_resume(rank: dict, r: dict) -> None:
-    assert "error" not in r, r.get("error")
-    assert r["saved_skipped"] == r["resumed_skipped"] == 1
-    assert r["resumed_steps"] == [CKPT_STEPS // 2 - 1]  # one of the first half's steps skipped
-    assert r["resumed_keys"] == ["anchor", "exp_avg", "exp_avg_sq", "step"]
-    assert all(np.array_equal(r["resumed"][k], r["uninterrupted"][k]) for k in NAMES), "resume is not bitwise"
-    # The fresh model started from other weights (x0.5): its anchors are the restored ones.
-    assert set(r["resumed_anchors"]) == FINETUNE
-    assert all(np.array_equal(r["resumed_anchors"][k], r["initial_anchors"][k]) for k in FINETUNE)
-    for name in NAMES:
-        for key, e in r["layout"][name].items():
-            assert e["dtensor"] and e["same_placements"] and e["local_shape"] == e["param_local_shape"], (name, key)
-    # What was saved is sharded: every tensor of the optimizer state dict a Shard(0) DTensor.
-    assert r["saved_layout"] and all(kind == "DTensor" and placements == "(Shard(dim=0),)"
-                                     for kind, placements, _ in r["saved_layout"].values()), r["saved_layout"]
+@pytest.mark.parametrize("api", CKPT_APIS)
+def test_fsdp_checkpoint_with_torch_helpers_resumes_bitwise(fsdp: list[dict], api: str) -> None:
+    """torch's own recipes, unchanged (``_torch_worker.job_checkpoint``): the resumed run equals the uninterrupted one.
 
-
-@pytest.mark.parametrize("api", ["dcp", "state_dict"])
-def test_fsdp_sharded_checkpoint_resumes_bitwise(fsdp: list[dict], api: str) -> None:
-    """``dcp.save``/``dcp.load`` of ``get_state_dict``, or ``get_/set_optimizer_state_dict`` in memory.
-
-    With ``_torch_worker._workaround`` applied to the *fresh* optimizer (a
-    zero-gradient step at lr 0, and the ``"dualopt"`` entry re-attached on
-    load); :func:`test_fsdp_checkpoint_with_torch_helpers_unchanged` shows why.
+    What makes them work (``backends/torch.py``): DualOpt creates its whole
+    state with the optimizer, so the fresh optimizer's ``get_state_dict`` is a
+    complete load template (torch's ``_init_optim_state`` creates lazy state
+    only when ``optimizer.state`` is empty, which the anchors prevent; before,
+    ``dcp.load`` failed with "Missing optimizer state for parameter
+    'dense_2.weight'"), and the format tag and skip counter ride in every
+    param group, which the helpers keep (before, ``get_optimizer_state_dict``
+    dropped the top-level ``"dualopt"`` entry and the load was refused).
     """
     for rank in fsdp:
-        r = rank[f"ckpt-{api}-workaround"]
-        _check_resume(rank, r)
-        if api == "dcp":
+        r = rank[f"ckpt-{api}"]
+        assert "error" not in r, r.get("error")
+        assert r["saved_skipped"] == r["resumed_skipped"] == 1
+        assert r["resumed_steps"] == [CKPT_STEPS // 2 - 1]  # one of the first half's steps skipped
+        assert r["resumed_keys"] == ["anchor", "exp_avg", "exp_avg_sq", "step"]
+        assert all(np.array_equal(r["resumed"][k], r["uninterrupted"][k]) for k in NAMES), "resume is not bitwise"
+        # The fresh model started from other weights (x0.5): its anchors are the restored ones.
+        assert set(r["resumed_anchors"]) == FINETUNE
+        assert all(np.array_equal(r["resumed_anchors"][k], r["initial_anchors"][k]) for k in FINETUNE)
+        for name in NAMES:
+            for key, e in r["layout"][name].items():
+                assert e["dtensor"] and e["same_placements"] and e["local_shape"] == e["param_local_shape"], (name, key)
+        # What was saved: every state tensor a Shard(0) DTensor (whole tensors for full_state_dict).
+        layout = r["saved_layout"]
+        assert len(layout) == len(NAMES) * 2 + len(FINETUNE), layout  # moments of all, anchors of the backbone
+        if api == "full_state_dict":
+            assert all(kind == "Tensor" and placements == "()" for kind, placements, _ in layout.values()), layout
+        else:
+            assert all(kind == "DTensor" and placements == "(Shard(dim=0),)"
+                       for kind, placements, _ in layout.values()), layout
+        if api.startswith("dcp"):
             assert sorted(f for f in r["files"] if f.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-
-
-class KnownIncompatibility(Exception):
-    """The documented failure of :func:`test_fsdp_checkpoint_with_torch_helpers_unchanged`."""
-
-
-KNOWN_ERRORS = {
-    # torch's _init_optim_state materialises lazy state only when optimizer.state is empty;
-    # DualOpt's holds the finetune anchors from construction, so the load template lacks the
-    # moments (and the whole entry of every scratch tensor).
-    "dcp": "RuntimeError: Missing optimizer state for parameter 'dense_2.weight' in checkpoint.",
-    # get_optimizer_state_dict keeps only "state" and "param_groups": DualOpt's "dualopt"
-    # entry (format tag, skip counter) is dropped and load_state_dict rejects the dict.
-    "state_dict": "is invalid: expected a DualOpt state dict (a 'dualopt' entry with format 'dualopt.torch/1')",
-}
-
-
-@pytest.mark.xfail(raises=KnownIncompatibility, strict=True,
-                   reason="torch.distributed.checkpoint.state_dict helpers and DualOpt's state (torch 2.13, any "
-                          "device): the dcp load template lacks the lazily created moments because the anchors make "
-                          "optimizer.state non-empty, and get_optimizer_state_dict drops the 'dualopt' entry")
-@pytest.mark.parametrize("api", ["dcp", "state_dict"])
-def test_fsdp_checkpoint_with_torch_helpers_unchanged(fsdp: list[dict], api: str) -> None:
-    """The same resume with the torch API as documented, no workaround: fails today, with exactly this error."""
-    for rank in fsdp:
-        r = rank[f"ckpt-{api}-plain"]
-        error = r.get("error")
-        if error is not None:
-            if KNOWN_ERRORS[api] in error:
-                raise KnownIncompatibility(error.strip().splitlines()[-1])
-            pytest.fail(f"unexpected failure:\n{error}")
-        _check_resume(rank, r)
+            assert r["template_steps"] == [0]  # taking the template stepped nothing
