@@ -9,7 +9,10 @@ public spelling comes from :data:`PUBLIC_NAMES` (spec section 2). The expected
 text of a hyperparameter case is what :func:`decoupled_core.validate` says with
 the adapter's names; of a layer-key case what
 :func:`decoupled_core.number_layers` says; of an anchor case what
-:func:`decoupled_core.check_anchor` says.
+:func:`decoupled_core.check_anchor` says, each extended by
+:data:`ALSO_ACCEPTED` where the adapter accepts more. A state case has no core
+message (the formats are the frameworks'): only the shared form and the
+argument it names (:data:`STATE_ARGUMENT`) are prescribed.
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ PUBLIC_NAMES: dict[str, dict[str, str]] = {
     "keras": {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "epsilon"},
 }
 
+#: What each adapter accepts besides the core's range, per canonical name (the core appends it:
+#: ``decoupled_core.accepted``). Written out here, not read from the adapters, so a change is a test failure.
+ALSO_ACCEPTED: dict[str, dict[str, tuple[str, ...]]] = {
+    "torch": {},
+    "optax": {"lr": ("an optax schedule",)},
+    "keras": {"lr": ("a LearningRateSchedule",),
+              "paradigm": ("a mapping from layer name / variable path to one of them", "a callable taking the variable")},
+}
+
 NAN, INF = math.nan, math.inf
 #: The two parameter tensors every validation case is built on (float32, shapes (2,) and (3,)).
 PARAM_SHAPES = ((2,), (3,))
@@ -42,8 +54,10 @@ class BadInput:
 
     ``kind`` is ``"hyper"`` (hyperparameters: ``changes`` are HyperParams
     fields, plus ``lr`` and ``nonfinite``), ``"layer_index"`` (``keys`` is the
-    per-tensor list, or a list of the wrong length) or ``"anchor"`` (an
-    explicit anchor for the first tensor: ``anchor_shape``, ``anchor_dtype``).
+    per-tensor list, or a list of the wrong length), ``"anchor"`` (an
+    explicit anchor for the first tensor: ``anchor_shape``, ``anchor_dtype``)
+    or ``"state"`` (a saved state loaded into a default DualOpt on
+    :data:`PARAM_SHAPES`: ``saved`` describes where it comes from).
     """
 
     id: str
@@ -54,6 +68,7 @@ class BadInput:
     keys: Any = None
     anchor_shape: tuple = (2,)
     anchor_dtype: str = "float32"
+    saved: dict = field(default_factory=dict)
 
     @property
     def hp(self) -> dc.HyperParams:
@@ -115,7 +130,22 @@ CASES: list[BadInput] = [
     BadInput("anchor-dtype-float64", "anchor", anchor_dtype="float64"),
     BadInput("anchor-dtype-float16", "anchor", anchor_dtype="float16"),
     BadInput("anchor-dtype-int32", "anchor", anchor_dtype="int32"),
+    BadInput("anchor-shape-scalar", "anchor", anchor_shape=()),
+    # more bad values of the same arguments (types the frameworks would otherwise coerce)
+    _h("lr-numpy-negative", lr=np.float64(-1e-3)), _h("lr-array-nan", lr=np.array(NAN)),
+    _h("direction-none", direction=None), _h("beta1-string", beta1="0.9"),
+    _h("rollback_min-inf", paradigm=FT, rollback_min=INF), _h("rollback_power-nan", paradigm=FT, rollback_power=NAN),
+    _h("weight_decay-string", weight_decay="0.01"),
+    BadInput("layer_index-nested", "layer_index", keys=[[0], [1]]),
+    # a saved state that does not belong to this optimizer (loaded into DualOpt() on PARAM_SHAPES, adam, scratch)
+    BadInput("state-other-optimizer", "state", saved={"native": True}),
+    BadInput("state-other-model", "state", saved={"shapes": ((3,), (3,))}),
+    BadInput("state-other-paradigm", "state", saved={"paradigm": "finetune"}),
+    BadInput("state-other-direction", "state", saved={"direction": "sgd"}),
 ]
+
+#: The argument a state error names, per adapter (the text after it is the adapter's: the core has no state format).
+STATE_ARGUMENT = {"torch": "state_dict", "optax": "state", "keras": "optimizer state"}
 
 CASE_IDS = [c.id for c in CASES]
 assert len(set(CASE_IDS)) == len(CASE_IDS)
@@ -124,9 +154,12 @@ assert len(set(CASE_IDS)) == len(CASE_IDS)
 def core_message(case: BadInput, adapter: str) -> str:
     """The core's message for ``case`` under ``adapter``'s public names (the test's expectation)."""
     names = PUBLIC_NAMES[adapter]
+    if case.kind == "state":
+        raise AssertionError(f"{case.id}: the core has no message for a state (see STATE_ARGUMENT)")
     try:
         if case.kind == "hyper":
-            dc.validate(case.hp, lr=case.lr, nonfinite=case.nonfinite, names=names)
+            dc.validate(case.hp, lr=case.lr, nonfinite=case.nonfinite, names=names,
+                        also_accepted=ALSO_ACCEPTED[adapter])
         elif case.kind == "layer_index":
             dc.number_layers(["scratch"] * len(PARAM_SHAPES), case.keys, name="layer_index")
         else:
@@ -161,6 +194,8 @@ def split_message(msg: str) -> tuple[str, str]:
 
 def public_argument(case: BadInput, adapter: str) -> str:
     """The argument the message must name (before any index into it)."""
+    if case.kind == "state":
+        return STATE_ARGUMENT[adapter]
     if case.kind != "hyper":
         return case.kind
     msg = core_message(case, adapter)
@@ -170,6 +205,14 @@ def public_argument(case: BadInput, adapter: str) -> str:
 def anchor_array(case: BadInput) -> np.ndarray:
     """The explicit anchor of an anchor case, as numpy (converted by each adapter's worker)."""
     return np.zeros(case.anchor_shape, dtype=case.anchor_dtype)
+
+
+def saved_setup(case: BadInput) -> tuple[tuple, dict[str, Any]] | None:
+    """(param shapes, canonical changes) of the optimizer a state case saves from; None for a native Adam."""
+    if case.saved.get("native"):
+        return None
+    changes = {k: v for k, v in case.saved.items() if k != "shapes"}
+    return tuple(case.saved.get("shapes", PARAM_SHAPES)), changes
 
 
 def adapter_kwargs(case: BadInput, adapter: str) -> dict[str, Any]:

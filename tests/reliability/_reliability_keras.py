@@ -1,9 +1,12 @@
 """Run ``_keras_worker.py`` once per Keras backend (per pytest worker) and hand its JSON to the tests.
 
 Importing Keras with a backend costs 3-8 s and a process holds one backend, so
-all Keras reliability checks of one backend share one subprocess. jax runs in
-the default test run; tensorflow and torch are marked slow. Each backend is its
-own xdist group so that ``--dist loadgroup`` never runs one backend's
+all Keras reliability checks of one backend share one subprocess (24-32 s per
+backend here, mostly the import), so the tests that read it
+(:func:`worker_marks`: validation, non-finite) run on every backend in the
+default run. :func:`backend_marks` marks tensorflow and torch slow, for suites
+whose own per-backend subprocesses are long (kill-and-resume). Each backend is
+its own xdist group so that ``--dist loadgroup`` never runs one backend's
 subprocess twice.
 """
 
@@ -34,6 +37,15 @@ def backend_marks(backend: str) -> list[pytest.MarkDecorator]:
 
 def keras_backends() -> list:
     return [pytest.param(b, marks=backend_marks(b), id=b) for b in BACKENDS]
+
+
+def worker_marks(backend: str) -> list[pytest.MarkDecorator]:
+    """Marks of a test that reads ``_keras_worker.py checks`` results: its xdist group only (not slow)."""
+    return [pytest.mark.xdist_group(f"reliability-keras-{backend}")]
+
+
+def worker_backends() -> list:
+    return [pytest.param(b, marks=worker_marks(b), id=b) for b in BACKENDS]
 
 
 def worker_env(backend: str) -> dict[str, str]:
