@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/floor_memory.py            # full sizes (~3 min on 2 cores)
+    .venv/bin/python benchmarks/floor_memory.py            # full sizes (~5 min on 2 idle cores, ~9 GB of memory)
     .venv/bin/python benchmarks/floor_memory.py --tiny     # seconds; what CI smoke-runs
 
 Three tables per parameter set (8 x 1024^2, 2000 x 32^2, ViT-B-like):
@@ -17,14 +17,22 @@ Three tables per parameter set (8 x 1024^2, 2000 x 32^2, ViT-B-like):
    the machine hits every row alike.
 2. **Floor.** An optimizer step must at least read theta, g and the state (and
    the anchor in finetune) and write theta and the state: 7 float32 words per
-   element for Adam-type steps, 8 with an anchor. The floor is those bytes
-   divided by the bandwidth of a streaming kernel (``torch.add(a, b, out=c)`` on
-   large tensors, counted as 3 words per element) measured in the same rounds.
+   element for Adam-type steps, 8 with an anchor (7.5 with a 2-byte anchor).
+   The floor is those bytes divided by the memory bandwidth measured in the
+   same rounds with two streaming kernels on large tensors, each counted as 3
+   words per element: ``a.add_(b)`` (read-modify-write, the access pattern of
+   an optimizer step) and ``torch.add(a, b, out=c)`` (STREAM "add"; the
+   write-allocate read of ``c`` is not counted, as in STREAM). The *faster* of
+   the two sets the bandwidth, so the floor is the strictest of the two.
    "% of floor" = floor time / measured time; 100 % would be a perfect
    streaming implementation.
 3. **Memory.** Bytes held in ``optimizer.state`` after a step, per optimizer,
-   and relative to AdamW; with ``--peak`` (on by default at full size) the peak
-   resident memory a step adds in a fresh process (state plus temporaries).
+   and relative to AdamW; what the finetune anchor costs per element, and what
+   a 2-byte (bfloat16/float16) anchor would save, measured with a hand-written
+   OLOR that stores its anchor in bfloat16 (DualOpt has no such option; its
+   effect on training is measured in ``quality/finetune.py``); with the
+   fresh-process rows (on unless ``--no-peak``) the peak resident memory a step
+   adds (state plus temporaries).
 """
 
 from __future__ import annotations
@@ -96,21 +104,25 @@ def dualopt_class():
 class Row:
     name: str
     make: Callable[[list], torch.optim.Optimizer]
-    words: int  # float32 words moved per element at the floor
+    bytes_per_element: float  # bytes each step must move per parameter element at the floor
     naive: str | None = None  # name of the hand-written counterpart
 
 
 def rows() -> tuple[list[Row], str | None]:
     out = [
-        Row("AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=LR, fused=True), 7),
-        Row("AdamW (CPU default)", lambda ps: torch.optim.AdamW(ps, lr=LR), 7),
-        Row("naive OLOR (finetune)", lambda ps: NaiveOLOR(ps, olor_kappas(len(ps), 0.01 / LR), lr=LR), 8),
-        Row("naive LPWD (scratch)", lambda ps: NaiveOLOR(ps, lpwd_rates(len(ps), 1e-2), lr=LR, anchor=False), 7),
+        Row("AdamW fused", lambda ps: torch.optim.AdamW(ps, lr=LR, fused=True), 7 * WORD),
+        Row("AdamW (CPU default)", lambda ps: torch.optim.AdamW(ps, lr=LR), 7 * WORD),
+        Row("naive OLOR (finetune)", lambda ps: NaiveOLOR(ps, olor_kappas(len(ps), 0.01 / LR), lr=LR), 8 * WORD),
+        Row("naive OLOR, bfloat16 anchor", lambda ps: NaiveOLOR(ps, olor_kappas(len(ps), 0.01 / LR), lr=LR,
+                                                                anchor_dtype=torch.bfloat16), 7 * WORD + 2),
+        Row("naive LPWD (scratch)", lambda ps: NaiveOLOR(ps, lpwd_rates(len(ps), 1e-2), lr=LR, anchor=False),
+            7 * WORD),
     ]
     cls = dualopt_class()
     if isinstance(cls, str):
         return out, cls
-    for paradigm, words, naive in (("scratch", 7, "naive LPWD (scratch)"), ("finetune", 8, "naive OLOR (finetune)")):
+    for paradigm, words, naive in (("scratch", 7 * WORD, "naive LPWD (scratch)"),
+                                   ("finetune", 8 * WORD, "naive OLOR (finetune)")):
         for nonfinite in ("skip", "propagate"):
             label = f"DualOpt {paradigm}" + ("" if nonfinite == "skip" else ", nonfinite=propagate")
             out.append(Row(label, (lambda ps, p=paradigm, n=nonfinite: cls(ps, lr=LR, paradigm=p, nonfinite=n)),
@@ -126,12 +138,22 @@ def check_against_naive(cls) -> dict:
     init = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
     grads = [[torch.randn(s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(20)]
     out = {}
-    for paradigm, naive in (("finetune", lambda ps: NaiveOLOR(ps, olor_kappas(len(ps), 0.01 / LR * 20), lr=LR)),
-                            ("scratch", lambda ps: NaiveOLOR(ps, lpwd_rates(len(ps), 5.0), lr=LR, anchor=False))):
+    kappa = 0.01 / LR * 20
+    bf16_anchor = [t.to(torch.bfloat16).to(t.dtype) for t in init]
+    cases = {
+        "finetune": ({"paradigm": "finetune", "rollback_max": kappa},
+                     lambda ps: NaiveOLOR(ps, olor_kappas(len(ps), kappa), lr=LR)),
+        "scratch": ({"paradigm": "scratch", "weight_decay": 5.0},
+                    lambda ps: NaiveOLOR(ps, lpwd_rates(len(ps), 5.0), lr=LR, anchor=False)),
+        # the bfloat16-anchor row computes DualOpt's rule with the anchor rounded to bfloat16
+        "finetune, bfloat16 anchor": ({"paradigm": "finetune", "rollback_max": kappa, "anchor": bf16_anchor},
+                                      lambda ps: NaiveOLOR(ps, olor_kappas(len(ps), kappa), lr=LR,
+                                                           anchor_dtype=torch.bfloat16)),
+    }
+    for paradigm, (kw, naive) in cases.items():
         a = [torch.nn.Parameter(t.clone()) for t in init]
         b = [torch.nn.Parameter(t.clone()) for t in init]
-        kw = {"rollback_max": 0.01 / LR * 20} if paradigm == "finetune" else {"weight_decay": 5.0}
-        opt_a, opt_b = cls(a, lr=LR, paradigm=paradigm, **kw), naive(b)
+        opt_a, opt_b = cls(a, lr=LR, **kw), naive(b)
         for gs in grads:
             for p, q, gr in zip(a, b, gs):
                 p.grad, q.grad = gr.clone(), gr.clone()
@@ -187,17 +209,21 @@ def bench_set(name: str, shapes, all_rows: list[Row], bw_elems: int, rounds: int
     numel = sum(p.numel() for p in params)
     opts = {r.name: r.make(params) for r in all_rows}
     a, b, c = (torch.rand(bw_elems) for _ in range(3))
-    fns: dict[str, Callable[[], None]] = {"stream add": lambda: torch.add(a, b, out=c)}
+    b.mul_(1e-6)  # a.add_(b) runs thousands of times: keep a bounded
+    streams = {"stream a.add_(b)": lambda: a.add_(b), "stream add(a, b, out=c)": lambda: torch.add(a, b, out=c)}
+    fns: dict[str, Callable[[], None]] = dict(streams)
     fns.update({n: o.step for n, o in opts.items()})
     samples = interleaved(fns, rounds, target_s)
-    bw_s = summary(samples.pop("stream add"))
-    bandwidth = 3 * WORD * bw_elems / bw_s["median"]
+    stream = {k: summary(samples.pop(k)) for k in streams}
+    for st in stream.values():
+        st["GBps"] = 3 * WORD * bw_elems / st["median"] / 1e9
+    bandwidth = 1e9 * max(st["GBps"] for st in stream.values())
     res = {"set": name, "tensors": len(shapes), "elements": numel, "bandwidth_GBps": bandwidth / 1e9,
-           "bandwidth_elems": bw_elems, "stream": bw_s, "rows": {}}
+           "bandwidth_elems": bw_elems, "stream": stream, "rows": {}}
     adamw_state = state_bytes(opts["AdamW fused"])
     for r in all_rows:
         s = summary(samples[r.name])
-        moved = r.words * WORD * numel
+        moved = r.bytes_per_element * numel
         sb = state_bytes(opts[r.name])
         res["rows"][r.name] = {
             **s, "bytes_per_step": moved, "floor_s": moved / bandwidth,
@@ -225,7 +251,9 @@ def _rss(field: str) -> int:
 
 
 def _peak_child(label: str, tiny: bool) -> None:
-    """Run in a fresh process: growth of peak RSS from constructing the optimizer and taking 3 steps.
+    """Run in a fresh process: growth of peak RSS from constructing the optimizer and taking 2 steps.
+
+    The first step allocates any lazy state; the second is a steady step.
 
     Linux only: writing 5 to /proc/self/clear_refs resets the high-water mark
     (VmHWM), so the peak is measured from the moment the optimizer is built.
@@ -237,7 +265,7 @@ def _peak_child(label: str, tiny: bool) -> None:
         f.write("5")
     base = _rss("VmRSS")
     opt = row.make(params)
-    for _ in range(3):
+    for _ in range(2):
         opt.step()
     peak = _rss("VmHWM")
     print(json.dumps({"row": label, "peak_growth_bytes": peak - base, "state_bytes": state_bytes(opt)}))
@@ -257,6 +285,39 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def anchor_cost(res: dict) -> list[str]:
+    """What the finetune anchor costs, and what a 2-byte anchor would save (measured rows of one set)."""
+    rows, n = res["rows"], res["elements"]
+    cols = [("AdamW (fused)", "AdamW fused", None), ("DualOpt finetune (float32 anchor)", "DualOpt finetune", None),
+            ("naive OLOR, float32 anchor", "naive OLOR (finetune)", None),
+            ("naive OLOR, bfloat16 anchor", "naive OLOR, bfloat16 anchor", "naive OLOR (finetune)")]
+    cols = [c for c in cols if c[1] in rows]
+    lines = [f"### What the anchor costs ({res['set']}, {n / 1e6:.1f} M elements; training memory = weights + "
+             "gradients + optimizer state, float32 weights and gradients)\n",
+             "| | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    adam = rows["AdamW fused"]
+    lines.append("| optimizer state, bytes/element | " + " | ".join(
+        f"{rows[k]['state_bytes_per_element']:.1f} ({rows[k]['state_bytes'] / adam['state_bytes'] - 1:+.0%})"
+        for _, k, _ in cols) + " |")
+    lines.append("| training memory, bytes/element | " + " | ".join(
+        f"{8 + rows[k]['state_bytes_per_element']:.1f} ({(8 * n + rows[k]['state_bytes']) / (8 * n + adam['state_bytes']) - 1:+.0%})"
+        for _, k, _ in cols) + " |")
+    lines.append("| training memory, this set | " + " | ".join(
+        fmt_bytes(8 * n + rows[k]["state_bytes"]) for _, k, _ in cols) + " |")
+    lines.append("| bytes moved per step (floor), bytes/element | " + " | ".join(
+        f"{rows[k]['bytes_per_step'] / n:.0f}" for _, k, _ in cols) + " |")
+    lines.append("| measured step time, x AdamW fused | " + " | ".join(
+        f"{rows[k]['x_adamw_fused']:.2f}" for _, k, _ in cols) + " |")
+    ref = [(k, r) for _, k, r in cols if r]
+    for k, r in ref:
+        lines.append("")
+        lines.append(f"A bfloat16 anchor in the hand-written OLOR: state {rows[k]['state_bytes'] / rows[r]['state_bytes'] - 1:+.1%}, "
+                     f"step time x{rows[k]['median'] / rows[r]['median']:.2f} against its float32-anchor twin "
+                     f"(floor {rows[k]['floor_s'] / rows[r]['floor_s'] - 1:+.1%}).")
+    lines.append("")
+    return lines
+
+
 def report(results: list[dict], check: dict | None, peaks: dict | None, unavailable: str | None) -> str:
     lines = []
     if unavailable:
@@ -267,8 +328,9 @@ def report(results: list[dict], check: dict | None, peaks: dict | None, unavaila
                                  for k, v in check.items()) + "\n")
     for res in results:
         lines.append(f"### {res['set']}: {res['tensors']} tensors, {res['elements'] / 1e6:.2f} M float32 elements\n")
-        lines.append(f"Streaming add bandwidth (same rounds, {res['bandwidth_elems'] / 2**20:.0f} Mi elements x 3 "
-                     f"tensors): **{res['bandwidth_GBps']:.1f} GB/s**\n")
+        kernels = ", ".join(f"`{k.split(' ', 1)[1]}` {v['GBps']:.1f} GB/s" for k, v in res["stream"].items())
+        lines.append(f"Streaming bandwidth (same rounds, {res['bandwidth_elems'] / 2**20:.0f} Mi float32 elements, "
+                     f"3 words per element): {kernels}; the floor uses **{res['bandwidth_GBps']:.1f} GB/s**\n")
         lines.append("| optimizer | ms/step (median) | IQR ms | x AdamW fused | speed-up vs naive | floor ms "
                      "| achieved GB/s | % of floor |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -287,8 +349,9 @@ def report(results: list[dict], check: dict | None, peaks: dict | None, unavaila
         lines.append(f"| {n} | " + " | ".join(fmt_bytes(r["rows"][n]["state_bytes"]) for r in results)
                      + f" | {last['state_bytes_per_element']:.1f} | {last['state_vs_adamw']:.2f}x |")
     lines.append("")
+    lines += anchor_cost(results[-1])
     if peaks:
-        lines.append(f"### Peak resident memory added by constructing the optimizer and 3 steps ({results[-1]['set']}, "
+        lines.append(f"### Peak resident memory added by constructing the optimizer and 2 steps ({results[-1]['set']}, "
                      "fresh process per row)\n")
         lines.append("| optimizer | peak growth | of which state | temporaries (difference) |")
         lines.append("|---|---:|---:|---:|")
@@ -302,7 +365,7 @@ def report(results: list[dict], check: dict | None, peaks: dict | None, unavaila
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="small sizes, for CI smoke runs")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 9; 3 with --tiny)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 7; 3 with --tiny)")
     ap.add_argument("--no-peak", action="store_true", help="skip the fresh-process peak-memory rows")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's; 1 with --tiny, where spin-waiting threads "
@@ -317,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if threads:
         torch.set_num_threads(threads)
     all_rows, unavailable = rows()
-    rounds = args.rounds or (3 if args.tiny else 9)
+    rounds = args.rounds or (3 if args.tiny else 7)
     target = 0.002 if args.tiny else 0.05
     bw_elems = 2**20 if args.tiny else 2**26
     t0 = time.perf_counter()

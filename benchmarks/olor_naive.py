@@ -64,6 +64,10 @@ class NaiveOLOR(torch.optim.Optimizer):
     anchor : bool
         True: pull towards a snapshot of the initial weights (OLOR).
         False: pull towards zero (LPWD, "pre-weight decay").
+    anchor_dtype : torch.dtype, optional
+        Store the snapshot in this dtype (e.g. ``torch.bfloat16``, to measure
+        what a 2-byte anchor saves); default: the parameter's dtype. The pull
+        is computed in the parameter's dtype either way.
 
     Examples
     --------
@@ -75,7 +79,8 @@ class NaiveOLOR(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[torch.Tensor], rates: list[float], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, anchor: bool = True) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, anchor: bool = True,
+                 anchor_dtype: torch.dtype | None = None) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         ps = self.param_groups[0]["params"]
         if len(rates) != len(ps):
@@ -88,7 +93,7 @@ class NaiveOLOR(torch.optim.Optimizer):
             st["exp_avg"] = torch.zeros_like(p)
             st["exp_avg_sq"] = torch.zeros_like(p)
             if anchor:
-                st["anchor"] = p.detach().clone()
+                st["anchor"] = p.detach().to(dtype=anchor_dtype or p.dtype, copy=True)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - torch.optim API

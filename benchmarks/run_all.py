@@ -16,6 +16,10 @@ Parts, in order (``--only`` picks some):
 Each part's output is echoed and saved to ``<out>/<part>.txt``; a summary with
 each part's wall time and exit status goes to ``<out>/summary.md``. A failing
 part does not stop the others; the exit status is non-zero if any failed.
+
+``--publish`` copies the tables (``*.md``, the parts' ``*.txt`` logs) and the
+PNG figures to ``benchmarks/figures/`` (tracked by git; ``benchmarks/results/``
+is ignored). It refuses ``--tiny``, whose figures are not results.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import datetime
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -49,8 +54,14 @@ def command(part: str, tiny: bool, out: Path) -> list[str] | None:
     return [sys.executable, str(script), *t]
 
 
-def run_part(part: str, argv: list[str], log: Path) -> tuple[int, float]:
-    t0 = time.perf_counter()
+def _child_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_part(part: str, argv: list[str], log: Path) -> tuple[int, float, float]:
+    """Run one part, echoing and saving its output; (exit status, wall seconds, CPU seconds of its processes)."""
+    t0, c0 = time.perf_counter(), _child_cpu()
     with open(log, "w") as f:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 cwd=HERE.parent)
@@ -59,7 +70,7 @@ def run_part(part: str, argv: list[str], log: Path) -> tuple[int, float]:
             sys.stdout.write(line)
             f.write(line)
         rc = proc.wait()
-    return rc, time.perf_counter() - t0
+    return rc, time.perf_counter() - t0, _child_cpu() - c0
 
 
 def machine() -> str:
@@ -69,14 +80,19 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def publish(out: Path, tiny: bool) -> list[Path]:
-    """Copy the final tables and figures (small files) to benchmarks/figures/ for the README."""
+def publish(out: Path, parts: list[str]) -> list[Path]:
+    """Copy the final tables and figures (small files) of ``parts`` to benchmarks/figures/ for the README."""
     dest = HERE / "figures"
     dest.mkdir(exist_ok=True)
-    q = out / "quality" / ("tiny" if tiny else "")
+    q = out / "quality"
+    quality = [q / f"{p}.{ext}" for p in ("finetune", "scratch") if p in parts for ext in ("md", "png")]
     copied = []
-    for src in [q / "finetune.png", q / "scratch.png", q / "finetune.md", q / "scratch.md", out / "summary.md",
-                *sorted(out.glob("*.txt"))]:
+    summary = out / "summary.md"
+    named = dest / ("summary.md" if set(parts) == set(PARTS) else f"summary_{'_'.join(parts)}.md")
+    if summary.exists():
+        shutil.copy2(summary, named)
+        copied.append(named)
+    for src in [*quality, *(out / f"{p}.txt" for p in parts)]:
         if src.exists():
             shutil.copy2(src, dest / src.name)
             copied.append(dest / src.name)
@@ -90,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--publish", action="store_true", help="copy tables/figures to benchmarks/figures/")
     args = ap.parse_args(argv)
+    if args.publish and args.tiny:
+        ap.error("--publish copies results to benchmarks/figures/: not with --tiny (smoke-size figures)")
     args.out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     t0 = time.perf_counter()
@@ -100,28 +118,31 @@ def main(argv: list[str] | None = None) -> int:
         argv_part = command(part, args.tiny, args.out)
         if argv_part is None:
             print(f"\n===== {part}: benchmarks/step_cost_{part}.py not found, skipped =====\n", flush=True)
-            rows.append((part, "not found", 0.0, ""))
+            rows.append((part, "not found", 0.0, 0.0, ""))
             continue
         if not argv_part:
             print(f"\n===== {part}: step_cost_{part}.py has no --tiny flag, skipped in a tiny run =====\n", flush=True)
-            rows.append((part, "skipped (no --tiny)", 0.0, ""))
+            rows.append((part, "skipped (no --tiny)", 0.0, 0.0, ""))
             continue
         print(f"\n===== {part}: {' '.join(argv_part)} =====\n", flush=True)
-        rc, dt = run_part(part, argv_part, args.out / f"{part}.txt")
-        rows.append((part, "ok" if rc == 0 else f"FAILED (exit {rc})", dt, " ".join(Path(a).name if i < 2 else a
-                                                                                for i, a in enumerate(argv_part))))
+        rc, dt, cpu = run_part(part, argv_part, args.out / f"{part}.txt")
+        cmd = " ".join(Path(a).name if i < 2 else a for i, a in enumerate(argv_part))
+        rows.append((part, "ok" if rc == 0 else f"FAILED (exit {rc})", dt, cpu, cmd))
     total = time.perf_counter() - t0
     lines = [f"# Benchmark run {started}{' (tiny)' if args.tiny else ''}", "", f"Machine: {machine()}", "",
-             "| part | status | wall time | command |", "|---|---|---:|---|"]
-    lines += [f"| {p} | {s} | {dt:.0f} s | `{c}` |" for p, s, dt, c in rows]
-    lines += ["", f"Total wall time: {total:.0f} s ({total / 60:.1f} min)."]
+             f"Load average at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min).", "",
+             "| part | status | wall time | CPU time | command |", "|---|---|---:|---:|---|"]
+    lines += [f"| {p} | {s} | {dt:.0f} s | {cpu:.0f} s | `{c}` |" for p, s, dt, cpu, c in rows]
+    cpu_total = sum(r[3] for r in rows)
+    lines += ["", f"Total wall time: {total:.0f} s ({total / 60:.1f} min); CPU time of the parts' processes "
+              f"{cpu_total:.0f} s ({cpu_total / 60:.1f} min, user + system, all cores)."]
     summary = "\n".join(lines) + "\n"
     (args.out / "summary.md").write_text(summary)
     print("\n" + summary)
     if args.publish:
-        for p in publish(args.out, args.tiny):
+        for p in publish(args.out, [p for p in PARTS if p in args.only]):
             print(f"published {p.relative_to(HERE.parent)}")
-    return 0 if all(s in ("ok", "not found", "skipped (no --tiny)") for _, s, _, _ in rows) else 1
+    return 0 if all(r[1] in ("ok", "not found", "skipped (no --tiny)") for r in rows) else 1
 
 
 if __name__ == "__main__":

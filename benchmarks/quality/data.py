@@ -7,8 +7,13 @@ Two character-level language-modelling tasks share one vocabulary:
   their sorted key: every 10th topic is held out for validation.
 - **downstream** (fine-tuning, and the from-scratch runs): Python source code
   from a fixed list of standard-library modules, found with
-  :func:`importlib.util.find_spec`. Training and validation use *different*
-  modules, so validation measures generalisation to unseen files.
+  :func:`importlib.util.find_spec`. Training, validation and test use
+  *different* modules, so both measure generalisation to unseen files.
+  Hyperparameters (and early-stopping steps) are selected on validation; the
+  reported figures are on test.
+
+The upstream held-out topics are only ever used to *measure* retention (no
+choice is made on them), so upstream needs no separate test split.
 
 The downstream training set is deliberately small (about 140 kB) so that a
 model can overfit it within a benchmark run: that is the regime where
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["VOCAB", "VOCAB_SIZE", "OOV", "encode", "decode", "Corpus", "upstream", "downstream", "describe",
-           "DOWNSTREAM_TRAIN_MODULES", "DOWNSTREAM_VAL_MODULES"]
+           "DOWNSTREAM_TRAIN_MODULES", "DOWNSTREAM_VAL_MODULES", "DOWNSTREAM_TEST_MODULES"]
 
 #: Newline plus printable ASCII; everything else (tabs, non-ASCII) maps to OOV.
 VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -41,6 +46,7 @@ for _i, _ch in enumerate(VOCAB):
 DOWNSTREAM_TRAIN_MODULES = ("textwrap", "shlex", "heapq", "calendar", "queue", "glob", "copy", "csv",
                             "json.encoder")
 DOWNSTREAM_VAL_MODULES = ("fractions", "gettext")
+DOWNSTREAM_TEST_MODULES = ("pprint", "tokenize")
 
 
 def encode(text: str) -> np.ndarray:
@@ -65,16 +71,18 @@ def decode(ids: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class Corpus:
-    """Encoded training and validation streams of one task."""
+    """Encoded training, validation and (downstream only) test streams of one task."""
 
     name: str
     train: np.ndarray
     val: np.ndarray
+    test: np.ndarray | None
     sources: tuple[str, ...]
     digest: str
 
     def info(self) -> dict:
         return {"name": self.name, "train_chars": int(self.train.size), "val_chars": int(self.val.size),
+                "test_chars": None if self.test is None else int(self.test.size),
                 "sources": list(self.sources), "sha256": self.digest}
 
 
@@ -93,7 +101,7 @@ def upstream() -> Corpus:
     keys = sorted(topics)
     train = "\n\n".join(topics[k] for i, k in enumerate(keys) if i % 10 != 5)
     val = "\n\n".join(topics[k] for i, k in enumerate(keys) if i % 10 == 5)
-    return Corpus("upstream:pydoc_data.topics", encode(train), encode(val), ("pydoc_data.topics",),
+    return Corpus("upstream:pydoc_data.topics", encode(train), encode(val), None, ("pydoc_data.topics",),
                   _digest(train, val))
 
 
@@ -106,11 +114,12 @@ def _module_source(name: str) -> str:
 
 
 def downstream() -> Corpus:
-    """Python source code from fixed standard-library modules (train and val are different files)."""
-    train = "\n\n".join(_module_source(m) for m in DOWNSTREAM_TRAIN_MODULES)
-    val = "\n\n".join(_module_source(m) for m in DOWNSTREAM_VAL_MODULES)
-    return Corpus("downstream:stdlib-python-source", encode(train), encode(val),
-                  DOWNSTREAM_TRAIN_MODULES + DOWNSTREAM_VAL_MODULES, _digest(train, val))
+    """Python source code from fixed standard-library modules (train, val and test are different files)."""
+    train, val, test = ("\n\n".join(_module_source(m) for m in mods) for mods in
+                        (DOWNSTREAM_TRAIN_MODULES, DOWNSTREAM_VAL_MODULES, DOWNSTREAM_TEST_MODULES))
+    return Corpus("downstream:stdlib-python-source", encode(train), encode(val), encode(test),
+                  DOWNSTREAM_TRAIN_MODULES + DOWNSTREAM_VAL_MODULES + DOWNSTREAM_TEST_MODULES,
+                  _digest(train, val, test))
 
 
 def describe() -> dict:

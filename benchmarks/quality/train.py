@@ -31,23 +31,25 @@ def sample_batch(stream: torch.Tensor, context: int, batch_size: int, generator:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, stream: torch.Tensor, context: int, n: int = 8192, batch: int = 2048,
-             head: nn.Module | None = None) -> float:
-    """Mean cross-entropy (nats per character) at ``n`` evenly spaced positions of ``stream``.
+             head: nn.Module | None = None) -> dict[str, float]:
+    """Mean cross-entropy (nats per character) and top-1 accuracy at ``n`` evenly spaced positions.
 
     ``head`` replaces the model's own output layer (used to score the upstream
-    task with the upstream head on a fine-tuned backbone).
+    task with the upstream head on a fine-tuned backbone). Returns
+    ``{"loss": ..., "acc": ...}``.
     """
     was_training = model.training
     model.eval()
     count = min(n, stream.numel() - context)
     positions = torch.from_numpy(np.linspace(context, stream.numel() - 1, count).round().astype(np.int64))
-    total = 0.0
+    total, correct = 0.0, 0
     for k in range(0, count, batch):
         x, y = windows(stream, positions[k:k + batch], context)
         logits = (head or model.head)(model.features(x))
         total += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == y).sum())
     model.train(was_training)
-    return total / count
+    return {"loss": total / count, "acc": correct / count}
 
 
 def cosine_schedule(steps: int) -> Callable[[int], float]:
@@ -58,11 +60,12 @@ def cosine_schedule(steps: int) -> Callable[[int], float]:
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, stream: torch.Tensor, *, steps: int,
           batch_size: int, generator: torch.Generator,
           penalty: Callable[[], torch.Tensor] | None = None,
-          on_eval: Callable[[int], dict] | None = None, eval_every: int = 0) -> dict:
+          on_eval: Callable[[int, bool], dict] | None = None, eval_every: int = 0) -> dict:
     """Train with a cosine learning-rate schedule; return the loss curve and wall time.
 
-    ``penalty()`` is added to the loss (L2-SP). ``on_eval(step)`` is called every
-    ``eval_every`` steps and at the end; its dicts form ``curve``.
+    ``penalty()`` is added to the loss (L2-SP). ``on_eval(step, final)`` is called
+    every ``eval_every`` steps and after the last one (``final=True``); its dicts
+    form ``curve``.
     """
     context = model.cfg.context
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(steps))
@@ -80,6 +83,6 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, stream: torch.Tens
         optimizer.step()
         scheduler.step()
         if on_eval is not None and ((eval_every and step % eval_every == 0) or step == steps):
-            curve.append({"step": step, **on_eval(step)})
+            curve.append({"step": step, **on_eval(step, step == steps)})
     return {"curve": curve, "seconds": time.perf_counter() - t0,
             "last_batch_loss": float(np.mean(train_losses[-50:]))}
