@@ -28,6 +28,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
+def report(engine: str, dev: Any) -> None:
+    """Print one engine's measured deviation (``pytest -s`` shows it; the closing figures come from here)."""
+    print(f"\n[distributed] {engine}: max abs {dev.max_abs:.1e}, max scaled {dev.max_scaled:.1e}, "
+          f"max ulp {dev.max_ulp:.0f}, {dev.steps} comparisons")
+
+
 def once_per_session(tmp_path_factory: Any, key: str, compute: Callable[[], Any]) -> Any:
     """``compute()`` once per pytest session, shared by all xdist workers, one distributed run at a time.
 

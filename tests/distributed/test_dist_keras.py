@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import pytest
 
-from _launch import once_per_session, run_workers
+from _launch import once_per_session, report, run_workers
 from dualopt.conformance.metrics import compare
 from dualopt.conformance.problem import NAMES, make_problem
 from dualopt.conformance.tolerances import CLOSED_BUDGET
@@ -56,7 +56,8 @@ def test_fit_under_a_distribution_matches_one_device_within_the_closed_loop_budg
     assert dist["step"] == single["step"] == 8 * EPOCHS and dist["skipped"] == 0
     dev = compare(dist["trajectory"], single["trajectory"], make_problem().weights)
     assert not dev.problems
-    # Measured: DataParallel 8.3e-16 max abs (1.1e-15 scaled), ModelParallel 1.3e-15 (1.3e-15 scaled).
+    report(f"keras {kind}-parallel fit vs one device", dev)
+    # Measured: DataParallel 7.8e-16 max abs (1.2e-15 scaled), ModelParallel 1.2e-15 (1.4e-15 scaled).
     assert dev.max_scaled <= CLOSED_BUDGET, dev
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _launch import once_per_session, run_workers
+from _launch import once_per_session, report, run_workers
 from dualopt.conformance.metrics import compare
 from dualopt.conformance.problem import NAMES, make_problem
 from dualopt.conformance.tolerances import CLOSED_BUDGET
@@ -87,5 +87,6 @@ def test_sharded_training_matches_one_device_within_the_closed_loop_budget(runs:
     dev = compare(sharded["trajectory"], single["trajectory"], make_problem().weights)
     assert not dev.problems and len(sharded["trajectory"]) == 25
     assert (sharded["count"], sharded["skipped"]) == (200, 0)
+    report("optax NamedSharding, 200 steps vs one device", dev)
     # Measured: 1.8e-15 max abs (1.8e-15 scaled) after 200 steps.
     assert dev.max_scaled <= CLOSED_BUDGET, dev
