@@ -55,23 +55,36 @@ def worker_env(backend: str) -> dict[str, str]:
     return env
 
 
-@functools.lru_cache(maxsize=None)
-def _run(backend: str) -> dict:
-    pytest.importorskip("keras")
-    pytest.importorskip(_MODULE[backend])
-    with tempfile.TemporaryDirectory(prefix=f"dualopt-rel-keras-{backend}-") as tmp:
+def run_json_worker(script: str, args: list[str], env: dict[str, str], *, prefix: str, timeout: int) -> dict:
+    """Run ``script *args`` in a fresh interpreter and return the JSON it writes (``{"__crash__": ...}`` when it
+    dies or writes nothing). In ``args``, ``{out}`` stands for that JSON file and ``{tmp}`` for a scratch
+    directory, both removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         out = Path(tmp) / "results.json"
-        proc = subprocess.run([sys.executable, str(HERE / "_keras_worker.py"), "checks", str(out), tmp],
-                              env=worker_env(backend), capture_output=True, text=True, timeout=600)
+        argv = [a.replace("{tmp}", tmp).replace("{out}", str(out)) for a in args]
+        proc = subprocess.run([sys.executable, str(HERE / script), *argv], env=env, capture_output=True, text=True,
+                              timeout=timeout)
         if proc.returncode != 0 or not out.exists():
             return {"__crash__": f"rc={proc.returncode}\n{proc.stderr[-5000:]}"}
         return json.loads(out.read_text())
 
 
-def keras_result(backend: str, check: str) -> dict:
-    """One check's results from ``backend``'s worker; fails (not errors) when the worker crashed."""
-    results = _run(backend)
+def pick(results: dict, check: str) -> dict:
+    """One check's results from a worker's JSON; fails (not errors) when the worker or the check crashed."""
     assert "__crash__" not in results, results.get("__crash__")
     r = results[check]
     assert not (isinstance(r, dict) and "__error__" in r), r.get("__error__")
     return r
+
+
+@functools.lru_cache(maxsize=None)
+def _run(backend: str) -> dict:
+    pytest.importorskip("keras")
+    pytest.importorskip(_MODULE[backend])
+    return run_json_worker("_keras_worker.py", ["checks", "{out}", "{tmp}"], worker_env(backend),
+                           prefix=f"dualopt-rel-keras-{backend}-", timeout=600)
+
+
+def keras_result(backend: str, check: str) -> dict:
+    """One check's results from ``backend``'s worker; fails (not errors) when the worker crashed."""
+    return pick(_run(backend), check)
