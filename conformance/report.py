@@ -191,12 +191,18 @@ def _environment() -> dict[str, str]:
     import importlib.metadata as md
 
     env = {"python": platform.python_version(), "machine": platform.machine(), "system": platform.system()}
-    for dist in ("numpy", "torch", "jax", "jaxlib", "optax", "keras", "tensorflow", "array-api-strict",
-                 "array-api-compat"):
-        try:
-            env[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            env[dist] = "not installed"
+    # tensorflow ships under several distribution names (tensorflow-cpu on these machines): the first found counts.
+    for name, dists in (("numpy", ("numpy",)), ("torch", ("torch",)), ("jax", ("jax",)), ("jaxlib", ("jaxlib",)),
+                        ("optax", ("optax",)), ("keras", ("keras",)),
+                        ("tensorflow", ("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tf-nightly")),
+                        ("array-api-strict", ("array-api-strict",)), ("array-api-compat", ("array-api-compat",))):
+        env[name] = "not installed"
+        for dist in dists:
+            try:
+                env[name] = md.version(dist)
+                break
+            except md.PackageNotFoundError:
+                continue
     return env
 
 

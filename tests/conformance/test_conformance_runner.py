@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata as md
 import json
 import sys
 import textwrap
@@ -14,7 +15,7 @@ from dualopt.conformance.discovery import discover, select, tokens
 from dualopt.conformance.external import ReplayImplementation
 from dualopt.conformance.impl_core import replay_reference
 from dualopt.conformance.problem import make_problem
-from dualopt.conformance.report import aggregate, render_text, summary_line, write_report
+from dualopt.conformance.report import _environment, aggregate, render_text, summary_line, write_report
 from dualopt.conformance.runner import run_suite
 from dualopt.spec.vectors import load_cases
 
@@ -162,3 +163,18 @@ def test_dtype_selection_and_open_only():
     assert result.rows and {r.dtype for r in result.rows} == {"float32"}
     assert not result.closed_cases
     assert np.isfinite(result.wall_s)
+
+
+def test_report_environment_finds_tensorflow_under_its_cpu_distribution_name():
+    installed = {}
+    for dist in ("tensorflow", "tensorflow-cpu"):
+        try:
+            installed[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    env = _environment()
+    if not installed:
+        assert env["tensorflow"] == "not installed"
+    else:
+        assert env["tensorflow"] == next(iter(installed.values()))
+    assert env["numpy"] == md.version("numpy")
