@@ -11,11 +11,12 @@ two ways:
 
 - ``fit``: ``model.fit`` over ``--steps`` batches (``shuffle=False``,
   ``verbose=0``), i.e. what a user's training loop costs per step, forward and
-  backward included: XLA-compiled on jax and tensorflow (Keras's default
-  ``jit_compile="auto"``), eager on torch;
-- ``apply``: the optimizer alone, compiled as ``fit`` compiles it:
+  backward included, with Keras's default ``jit_compile="auto"``: XLA on jax,
+  a ``tf.function`` graph without XLA on tensorflow (Keras 3.15 resolves
+  "auto" to False there on a machine without a GPU), eager on torch;
+- ``apply``: the optimizer alone, compiled:
   ``jax.jit(optimizer.stateless_apply)`` with donated buffers on jax,
-  ``tf.function(optimizer.apply, jit_compile=True)`` on tensorflow and eager
+  ``tf.function(optimizer.apply, jit_compile=True)`` (XLA) on tensorflow and eager
   ``optimizer.apply`` on torch (where DualOpt runs its ``torch._foreach_``
   fast path; ``DualOpt scratch, generic loop`` is the per-variable
   ``update_step`` loop a Keras subclass gets without one).
