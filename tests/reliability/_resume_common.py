@@ -15,3 +15,13 @@ def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None
             assert np.array_equal(a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}")), key
         else:
             assert np.array_equal(a, b), key
+
+
+def differences(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> list[str]:
+    """Names whose dtype, shape or bits differ, or that only one side has (empty: bit-identical)."""
+    bad = sorted(set(got) ^ set(want))
+    for k in sorted(set(got) & set(want)):
+        a, b = got[k], want[k]
+        if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+            bad.append(k)
+    return bad

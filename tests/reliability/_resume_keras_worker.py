@@ -42,6 +42,7 @@ import numpy as np
 import keras  # noqa: E402  (backend chosen by KERAS_BACKEND)
 from keras import ops  # noqa: E402
 
+from _resume_common import differences  # noqa: E402  (this directory is sys.path[0])
 from dualopt.keras import DualOpt  # noqa: E402
 
 BACKEND = keras.backend.backend()
@@ -122,16 +123,6 @@ def snapshot(m: Any) -> dict[str, np.ndarray]:
     for i, v in enumerate(m.optimizer.variables):
         out[f"optimizer/{i}/{v.path}"] = np.array(ops.convert_to_numpy(v))
     return out
-
-
-def differences(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> list[str]:
-    """Names whose dtype, shape or bits differ (empty: bit-identical)."""
-    bad = sorted(set(got) ^ set(want))
-    for k in sorted(set(got) & set(want)):
-        a, b = got[k], want[k]
-        if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
-            bad.append(k)
-    return bad
 
 
 def compared(name: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _reliability_keras import backend_marks, worker_env
+from _reliability_keras import backend_marks, pick, worker_env
+from _resume_common import differences
 
 HERE = Path(__file__).parent
 WORKER = str(HERE / "_resume_keras_worker.py")
@@ -81,7 +82,7 @@ def _run(backend: str, level: str) -> dict:
         want = _load(Path(tmp) / "uninterrupted.npz")
         for name in ("backup", "checkpoint"):
             path = job / f"resumed_{name}.npz"
-            results[f"new_process_{name}"] = _differences(_load(path), want) if path.exists() else ["<missing>"]
+            results[f"new_process_{name}"] = differences(_load(path), want) if path.exists() else ["<missing>"]
         return results
 
 
@@ -90,21 +91,8 @@ def _load(path: Path) -> dict[str, np.ndarray]:
         return {k.replace("|", "/"): z[k] for k in z.files}
 
 
-def _differences(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> list[str]:
-    bad = sorted(set(got) ^ set(want))
-    for k in sorted(set(got) & set(want)):
-        a, b = got[k], want[k]
-        if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
-            bad.append(k)
-    return bad
-
-
 def result(backend: str, level: str, check: str):
-    results = _run(backend, level)
-    assert "__crash__" not in results, results.get("__crash__")
-    r = results[check]
-    assert not (isinstance(r, dict) and "__error__" in r), r.get("__error__")
-    return r
+    return pick(_run(backend, level), check)
 
 
 EXPECTED_COUNTS = {"default": (4, 3), "extra": (10, 7), "all": (14, 10)}  # (.keras between batches, callbacks)
