@@ -66,16 +66,6 @@ def _ratio(err: np.ndarray, unit: np.ndarray) -> float:
     return float(np.max(err[mask] / unit[mask], initial=0.0)) if mask.any() else 0.0
 
 
-@pytest.fixture
-def one_torch_thread():
-    # Tiny tensors: on a loaded 2-core machine torch's thread pool makes each op many times slower.
-    torch = pytest.importorskip("torch")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield torch
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------------------- namespaces
 
 def namespace(name: str):

@@ -32,12 +32,9 @@ from dualopt.torch import DualOpt  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_torch_thread):
     # Tiny matmuls: on a loaded 2-core machine torch's thread pool makes them 30x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(n)
 
 
 def model(dtype: torch.dtype) -> torch.nn.Sequential:

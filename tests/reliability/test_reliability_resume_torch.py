@@ -38,13 +38,10 @@ HERE = Path(__file__).parent
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_torch_thread):
     # Tiny matmuls: on a loaded 2-core machine torch's thread pool makes them 30x slower. The worker
     # process uses one thread too, so both sides run the same kernels.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(n)
 
 CONFIGS = [job.Config(mode, direction, foreach)
            for mode in job.MODES for direction in ("adam", "sgd") for foreach in (None, False)]
