@@ -26,6 +26,11 @@ group (same hyperparameters and learning rate):
     batched into one fused call per group and pulled with one multi-tensor
     multiply (``(1 - c) * pre``), which is cheaper than one call per layer; the
     finetune pull is one ``torch._foreach_lerp_`` (``pre + c * (a - pre)``).
+  * ``direction="adam"``, ``paradigm="finetune"`` on CPU: tensors of
+    ``NATIVE_MIN_NUMEL`` elements and more take the C kernel of
+    :mod:`dualopt._torch_native` where it builds (step and pull in one pass;
+    the spec's operations in the spec's order, so bitwise equal to the core on
+    numpy). Elsewhere, and when it does not build, the two calls above.
 
 float16/bfloat16 parameters are widened to float32 working copies, updated in
 float32 (moments and anchors are float32 by the spec) and rounded back once.
@@ -39,11 +44,15 @@ from typing import Any, Sequence
 
 import torch
 
-from decoupled_core import AdamState, HyperParams, SGDState, all_finite, compute_dtype, pull_coefficient, step_tensor
+from decoupled_core import (AdamState, HyperParams, SGDState, adam_coefficients, all_finite, compute_dtype,
+                            pull_coefficient, step_tensor)
+
+from . import _torch_native as native
 
 __all__ = [
     "FAST_DEVICES",
     "FOLD_MIN_NUMEL",
+    "NATIVE_MIN_NUMEL",
     "FAST_PATH_TOLERANCE",
     "fast_path_tolerance",
     "reference_update",
@@ -60,6 +69,12 @@ FAST_DEVICES = ("cpu", "cuda")
 #: fused kernel (one call per distinct pull coefficient); below it one batched
 #: call per group plus a multi-tensor multiply costs less than the per-call overhead.
 FOLD_MIN_NUMEL = 1 << 15
+
+#: Adam finetune tensors on CPU with at least this many elements take the C kernel
+#: (:mod:`dualopt._torch_native`) where it loads; smaller ones stay batched in torch's
+#: fused call, where one call for thousands of tensors costs less than gathering their
+#: pointers. The conformance suite sets it to 0 to run every spec vector through the kernel.
+NATIVE_MIN_NUMEL = FOLD_MIN_NUMEL
 
 #: The fast Adam path's agreement with the reference path: after ``t`` updates
 #: (same gradients) the difference of a tensor (parameter or moment) stays below
@@ -155,7 +170,8 @@ def _global_bool(flag: Any) -> bool:
 def grads_finite_fast(grads: Sequence[torch.Tensor]) -> bool:
     """The same answer as :func:`grads_finite_reference`, in one cheap read of the gradients.
 
-    Large gradients: a sum is finite only if every element is (NaN and +-Inf
+    Large gradients: on CPU the C scan of :mod:`dualopt._torch_native` where it
+    loads; elsewhere a sum is finite only if every element is (NaN and +-Inf
     propagate through addition), and ``torch.sum`` is a fast vectorised read;
     a non-finite sum may also be an overflow of finite values, so those
     tensors are re-checked element-wise. Small gradients: one multi-tensor call
@@ -175,6 +191,15 @@ def grads_finite_fast(grads: Sequence[torch.Tensor]) -> bool:
         found = torch.zeros((), dtype=torch.float32, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(gs, found, torch.ones((), dtype=torch.float32, device=device))
         flags.append(found == 0)
+    if large and not torch.compiler.is_compiling() and native.library() is not None:
+        # The C scan reads each value once on every thread (the sum below is a single-thread reduction).
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        other = []
+        for g in large:
+            (by_dtype.setdefault(g.dtype, []) if native.usable(g) else other).append(g)
+        if not all(native.all_finite(gs) for gs in by_dtype.values()):
+            return False
+        large = other
     if large:
         sums = [g.sum(dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None) for g in large]
         suspects = [g for g, s in zip(large, sums) if not _global_bool(torch.isfinite(s))]
@@ -202,7 +227,11 @@ class _Bucket:
         else:
             self.bufs = [st["momentum_buffer"] for st in self.states]
         self.foldable = hp.direction == "adam" and hp.paradigm == "scratch"
-        self.large = [p.numel() >= FOLD_MIN_NUMEL for p in self.params] if self.foldable else []
+        self.large = [p.numel() >= FOLD_MIN_NUMEL for p in self.params]
+        # Adam finetune on CPU: large tensors take the C kernel (step and pull in one pass) when it loads.
+        self.native_candidates = [k for k, p in enumerate(self.params) if p.numel() >= NATIVE_MIN_NUMEL] if (
+            hp.direction == "adam" and hp.paradigm == "finetune" and self.device.type == "cpu"
+            and self.cd in native.NATIVE_DTYPES) else []
         self.lr: float | None = None
 
     def set_lr(self, lr: float) -> None:
@@ -217,10 +246,18 @@ class _Bucket:
                 c = coefficient[r] = pull_coefficient(lr, r)
             cs.append(c)
         self.cs = cs
+        self.lr = lr
+        self.use_native(bool(self.native_candidates) and native.library() is not None)
+
+    def use_native(self, on: bool) -> None:
+        """Split the tensors between the C kernel (``on``) and torch's kernels for the current ``cs``."""
+        cs = self.cs
+        self.native = self.native_candidates if on else []
         # Adam scratch: tensors of FOLD_MIN_NUMEL+ elements with 0 < c < 1 fold the pull into
         # the fused kernel, one call per distinct c; the rest share one call and a multiply.
         self.folded: dict[float, list[int]] = {}
-        self.rest = list(range(len(cs)))
+        skip = set(self.native)
+        self.rest = [k for k in range(len(cs)) if k not in skip]
         if self.foldable:
             self.rest = []
             for k, (large, c) in enumerate(zip(self.large, cs)):
@@ -234,7 +271,6 @@ class _Bucket:
         else:
             scalars = [cs[k] for k in self.pulled]  # the core's c * (pre - a) and c * pre
         self.pull_scalars = _scalars(scalars, self.cd, self.device) if scalars else []
-        self.lr = lr
 
 
 class FastPlan:
@@ -329,8 +365,43 @@ def _step_tensors(states: Sequence[dict[str, Any]], device: torch.device) -> lis
     return out
 
 
+def _native_adam(b: _Bucket, work: list[torch.Tensor], grads: list[torch.Tensor], *, hp: HyperParams, lr: float,
+                 maximize: bool) -> bool:
+    """The C kernel's share of the bucket (``b.native``); False, touching nothing, where it cannot run now.
+
+    Checked at every step because a user may swap ``p.data`` or hand in an odd
+    gradient between steps, and C would trust a wrong pointer or size; the
+    checks cost a few attribute reads per large tensor.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    ks = b.native
+    for k in ks:
+        p, g, n = work[k], grads[k], work[k].numel()
+        if not (native.usable(p) and native.usable(g) and g.dtype == p.dtype and g.numel() == n
+                and b.m[k].numel() == n and b.v[k].numel() == n and b.anchors[k].numel() == n):
+            return False
+    by_step: dict[int, list[int]] = {}
+    for k in ks:
+        by_step.setdefault(b.states[k]["step"], []).append(k)
+    for step, kk in by_step.items():
+        coeffs = adam_coefficients(lr, hp.beta1, hp.beta2, step)
+        pick = lambda xs: [xs[k] for k in kk]  # noqa: E731
+        native.adam_pull(pick(work), pick(grads), pick(b.m), pick(b.v), pick(b.anchors), pick(b.cs), beta1=hp.beta1,
+                         beta2=hp.beta2, eps=hp.eps, step_size=coeffs.step_size, inv_sqrt_bc2=coeffs.inv_sqrt_bc2,
+                         maximize=maximize)
+    return True
+
+
 def _fused_adam(b: _Bucket, work: list[torch.Tensor], grads: list[torch.Tensor], *, hp: HyperParams, lr: float,
                 maximize: bool) -> None:
+    if b.native and not _native_adam(b, work, grads, hp=hp, lr=lr, maximize=maximize):
+        b.use_native(False)  # torch's kernels take these tensors this time
+        try:
+            _fused_adam(b, work, grads, hp=hp, lr=lr, maximize=maximize)
+        finally:
+            b.use_native(True)
+        return
     steps = _step_tensors(b.states, b.device)
     kw = dict(beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, amsgrad=False, maximize=maximize)
     for c, ks in b.folded.items():

@@ -148,7 +148,11 @@ class DualOpt(torch.optim.Optimizer):
         ``None``/``True``: the fast multi-tensor path (fused Adam kernel +
         multi-tensor pull; SGD with ``torch._foreach_*``) on CPU and CUDA,
         equal to the reference path within ``_torch_kernels.FAST_PATH_TOLERANCE``
-        (bitwise for SGD).
+        (bitwise for SGD). On CPU, large Adam finetune tensors take a small C
+        kernel built on first use with the system compiler (step and pull in
+        one pass, bitwise the core); ``DUALOPT_NATIVE=0`` turns it off, and
+        without a compiler nothing changes but speed
+        (``dualopt._torch_native.native_status()`` says which holds).
     nonfinite : {"skip", "propagate"}
         ``"skip"``: a ``step()`` whose gradients hold any NaN/Inf changes
         nothing and increments :attr:`skipped`. ``"propagate"``: no check.

@@ -10,7 +10,8 @@ with the *same* gradients, each with its own state:
 - ``AdamW fused``: ``torch.optim.AdamW(fused=True)``, the bar (issue 3: DualOpt
   scratch <= 1.0x, finetune <= 1.2x of it);
 - ``AdamW for-loop``: ``torch.optim.AdamW(foreach=False)``, torch's default on CPU;
-- ``DualOpt scratch`` / ``DualOpt finetune``: the default fast path, with
+- ``DualOpt scratch`` / ``DualOpt finetune``: the default fast path (finetune:
+  the C kernel of ``dualopt._torch_native`` where it builds; the header line says), with
   ``nonfinite="skip"`` (the default: one read of the gradients for the NaN/Inf
   check, which AdamW does not make) and with ``nonfinite="propagate"`` (no check);
 - ``DualOpt finetune reference loop``: ``foreach=False``, the per-tensor loop over
@@ -44,6 +45,8 @@ from typing import Callable
 
 import torch
 
+from dualopt._torch_kernels import NATIVE_MIN_NUMEL
+from dualopt._torch_native import native_status
 from dualopt.torch import DualOpt
 
 BAR = {"DualOpt scratch": 1.0, "DualOpt finetune": 1.2}
@@ -149,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     repeats = 3 if args.tiny else args.repeats
     print(f"torch {torch.__version__}, CPU, clock {args.clock}; bar: DualOpt scratch <= 1.0x and finetune <= 1.2x "
           "AdamW(fused=True), step() only")
+    status = native_status()
+    print(f"C kernel (Adam finetune tensors of {NATIVE_MIN_NUMEL}+ elements): "
+          f"{'in use' if status['enabled'] else 'NOT in use'} ({status['reason']})")
     for name, shapes in sets.items():
         measure(name, shapes(), repeats, not args.no_reference, clock)
 

@@ -4,6 +4,10 @@
   ``foreach=False``, the per-tensor loop over :func:`decoupled_core.step_tensor`.
 - ``torch DualOpt (fast path)``: the same optimizer with ``foreach=True``
   (fused Adam kernel + multi-tensor pull; SGD re-expressed with ``torch._foreach_*``).
+- ``torch DualOpt (C kernel)``: the fast path with every Adam finetune tensor
+  given to the C kernel of :mod:`dualopt._torch_native` (the optimizer gives it
+  only tensors of ``NATIVE_MIN_NUMEL`` elements and more; the vectors are
+  small). Skipped where the kernel does not build.
 - ``torch.optim.Adam``: torch's own Adam, closed loop in mode ``"none"`` only
   (the degenerate comparison).
 
@@ -27,8 +31,9 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -38,7 +43,7 @@ from dualopt.spec.vectors import Case
 from .problem import EPS, LAYER_INDEX, NAMES, Problem, group_hyperparams
 from .protocol import Implementation, Trajectory, case_id
 
-__all__ = ["TorchDualOpt", "TorchAdam", "implementations", "torch_group", "replay_case", "train_closed_loop"]
+__all__ = ["TorchDualOpt", "TorchNative", "TorchAdam", "implementations", "torch_group", "replay_case", "train_closed_loop"]
 
 # problem tensor name -> nn.Sequential parameter name (Linear layers at positions 0, 2, 4)
 _TORCH_NAME = {f"dense_{i}/{leaf}": f"{2 * i}.{'weight' if leaf == 'kernel' else 'bias'}"
@@ -182,6 +187,43 @@ class TorchDualOpt:
         return {mode: train_closed_loop(problem, make, mode) for mode in modes}
 
 
+class TorchNative(TorchDualOpt):
+    """The fast path with ``NATIVE_MIN_NUMEL = 0``: Adam finetune tensors of every size take the C kernel."""
+
+    def __init__(self) -> None:
+        super().__init__(foreach=True)
+        self.name = "torch DualOpt (C kernel)"
+
+    def unavailable(self) -> str | None:
+        missing = _missing()
+        if missing:
+            return missing
+        from dualopt import _torch_native
+
+        status = _torch_native.native_status()
+        return None if status["enabled"] else f"C kernel {status['reason']}"
+
+    def replay_cases(self, cases: Sequence[Case]) -> dict[str, Trajectory]:
+        with _native_for_all_sizes():
+            return super().replay_cases(cases)
+
+    def train(self, problem: Problem, modes: Sequence[str]) -> dict[str, Trajectory]:
+        with _native_for_all_sizes():
+            return super().train(problem, modes)
+
+
+@contextlib.contextmanager
+def _native_for_all_sizes() -> Iterator[None]:
+    from dualopt import _torch_kernels
+
+    before = _torch_kernels.NATIVE_MIN_NUMEL
+    _torch_kernels.NATIVE_MIN_NUMEL = 0
+    try:
+        yield
+    finally:
+        _torch_kernels.NATIVE_MIN_NUMEL = before
+
+
 class TorchAdam:
     """``torch.optim.Adam`` (same betas and eps as mode ``none``): the degenerate comparison only."""
 
@@ -212,4 +254,4 @@ class TorchAdam:
 
 
 def implementations() -> list[Implementation]:
-    return [TorchDualOpt(foreach=False), TorchDualOpt(foreach=True), TorchAdam()]
+    return [TorchDualOpt(foreach=False), TorchDualOpt(foreach=True), TorchNative(), TorchAdam()]
