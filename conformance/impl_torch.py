@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import shutil
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -195,13 +197,15 @@ class TorchNative(TorchDualOpt):
         self.name = "torch DualOpt (C kernel)"
 
     def unavailable(self) -> str | None:
+        # Decided without importing torch (discovery must not): a disabled kernel or no compiler
+        # is "skipped"; a compiler whose build then fails is an error of this implementation.
         missing = _missing()
         if missing:
             return missing
-        from dualopt import _torch_native
-
-        status = _torch_native.native_status()
-        return None if status["enabled"] else f"C kernel {status['reason']}"
+        if os.environ.get("DUALOPT_NATIVE", "1") == "0":
+            return "C kernel disabled by DUALOPT_NATIVE=0"
+        compiler = os.environ.get("CC", "cc")
+        return None if shutil.which(compiler) else f"C kernel: no C compiler ({compiler!r} not found)"
 
     def replay_cases(self, cases: Sequence[Case]) -> dict[str, Trajectory]:
         with _native_for_all_sizes():
@@ -214,8 +218,11 @@ class TorchNative(TorchDualOpt):
 
 @contextlib.contextmanager
 def _native_for_all_sizes() -> Iterator[None]:
-    from dualopt import _torch_kernels
+    from dualopt import _torch_kernels, _torch_native
 
+    status = _torch_native.native_status()
+    if not status["enabled"]:
+        raise RuntimeError(f"the C kernel did not load: {status['reason']}")
     before = _torch_kernels.NATIVE_MIN_NUMEL
     _torch_kernels.NATIVE_MIN_NUMEL = 0
     try:
