@@ -192,7 +192,7 @@ def grads_finite_fast(grads: Sequence[torch.Tensor]) -> bool:
         torch._amp_foreach_non_finite_check_and_unscale_(gs, found, torch.ones((), dtype=torch.float32, device=device))
         flags.append(found == 0)
     if large and not torch.compiler.is_compiling() and native.library() is not None:
-        # The C scan reads each value once on every thread (the sum below is a single-thread reduction).
+        # One C call per dtype for all large gradients, on torch's threads: a pure read, no sum to re-check.
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         other = []
         for g in large:
@@ -227,7 +227,7 @@ class _Bucket:
         else:
             self.bufs = [st["momentum_buffer"] for st in self.states]
         self.foldable = hp.direction == "adam" and hp.paradigm == "scratch"
-        self.large = [p.numel() >= FOLD_MIN_NUMEL for p in self.params]
+        self.large = [p.numel() >= FOLD_MIN_NUMEL for p in self.params] if self.foldable else []
         # Adam finetune on CPU: large tensors take the C kernel (step and pull in one pass) when it loads.
         self.native_candidates = [k for k, p in enumerate(self.params) if p.numel() >= NATIVE_MIN_NUMEL] if (
             hp.direction == "adam" and hp.paradigm == "finetune" and self.device.type == "cpu"
