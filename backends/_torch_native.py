@@ -12,7 +12,8 @@ without FMA contraction: on float32 and float64 it equals
 
 The C file is compiled on first use with the system C compiler (``$CC`` or
 ``cc``) into a cache directory (``$DUALOPT_NATIVE_CACHE``, else
-``$XDG_CACHE_HOME/dualopt`` or ``~/.cache/dualopt``), named by a hash of the
+``$XDG_CACHE_HOME/dualopt`` or ``~/.cache/dualopt``, else a private directory
+under the system's temporary directory), named by a hash of the
 source, the flags and the machine, so a change of any of them builds anew; the
 build takes well under a second and is written atomically, so concurrent
 processes may race to build it harmlessly. Without a compiler, on a platform
@@ -69,11 +70,26 @@ class _AdamCoefficients(ctypes.Structure):
 
 
 def _cache_dir() -> Path:
+    """Where the built library lives: ``$DUALOPT_NATIVE_CACHE``, else the user's cache directory, else a
+    private (0700, owned by this user) directory under the system's temporary directory."""
     env = os.environ.get("DUALOPT_NATIVE_CACHE")
     if env:
+        Path(env).mkdir(parents=True, exist_ok=True)
         return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dualopt"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dualopt"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return base
+    except OSError:
+        pass
+    private = Path(tempfile.gettempdir()) / f"dualopt-{os.getuid()}"
+    private.mkdir(mode=0o700, exist_ok=True)
+    st = private.stat()
+    # A shared temporary directory: load nothing from a directory another user could write into.
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError(f"{private} is not a private directory of this user")
+    return private
 
 
 def _build(compiler: str) -> Path:
@@ -90,7 +106,6 @@ def _build_with(compiler: str, flags: tuple[str, ...]) -> Path:
     target = _cache_dir() / f"dualopt_cpu-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:

@@ -182,3 +182,31 @@ def test_a_broken_compiler_falls_back(tmp_path):
     env = dict(os.environ, CC="false", DUALOPT_NATIVE_CACHE=str(tmp_path / "cache"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[0] == "False" and "false failed" in out
+
+
+@pytest.mark.skipif(not HAVE_CC or os.environ.get("DUALOPT_NATIVE") == "0", reason="no C compiler here")
+def test_an_unusable_home_cache_falls_back_to_a_private_temporary_directory(tmp_path):
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("")  # $XDG_CACHE_HOME below a file: no directory can be made there, even by root
+    (tmp_path / "tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "DUALOPT_NATIVE_CACHE"}
+    env.update(XDG_CACHE_HOME=str(blocker / "cache"), TMPDIR=str(tmp_path / "tmp"))
+    code = "import dualopt._torch_native as n; print(n.native_status()['reason'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    private = tmp_path / "tmp" / f"dualopt-{os.getuid()}"
+    assert f"loaded from {private}" in out
+    assert private.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_temporary_directory_another_user_could_write_is_not_used(tmp_path):
+    (tmp_path / "tmp").mkdir()
+    private = tmp_path / "tmp" / f"dualopt-{os.getuid()}"
+    private.mkdir(mode=0o777)
+    private.chmod(0o777)
+    env = {k: v for k, v in os.environ.items() if k != "DUALOPT_NATIVE_CACHE"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "file" / "cache"), TMPDIR=str(tmp_path / "tmp"), CC="cc")
+    (tmp_path / "file").write_text("")
+    code = "import dualopt._torch_native as n; s = n.native_status(); print(s['enabled'], s['reason'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("False") and "not a private directory" in out
+    assert not any(private.iterdir())
