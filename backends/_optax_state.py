@@ -20,15 +20,17 @@ import jax
 from decoupled_core import compute_dtype, dtype_name, invalid
 
 from ._optax_config import LeafConfig
-from ._optax_tree import leaf_paths, path_str
+from ._optax_tree import _plain_key, leaf_paths, path_str
 
-__all__ = ["STATE_FIELDS", "check_state"]
+__all__ = ["STATE_FIELDS", "check_state", "anchor_tree", "anchors_by_path"]
 
 #: ``DualOptState``'s fields, in order (the state's format; see ``dualopt.optax.DualOptState``).
 STATE_FIELDS = ("count", "skipped", "mu", "nu", "anchor")
 
 
 def _describe(x: Any) -> str:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        return f"<{type(x).__name__}>"
     return f"<array of shape {tuple(x.shape)} and dtype {dtype_name(x.dtype)}>"
 
 
@@ -56,7 +58,7 @@ def check_state(state: Any, params: Any, configs: Sequence[LeafConfig]) -> None:
             raise invalid(f"state.{name}", x if not hasattr(x, "shape") else _describe(x), "a 0-d integer array")
     treedef = jax.tree_util.tree_structure(params)
     paths = [c.path for c in configs]
-    for name in ("mu", "nu", "anchor"):
+    for name in ("mu", "nu"):
         tree = getattr(state, name)
         if jax.tree_util.tree_structure(tree) != treedef:
             theirs = [path_str(p) for p in leaf_paths(tree)]
@@ -69,18 +71,57 @@ def check_state(state: Any, params: Any, configs: Sequence[LeafConfig]) -> None:
             raise invalid(f"state.{name}", f"<pytree {what}>",
                           f"the params' structure {treedef} (was the state saved for another model?)")
     leaves = treedef.flatten_up_to(params)
-    for name in ("mu", "nu", "anchor"):
+    for name in ("mu", "nu"):
         for cfg, p, x in zip(configs, leaves, treedef.flatten_up_to(getattr(state, name))):
-            cd = dtype_name(compute_dtype(p.dtype, jax.numpy))
             hp = cfg.hp
-            if name == "mu" or (name == "nu" and hp.direction == "adam") or (name == "anchor" and hp.paradigm == "finetune"):
+            if name == "mu" or hp.direction == "adam":
                 want, why = tuple(p.shape), ""
             else:
-                want = (0,)
-                why = (" (an empty placeholder: direction='sgd' has no second moment)" if name == "nu" else
-                       f" (an empty placeholder: paradigm={hp.paradigm!r} has no anchor)")
-            if tuple(x.shape) != want or dtype_name(x.dtype) != cd:
-                context = f"direction={hp.direction!r}, paradigm={hp.paradigm!r}"
-                raise invalid(f"state.{name}[{path_str(cfg.path)!r}]", _describe(x),
-                              f"shape {want} and dtype {cd}{why} for this param ({context}; was the state saved "
-                              "for another model or with other settings?)")
+                want, why = (0,), " (an empty placeholder: direction='sgd' has no second moment)"
+            _check_leaf(f"state.{name}[{path_str(cfg.path)!r}]", x, p, want, why, hp)
+    finetune = {path_str(c.path): (c, p) for c, p in zip(configs, leaves) if c.hp.paradigm == "finetune"}
+    by_path = anchors_by_path(state.anchor, check=True)
+    if set(by_path) != set(finetune):
+        missing, extra = sorted(set(finetune) - set(by_path)), sorted(set(by_path) - set(finetune))
+        what = (f"<pytree without the finetune param {missing[0]!r}>" if missing else
+                f"<pytree with the leaf {extra[0]!r}, not a finetune param of these params>")
+        raise invalid("state.anchor", what,
+                      f"one anchor per finetune leaf ({len(finetune)}), keyed by its path (was the state saved "
+                      "for another model or with other paradigms?)")
+    for key, (cfg, p) in finetune.items():
+        _check_leaf(f"state.anchor[{key!r}]", by_path[key], p, tuple(p.shape), "", cfg.hp)
+
+
+def _check_leaf(name: str, x: Any, p: Any, want: tuple, why: str, hp: Any) -> None:
+    cd = dtype_name(compute_dtype(p.dtype, jax.numpy))
+    if tuple(getattr(x, "shape", (None,))) != want or dtype_name(getattr(x, "dtype", "")) != cd:
+        context = f"direction={hp.direction!r}, paradigm={hp.paradigm!r}"
+        raise invalid(name, _describe(x), f"shape {want} and dtype {cd}{why} for this param ({context}; was the "
+                      "state saved for another model or with other settings?)")
+
+
+def anchor_tree(anchors: Sequence[tuple[Any, Any]]) -> dict[str, Any]:
+    """``[(path, x), ...]`` -> nested dicts keyed by each path entry as a string: ``DualOptState.anchor``.
+
+    Examples
+    --------
+    >>> anchor_tree([(("backbone", 0, "kernel"), 1), (("backbone", 0, "bias"), 2)])
+    {'backbone': {'0': {'kernel': 1, 'bias': 2}}}
+    """
+    tree: dict[str, Any] = {}
+    for path, value in anchors:
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(str(part), {})
+        node[str(path[-1])] = value
+    return tree
+
+
+def anchors_by_path(anchor: Any, check: bool = False) -> dict[str, Any]:
+    """``DualOptState.anchor`` as ``{path_str: array}``, whether it is nested or keyed flat by path strings."""
+    if not isinstance(anchor, dict):
+        if check:
+            raise invalid("state.anchor", f"<{type(anchor).__name__}>",
+                          "a dict of the finetune anchors (a DualOptState from this version's init)")
+    with_path, _ = jax.tree_util.tree_flatten_with_path(anchor)
+    return {path_str(tuple(_plain_key(e) for e in kp)): x for kp, x in with_path}

@@ -62,7 +62,7 @@ from decoupled_core import check_anchor, compute_dtype, init_anchor, invalid
 
 from ._optax_config import HP_ARGS, Settings, check_settings, is_schedule, resolve_anchors, resolve_leaves
 from ._optax_step import all_finite, step_leaves
-from ._optax_state import check_state
+from ._optax_state import anchor_tree, anchors_by_path, check_state
 from ._optax_tree import Path, leaf_paths, natural_key, natural_layer_index, path_str
 
 __all__ = ["dualopt", "DualOptState", "step", "layer_rates", "natural_layer_index", "natural_key", "leaf_paths", "path_str",
@@ -73,7 +73,7 @@ Setting = Any
 
 
 class DualOptState(NamedTuple):
-    """State of :func:`dualopt`: a pytree of arrays only (checkpoint friendly, no ``None`` leaves).
+    """State of :func:`dualopt`: a NamedTuple pytree whose leaves are arrays (checkpoint friendly).
 
     Attributes
     ----------
@@ -86,11 +86,21 @@ class DualOptState(NamedTuple):
         Per leaf: Adam's first moment ``m``, or SGD's momentum buffer ``b``.
     nu : pytree
         Per leaf: Adam's second moment ``v``; an empty ``(0,)`` array for SGD leaves.
-    anchor : pytree
-        Per leaf: the finetune anchor; an empty ``(0,)`` array for other paradigms.
+    anchor : dict
+        The finetune anchors only, as nested dicts keyed by the leaf's key
+        path, each entry as a string: for dict params,
+        the params' tree without its non-finetune leaves
+        (``state.anchor["backbone"]["Dense_0"]["kernel"]``; ``{}`` when no
+        leaf is finetuned). A restored state may also key them flat by
+        :func:`path_str` (``"backbone/Dense_0/kernel"``): leaves are matched by
+        path.
 
-    ``mu``, ``nu`` and ``anchor`` have the params' structure and the compute
+    ``mu`` and ``nu`` have the params' structure; every array has the compute
     dtype (float32 for float16/bfloat16 params, else the param's dtype).
+    Scratch and ``"none"`` leaves have no anchor entry rather than an empty
+    placeholder: a placeholder is one more buffer per leaf, which ``jax.jit``
+    with a donated state copies on every step, and on a model of many small
+    leaves that cost a third of an AdamW step (``benchmarks/README.md``).
     """
 
     count: Any
@@ -192,8 +202,8 @@ def dualopt(
     >>> layer_rates(tx, params)  # rho_l per leaf; layers_2 sits between layers_0 and layers_10
     {'backbone/layers_0/w': 0.5, 'backbone/layers_10/w': 0.0, 'backbone/layers_2/w': 0.25, 'head/w': 0.1}
     >>> state = tx.init(params)
-    >>> state.anchor["backbone"]["layers_2"]["w"].tolist(), state.anchor["head"]["w"].shape
-    ([1.0, 1.0], (0,))
+    >>> state.anchor["backbone"]["layers_2"]["w"].tolist(), "head" in state.anchor  # finetune leaves only
+    ([1.0, 1.0], False)
     """
     hyper = {"direction": direction, "b1": b1, "b2": b2, "eps": eps, "momentum": momentum, "nesterov": nesterov,
              "paradigm": paradigm, "weight_decay": weight_decay, "rollback_max": rollback_max,
@@ -208,32 +218,37 @@ def dualopt(
         configs, paths = resolve_leaves(settings, params)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         given = resolve_anchors(anchor, params, paths)
-        mu, nu, anchors = [], [], []
+        mu, nu, anchors = [], [], {}  # anchors: path string -> (path, anchor)
         for cfg, p, a in zip(configs, leaves, given):
             dt = compute_dtype(p.dtype, jnp)
             mu.append(jnp.zeros_like(p, dtype=dt))
             nu.append(jnp.zeros_like(p, dtype=dt) if cfg.hp.direction == "adam" else _empty(dt))
+            key = path_str(cfg.path)
             if cfg.hp.paradigm != "finetune":
-                anchors.append(_empty(dt))
-            elif a is None:
+                continue
+            if key in anchors:  # e.g. {"a/b": x} next to {"a": {"b": y}}, or keys 1 and "1"
+                raise invalid("params", f"<pytree with two finetune leaves at {key!r}>",
+                              "finetune leaves whose key paths, as strings joined by '/', are distinct "
+                              "(they key state.anchor)")
+            if a is None:
                 if isinstance(p, jax.ShapeDtypeStruct):  # zeros can be made from a shape; an anchor cannot
-                    raise invalid("params", f"<jax.ShapeDtypeStruct at {path_str(cfg.path)!r}>",
+                    raise invalid("params", f"<jax.ShapeDtypeStruct at {key!r}>",
                                   "arrays for finetune leaves, whose values become the anchors: call tx.init on "
                                   "the pretrained params, use jax.eval_shape(tx.init, abstract_params) for the "
                                   "state's shapes, or pass the anchors with the anchor argument")
-                anchors.append(init_anchor(p, xp=jnp))
+                anchors[key] = (cfg.path, init_anchor(p, xp=jnp))
             else:
                 # Shape and dtype in the core's words; a value without a dtype (a list) is
                 # converted like jnp.asarray would. Straight to the compute dtype: an explicit
                 # float32 anchor of a bfloat16 leaf must not round through bfloat16.
-                check_anchor(f"anchor[{path_str(cfg.path)!r}]", tuple(jnp.shape(a)), getattr(a, "dtype", dt),
+                check_anchor(f"anchor[{key!r}]", tuple(jnp.shape(a)), getattr(a, "dtype", dt),
                              tuple(p.shape), p.dtype)
-                anchors.append(init_anchor(jnp.asarray(a, dtype=dt), xp=jnp))
+                anchors[key] = (cfg.path, init_anchor(jnp.asarray(a, dtype=dt), xp=jnp))
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
         # Distinct buffers everywhere (never one zero shared by two leaves): a state passed
         # through jax.jit(..., donate_argnums=...) must not donate the same buffer twice.
         return DualOptState(count=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32), mu=unflat(mu),
-                            nu=unflat(nu), anchor=unflat(anchors))
+                            nu=unflat(nu), anchor=anchor_tree(list(anchors.values())))
 
     def apply_fn(updates: Any, state: DualOptState, params: Any) -> tuple[list, list, Any, DualOptState]:
         """``(params leaves, new params leaves, ok, new state)``; ``ok`` is None under "propagate"."""
@@ -245,7 +260,8 @@ def dualopt(
         grads = treedef.flatten_up_to(updates)
         mu = treedef.flatten_up_to(state.mu)
         nu = treedef.flatten_up_to(state.nu)
-        anchors = treedef.flatten_up_to(state.anchor)
+        by_path = anchors_by_path(state.anchor)
+        anchors = [by_path[path_str(c.path)] if c.hp.paradigm == "finetune" else None for c in configs]
         lr = learning_rate(state.count) if schedule else learning_rate
         t = optax.safe_increment(state.count)
         # The moments are selected by ok inside step_leaves, before the pre-weight reads them

@@ -93,7 +93,10 @@ def main(src: str, dst: str) -> None:
             layer, leaf = name.split("/")
             entry = {"param": str(p.sharding.spec), "param_devices": len(p.sharding.device_set)}
             for field in ("mu", "nu", "anchor"):
-                s = getattr(state, field)[layer][leaf]
+                s = getattr(state, field).get(layer, {}).get(leaf)  # only finetune leaves have an anchor
+                if s is None:
+                    entry[field] = None
+                    continue
                 entry[field] = {"shape": tuple(s.shape), "spec": str(getattr(s.sharding, "spec", s.sharding)),
                                 "devices": len(s.sharding.device_set),
                                 "like_param": s.shape == p.shape and s.sharding.is_equivalent_to(p.sharding, p.ndim)}

@@ -49,6 +49,8 @@ def _jit_step(tx, donate=False):
 
 
 def test_state_layout():
+    import jax
+
     from dualopt.optax import DualOptState, dualopt
 
     params = _params()
@@ -58,10 +60,57 @@ def test_state_layout():
     k = ("Dense_0", "kernel")
     assert state.mu[k[0]][k[1]].shape == params[k[0]][k[1]].shape
     assert state.nu["Dense_1"]["kernel"].shape == (0,)  # SGD leaf: no second moment
-    assert state.anchor["Dense_2"]["kernel"].shape == (0,)  # scratch leaf: no anchor
+    # finetune leaves only: the scratch Dense_2 has no anchor entry (not even a placeholder)
+    assert sorted(state.anchor) == ["Dense_0", "Dense_1"] and sorted(state.anchor["Dense_1"]) == ["bias", "kernel"]
     np.testing.assert_array_equal(state.anchor["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
     # the anchor is a copy, not the params' buffer
     assert state.anchor["Dense_0"]["kernel"] is not params["Dense_0"]["kernel"]
+    assert len(jax.tree.leaves(state)) == 2 + 6 + 6 + 4
+
+
+def test_anchors_are_matched_by_path_nested_or_flat():
+    """A restore without a template that keys the anchors flat by path string (``"Dense_0/kernel"``) steps
+    exactly like the nested layout ``init`` makes; a missing, extra or misshaped anchor is refused by name."""
+    import jax
+
+    from decoupled_core import HyperparameterError
+    from dualopt.optax import dualopt, path_str
+
+    params = _params()
+    tx = dualopt(1e-2, **MIXED)
+    state = tx.init(params)
+    flat = {path_str(tuple(getattr(e, "key") for e in kp)): x
+            for kp, x in jax.tree_util.tree_flatten_with_path(state.anchor)[0]}
+    assert sorted(flat) == ["Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel"]
+    g = _grads(0, params)
+    want, _ = tx.update(g, state, params)
+    got, new = tx.update(g, state._replace(anchor=flat), params)
+    assert tree_equal(got, want) and new.anchor is flat  # passed through as given
+    bad = {
+        "without": ({k: v for k, v in flat.items() if k != "Dense_1/bias"},
+                    """state.anchor="<pytree without the finetune param 'Dense_1/bias'>" is invalid"""),
+        "extra": ({**flat, "Dense_2/bias": flat["Dense_1/bias"]},
+                  "<pytree with the leaf 'Dense_2/bias', not a finetune param of these params>"),
+        "shape": ({**flat, "Dense_1/bias": flat["Dense_1/bias"][:1]}, "state.anchor['Dense_1/bias']="),
+        "type": ([flat[k] for k in sorted(flat)], "state.anchor='<list>' is invalid: expected a dict of the finetune anchors"),
+    }
+    for name, (anchor, message) in bad.items():
+        with pytest.raises(HyperparameterError) as info:
+            tx.update(g, state._replace(anchor=anchor), params)
+        assert message in str(info.value), (name, str(info.value))
+
+
+def test_two_finetune_leaves_with_one_path_string_are_refused():
+    import jax.numpy as jnp
+
+    from decoupled_core import HyperparameterError
+    from dualopt.optax import dualopt
+
+    params = {"a/b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}
+    with pytest.raises(HyperparameterError, match="two finetune leaves at 'a/b'"):
+        dualopt(0.1, paradigm="finetune").init(params)
+    state = dualopt(0.1, paradigm={"a/b": "finetune", "a": "scratch"}).init(params)  # one anchor: no clash
+    assert list(state.anchor) == ["a/b"]
 
 
 def test_init_accepts_abstract_params():
@@ -247,7 +296,7 @@ def test_init_directly_on_shape_dtype_structs():
     anchors = jax.tree.map(lambda p: p + 1.0, params)
     given = dualopt(1e-2, anchor=anchors, **MIXED).init(abstract)
     np.testing.assert_array_equal(given.anchor["Dense_1"]["kernel"], anchors["Dense_1"]["kernel"])
-    assert given.anchor["Dense_2"]["kernel"].shape == (0,)
+    assert "Dense_2" not in given.anchor
     assert isinstance(given.mu["Dense_0"]["kernel"], jax.Array)
     np.testing.assert_array_equal(given.mu["Dense_0"]["kernel"], jnp.zeros_like(params["Dense_0"]["kernel"]))
 

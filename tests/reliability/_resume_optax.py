@@ -169,7 +169,8 @@ def restore_as_saved(arrays: dict[str, np.ndarray]) -> tuple[Any, DualOptState]:
             node = node.setdefault(p, {})
         node[last] = jnp.asarray(value)
     st = nested["state"]
-    return nested["params"], DualOptState(**{f: st[f] for f in DualOptState._fields})
+    # A field with no arrays (the anchors of a state without finetune leaves, {}) saves no key.
+    return nested["params"], DualOptState(**{f: st.get(f, {}) for f in DualOptState._fields})
 
 
 def templates(tx: Any, cfg: Config) -> tuple[Any, Any]:

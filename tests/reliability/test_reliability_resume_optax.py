@@ -149,7 +149,7 @@ BAD_STATES = {
                      ["state.mu['backbone/Dense_1/bias']", "shape (5,)", "expected shape (8,)"]),
     "missing layer": (_without_layer, ["state.mu=", "without the param 'backbone/Dense_10/bias'"]),
     "other paradigms": (lambda tmp: _saved_state(tmp, job.Config("scratch")),
-                        ["state.anchor['backbone/Dense_0/bias']", "shape (0,)", "paradigm='finetune'"]),
+                        ["state.anchor=", "without the finetune param 'backbone/Dense_0/bias'", "one anchor per finetune leaf"]),
     "other direction": (lambda tmp: _saved_state(tmp, job.Config("mixed", "sgd")),
                         ["state.nu['backbone/Dense_0/bias']", "shape (0,)", "direction='adam'"]),
     "state cast to bfloat16": (_cast_state, ["state.mu['backbone/Dense_0/bias']", "dtype bfloat16", "dtype float32"]),
