@@ -20,7 +20,7 @@ import jax
 from decoupled_core import compute_dtype, dtype_name, invalid
 
 from ._optax_config import LeafConfig
-from ._optax_tree import _plain_key, leaf_paths, path_str
+from ._optax_tree import leaf_paths, path_str
 
 __all__ = ["STATE_FIELDS", "check_state", "anchor_tree", "anchors_by_path"]
 
@@ -80,7 +80,10 @@ def check_state(state: Any, params: Any, configs: Sequence[LeafConfig]) -> None:
                 want, why = (0,), " (an empty placeholder: direction='sgd' has no second moment)"
             _check_leaf(f"state.{name}[{path_str(cfg.path)!r}]", x, p, want, why, hp)
     finetune = {path_str(c.path): (c, p) for c, p in zip(configs, leaves) if c.hp.paradigm == "finetune"}
-    by_path = anchors_by_path(state.anchor, check=True)
+    if not isinstance(state.anchor, dict):
+        raise invalid("state.anchor", f"<{type(state.anchor).__name__}>",
+                      "a dict of the finetune anchors (a DualOptState from this version's init)")
+    by_path = anchors_by_path(state.anchor)
     if set(by_path) != set(finetune):
         missing, extra = sorted(set(finetune) - set(by_path)), sorted(set(by_path) - set(finetune))
         what = (f"<pytree without the finetune param {missing[0]!r}>" if missing else
@@ -117,11 +120,6 @@ def anchor_tree(anchors: Sequence[tuple[Any, Any]]) -> dict[str, Any]:
     return tree
 
 
-def anchors_by_path(anchor: Any, check: bool = False) -> dict[str, Any]:
+def anchors_by_path(anchor: Any) -> dict[str, Any]:
     """``DualOptState.anchor`` as ``{path_str: array}``, whether it is nested or keyed flat by path strings."""
-    if not isinstance(anchor, dict):
-        if check:
-            raise invalid("state.anchor", f"<{type(anchor).__name__}>",
-                          "a dict of the finetune anchors (a DualOptState from this version's init)")
-    with_path, _ = jax.tree_util.tree_flatten_with_path(anchor)
-    return {path_str(tuple(_plain_key(e) for e in kp)): x for kp, x in with_path}
+    return dict(zip((path_str(p) for p in leaf_paths(anchor)), jax.tree_util.tree_leaves(anchor)))

@@ -226,7 +226,7 @@ def dualopt(
             key = path_str(cfg.path)
             if cfg.hp.paradigm != "finetune":
                 continue
-            if key in anchors:  # e.g. {"a/b": x} next to {"a": {"b": y}}, or keys 1 and "1"
+            if key in anchors:  # e.g. {"a/b": x} next to {"a": {"b": y}}
                 raise invalid("params", f"<pytree with two finetune leaves at {key!r}>",
                               "finetune leaves whose key paths, as strings joined by '/', are distinct "
                               "(they key state.anchor)")

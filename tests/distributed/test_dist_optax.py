@@ -54,7 +54,7 @@ def _check_layout(layout: dict, direction: str) -> None:
         real = ["mu"] + (["nu"] if direction == "adam" else []) + (["anchor"] if name in FINETUNE else [])
         for field in real:
             assert e[field]["like_param"] and e[field]["devices"] == 4, (name, field, e[field])
-        assert e["anchor"] is None or "anchor" in real, name  # non-finetune leaves have no anchor entry
+        assert (e["anchor"] is None) == ("anchor" not in real), name  # only finetune leaves have an anchor entry
         if direction == "sgd":
             assert e["nu"]["shape"] == (0,), name  # an empty placeholder, nothing to shard
     assert layout["count"] == {"devices": 4, "replicated": True}
