@@ -34,8 +34,11 @@ def _describe(x: Any) -> str:
     return f"<array of shape {tuple(x.shape)} and dtype {dtype_name(x.dtype)}>"
 
 
-def check_state(state: Any, params: Any, configs: Sequence[LeafConfig]) -> None:
+def check_state(state: Any, params: Any, configs: Sequence[LeafConfig]) -> list[Any]:
     """Raise the spec's ``"<name>=<value> is invalid: expected <accepted>."`` for a state that does not fit.
+
+    Returns the anchor of every leaf in flatten order (``None`` where the leaf
+    is not finetune), matched by path, so the update does not match them again.
 
     Examples
     --------
@@ -93,6 +96,7 @@ def check_state(state: Any, params: Any, configs: Sequence[LeafConfig]) -> None:
                       "for another model or with other paradigms?)")
     for key, (cfg, p) in finetune.items():
         _check_leaf(f"state.anchor[{key!r}]", by_path[key], p, tuple(p.shape), "", cfg.hp)
+    return [by_path[path_str(c.path)] if c.hp.paradigm == "finetune" else None for c in configs]
 
 
 def _check_leaf(name: str, x: Any, p: Any, want: tuple, why: str, hp: Any) -> None:

@@ -62,7 +62,7 @@ from decoupled_core import check_anchor, compute_dtype, init_anchor, invalid
 
 from ._optax_config import HP_ARGS, Settings, check_settings, is_schedule, resolve_anchors, resolve_leaves
 from ._optax_step import all_finite, step_leaves
-from ._optax_state import anchor_tree, anchors_by_path, check_state
+from ._optax_state import anchor_tree, check_state
 from ._optax_tree import Path, leaf_paths, natural_key, natural_layer_index, path_str
 
 __all__ = ["dualopt", "DualOptState", "step", "layer_rates", "natural_layer_index", "natural_key", "leaf_paths", "path_str",
@@ -87,13 +87,12 @@ class DualOptState(NamedTuple):
     nu : pytree
         Per leaf: Adam's second moment ``v``; an empty ``(0,)`` array for SGD leaves.
     anchor : dict
-        The finetune anchors only, as nested dicts keyed by the leaf's key
-        path, each entry as a string: for dict params,
-        the params' tree without its non-finetune leaves
-        (``state.anchor["backbone"]["Dense_0"]["kernel"]``; ``{}`` when no
-        leaf is finetuned). A restored state may also key them flat by
-        :func:`path_str` (``"backbone/Dense_0/kernel"``): leaves are matched by
-        path.
+        The finetune anchors only, as nested dicts keyed by each entry of the
+        leaf's key path as a string; for dict params, the params' tree without
+        its non-finetune leaves (``state.anchor["backbone"]["Dense_0"]["kernel"]``;
+        ``{}`` when no leaf is finetuned). A restored state may also key them
+        flat by :func:`path_str` (``"backbone/Dense_0/kernel"``): leaves are
+        matched by path.
 
     ``mu`` and ``nu`` have the params' structure; every array has the compute
     dtype (float32 for float16/bfloat16 params, else the param's dtype).
@@ -255,13 +254,11 @@ def dualopt(
         if params is None:
             raise ValueError("dualopt needs the params (the pull acts on them): call tx.update(grads, state, params).")
         configs, _ = resolve_leaves(settings, params)
-        check_state(state, params, configs)  # static shapes/dtypes only: free under jit
+        anchors = check_state(state, params, configs)  # static shapes/dtypes only: free under jit
         leaves, treedef = jax.tree_util.tree_flatten(params)
         grads = treedef.flatten_up_to(updates)
         mu = treedef.flatten_up_to(state.mu)
         nu = treedef.flatten_up_to(state.nu)
-        by_path = anchors_by_path(state.anchor)
-        anchors = [by_path[path_str(c.path)] if c.hp.paradigm == "finetune" else None for c in configs]
         lr = learning_rate(state.count) if schedule else learning_rate
         t = optax.safe_increment(state.count)
         # The moments are selected by ok inside step_leaves, before the pre-weight reads them

@@ -211,8 +211,8 @@ def flushed(p: Problem, ftz: bool = False) -> Problem:
     ``ftz``: the namespace flushes subnormal results to zero (XLA on CPU does), so also keep ``g * g``,
     ``(1 - b2) * g * g`` and ``(1 - b1) * g`` normal: values below ``2**16 * sqrt(smallest normal)``
     are set to 0, and so are the decay factors ``beta1``, ``beta2`` and ``momentum`` and the learning
-    rates below that limit, whose products with a moment would be subnormal. A Nesterov group with such a momentum becomes plain
-    momentum 0 (Nesterov needs momentum > 0; at momentum 0 both rules give u = g). Where numpy produces
+    rates below that limit, whose products with a moment would be subnormal. A Nesterov group with such
+    a momentum becomes plain momentum 0 (Nesterov needs momentum > 0; at momentum 0 both rules give u = g). Where numpy produces
     a subnormal, XLA produces 0: not the spec's IEEE arithmetic, and outside the domain of the "exact"
     class."""
     own = finfo(p.dtype)
