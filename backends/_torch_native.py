@@ -10,13 +10,9 @@ without FMA contraction: on float32 and float64 it equals
 :func:`decoupled_core.step_tensor` evaluated with numpy bit for bit
 (``tests/torch/test_torch_native.py`` asserts it).
 
-The C file is compiled on first use with the system C compiler (``$CC`` or
-``cc``) into a cache directory (``$DUALOPT_NATIVE_CACHE``, else
-``$XDG_CACHE_HOME/dualopt`` or ``~/.cache/dualopt``, else a private directory
-under the system's temporary directory), named by a hash of the
-source, the flags and the machine, so a change of any of them builds anew; the
-build takes well under a second and is written atomically, so concurrent
-processes may race to build it harmlessly. Without a compiler, on a platform
+The C file is compiled on first use with the system C compiler into a
+cache directory, keyed by its sources and flags (:mod:`dualopt._native_build`);
+the build takes well under a second. Without a compiler, on a platform
 where the build or the load fails, or with ``DUALOPT_NATIVE=0``, nothing
 changes but speed: the optimizer keeps its multi-tensor path.
 :func:`native_status` says which case holds.
@@ -31,31 +27,19 @@ True
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
 import subprocess
-import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from . import _native_build
+
 __all__ = ["NATIVE_DTYPES", "library", "native_status", "adam_pull", "all_finite"]
 
-_SOURCE = Path(__file__).with_name("native") / "dualopt_cpu.c"
+_SOURCE = _native_build.NATIVE_DIR / "dualopt_cpu.c"
 _ABI = 1  # DUALOPT_NATIVE_ABI in the C file
-# -ffp-contract=off and no -ffast-math keep every operation one IEEE rounding (bitwise the core);
-# -fno-math-errno lets sqrt vectorise.
-_FLAGS = ("-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared")
-# Tried first: OpenMP threads. libgomp is already loaded by torch (torch/lib/libgomp.so.1 in the
-# CPU wheels), so the loader resolves this library's libgomp.so.1 to the same runtime and the
-# kernels share torch's thread pool; a wheel whose libgomp has another name gets a second pool,
-# correct but slower. Without OpenMP the build is serial.
-_OPENMP = ("-fopenmp",)
-
 #: The dtypes the C kernels take (as they are; float16/bfloat16 go through float32 working copies).
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
@@ -69,67 +53,24 @@ class _AdamCoefficients(ctypes.Structure):
                 ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "step_size", "inv_sqrt_bc2")]
 
 
-def _cache_dir() -> Path:
-    """Where the built library lives: ``$DUALOPT_NATIVE_CACHE``, else the user's cache directory, else a
-    private (0700, owned by this user) directory under the system's temporary directory."""
-    env = os.environ.get("DUALOPT_NATIVE_CACHE")
-    if env:
-        Path(env).mkdir(parents=True, exist_ok=True)
-        return Path(env)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dualopt"
+def _build() -> Path:
+    # Tried first: OpenMP threads. libgomp is already loaded by torch (torch/lib/libgomp.so.1 in the
+    # CPU wheels), so the loader resolves this library's libgomp.so.1 to the same runtime and the
+    # kernels share torch's thread pool; a wheel whose libgomp has another name gets a second pool,
+    # correct but slower. Without OpenMP the build is serial.
     try:
-        base.mkdir(parents=True, exist_ok=True)
-        if os.access(base, os.W_OK):
-            return base
+        return _native_build.build(_SOURCE, _native_build.compile_flags(openmp=True))
     except OSError:
-        pass
-    private = Path(tempfile.gettempdir()) / f"dualopt-{os.getuid()}"
-    private.mkdir(mode=0o700, exist_ok=True)
-    st = private.stat()
-    # A shared temporary directory: load nothing from a directory another user could write into.
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise OSError(f"{private} is not a private directory of this user")
-    return private
-
-
-def _build(compiler: str) -> Path:
-    try:
-        return _build_with(compiler, _FLAGS + _OPENMP)
-    except OSError:
-        return _build_with(compiler, _FLAGS)
-
-
-def _build_with(compiler: str, flags: tuple[str, ...]) -> Path:
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join((compiler,) + flags).encode(),
-                                     platform.machine().encode(), sys.platform.encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"dualopt_cpu-{key}.so"
-    if target.exists():
-        return target
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=120)
-        if proc.returncode != 0:
-            raise OSError(f"{compiler} failed: {proc.stderr.strip()[:500]}")
-        os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+        return _native_build.build(_SOURCE, _native_build.compile_flags(openmp=False))
 
 
 def _load() -> None:
-    if os.environ.get("DUALOPT_NATIVE", "1") == "0":
-        _state.update(lib=None, reason="disabled by DUALOPT_NATIVE=0")
+    off = _native_build.disabled()
+    if off:
+        _state.update(lib=None, reason=off)
         return
-    if sys.platform == "win32":
-        _state.update(lib=None, reason="not built on Windows")
-        return
-    compiler = os.environ.get("CC", "cc")
     try:
-        path = _build(compiler)
+        path = _build()
         lib = ctypes.CDLL(str(path))
         if lib.dualopt_abi() != _ABI:
             raise OSError(f"{path} has ABI {lib.dualopt_abi()}, expected {_ABI}")

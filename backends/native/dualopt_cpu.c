@@ -5,32 +5,21 @@
  * torch has no fused kernel that can also read it, and a second multi-tensor pass
  * costs 12 more bytes per element (1.4x AdamW instead of 32/28 = 1.14x).
  *
- * The arithmetic is the spec's (decoupled_core.rule.adam_pre_weight and pull),
- * operation for operation, in the tensor's dtype, with every coefficient rounded
- * once from the host's float64 by the caller.  It must be compiled with
- * -ffp-contract=off (no FMA contraction) and without -ffast-math: then every
- * operation is one correctly rounded IEEE operation and the result equals the
- * core evaluated with numpy bit for bit.  -fno-math-errno only lets sqrt
- * vectorise (a negative argument cannot occur: v >= 0).
+ * The arithmetic is dualopt_kernels.h's (shared with dualopt_xla.c, the JAX front
+ * end): the spec's, operation for operation, bitwise the core with numpy.  Here the
+ * caller's float64 coefficients are rounded once to the tensor's dtype.
  *
  * Built on first use by dualopt/_torch_native.py (with -fopenmp where the compiler has it)
  * and called through ctypes; the GIL is released while a kernel runs.
  */
-#include <math.h>
-#include <stdint.h>
 #include <string.h>
+
+#include "dualopt_kernels.h"
 
 #define DUALOPT_NATIVE_ABI 1
 #define MAX_THREADS 64
 /* Below this many elements per thread a thread costs more than it saves. */
 #define MIN_PER_THREAD (1 << 16)
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-/* AVX2 where the CPU has it, chosen at load time: wider vectors, same IEEE results. */
-#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VECTOR_CLONES
-#endif
 
 int dualopt_abi(void) { return DUALOPT_NATIVE_ABI; }
 
@@ -39,50 +28,20 @@ typedef struct {
   double beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_sqrt_bc2;
 } adam_coefficients;
 
-#define ADAM_PULL_RANGE(NAME, T)                                                                    \
-  VECTOR_CLONES static void NAME(T *restrict p, const T *restrict g, T *restrict m, T *restrict v,  \
-                                 const T *restrict a, int64_t n, const adam_coefficients *k,        \
-                                 T c, int negate) {                                                 \
-    const T b1 = (T)k->beta1, omb1 = (T)k->one_minus_beta1, b2 = (T)k->beta2,                       \
-            omb2 = (T)k->one_minus_beta2, eps = (T)k->eps, ss = (T)k->step_size,                    \
-            ib = (T)k->inv_sqrt_bc2;                                                                \
-    const T sign = negate ? (T)-1 : (T)1; /* exact: the gradient of the minimised objective */      \
-    if (c == (T)0) { /* no pull: pre itself (the spec skips it; c * (pre - a) could be NaN) */      \
-      for (int64_t i = 0; i < n; i++) {                                                             \
-        T gi = sign * g[i];                                                                         \
-        T mi = b1 * m[i] + omb1 * gi;                                                               \
-        T vi = b2 * v[i] + omb2 * (gi * gi);                                                        \
-        m[i] = mi;                                                                                  \
-        v[i] = vi;                                                                                  \
-        p[i] = p[i] - ss * (mi / (sqrt(vi) * ib + eps));                                            \
-      }                                                                                             \
-    } else if (a) {                                                                                 \
-      for (int64_t i = 0; i < n; i++) {                                                             \
-        T gi = sign * g[i];                                                                         \
-        T mi = b1 * m[i] + omb1 * gi;                                                               \
-        T vi = b2 * v[i] + omb2 * (gi * gi);                                                        \
-        T pre = p[i] - ss * (mi / (sqrt(vi) * ib + eps));                                           \
-        m[i] = mi;                                                                                  \
-        v[i] = vi;                                                                                  \
-        p[i] = pre - c * (pre - a[i]);                                                              \
-      }                                                                                             \
-    } else {                                                                                        \
-      for (int64_t i = 0; i < n; i++) {                                                             \
-        T gi = sign * g[i];                                                                         \
-        T mi = b1 * m[i] + omb1 * gi;                                                               \
-        T vi = b2 * v[i] + omb2 * (gi * gi);                                                        \
-        T pre = p[i] - ss * (mi / (sqrt(vi) * ib + eps));                                           \
-        m[i] = mi;                                                                                  \
-        v[i] = vi;                                                                                  \
-        p[i] = pre - c * pre;                                                                       \
-      }                                                                                             \
-    }                                                                                               \
+#define STORE_IN_PLACE(i, x) (p[i] = (x))
+
+#define ADAM_PULL_RANGE(NAME, T, SQRT, COEFFICIENTS)                                              \
+  DUALOPT_VECTOR_CLONES static void NAME(T *restrict p, const T *restrict g, T *restrict m,        \
+                                         T *restrict v, const T *restrict a, int64_t n,            \
+                                         const adam_coefficients *h, T c, int negate) {            \
+    const COEFFICIENTS k = {(T)h->beta1, (T)h->one_minus_beta1, (T)h->beta2, (T)h->one_minus_beta2, \
+                            (T)h->eps, (T)h->step_size, (T)h->inv_sqrt_bc2, c, negate ? (T)-1 : (T)1}; \
+    int kind = c == (T)0 ? DUALOPT_PULL_NONE : a ? DUALOPT_PULL_ANCHOR : DUALOPT_PULL_ZERO;         \
+    DUALOPT_ADAM_STEP(T, SQRT, p, g, m, v, a, n, &k, kind, STORE_IN_PLACE);                        \
   }
 
-ADAM_PULL_RANGE(adam_pull_f64_range, double)
-#define sqrt sqrtf /* the float32 kernel takes the float32 square root */
-ADAM_PULL_RANGE(adam_pull_f32_range, float)
-#undef sqrt
+ADAM_PULL_RANGE(adam_pull_f64_range, double, sqrt, dualopt_coefficients_f64)
+ADAM_PULL_RANGE(adam_pull_f32_range, float, sqrtf, dualopt_coefficients_f32)
 
 /* The tensors of one call seen as one concatenated range [0, total); a job is a slice of it. */
 typedef struct {
@@ -117,19 +76,6 @@ static void *adam_pull_job(void *arg) {
   return NULL;
 }
 
-/* A value is non-finite iff its exponent bits are all ones; the OR-reduction vectorises. */
-VECTOR_CLONES static int finite_f32(const uint32_t *restrict x, int64_t n) {
-  uint32_t bad = 0;
-  for (int64_t i = 0; i < n; i++) bad |= (uint32_t)((x[i] & 0x7f800000u) == 0x7f800000u);
-  return bad == 0;
-}
-
-VECTOR_CLONES static int finite_f64(const uint64_t *restrict x, int64_t n) {
-  uint64_t bad = 0;
-  for (int64_t i = 0; i < n; i++) bad |= (uint64_t)((x[i] & 0x7ff0000000000000ull) == 0x7ff0000000000000ull);
-  return bad == 0;
-}
-
 static void *finite_job(void *arg) {
   job *j = (job *)arg;
   int64_t start = 0;
@@ -137,8 +83,8 @@ static void *finite_job(void *arg) {
   for (int64_t t = 0; t < j->count && start < j->hi && j->finite; t++) {
     int64_t end = start + j->n[t], lo = j->lo > start ? j->lo : start, hi = j->hi < end ? j->hi : end;
     if (lo < hi)
-      j->finite = j->is_f64 ? finite_f64((const uint64_t *)j->g[t] + (lo - start), hi - lo)
-                            : finite_f32((const uint32_t *)j->g[t] + (lo - start), hi - lo);
+      j->finite = j->is_f64 ? dualopt_finite_f64((const uint64_t *)j->g[t] + (lo - start), hi - lo)
+                            : dualopt_finite_f32((const uint32_t *)j->g[t] + (lo - start), hi - lo);
     start = end;
   }
   return NULL;
