@@ -47,6 +47,12 @@ Optax casts injected numbers to the params' dtype, so with float32 params
 in ``static_args`` or use ``hyperparam_dtype=jnp.float64`` (x64 on) for the
 plain transform's exact arithmetic.
 
+On CPU, small Adam leaves are stepped by a C kernel (one XLA custom call for
+many leaves, bitwise the spec; :mod:`dualopt._optax_native`): on a model of
+many small tensors XLA's three kernels per tensor cost more than the
+arithmetic. ``DUALOPT_NATIVE=0`` keeps XLA's operations everywhere; trace a
+program for ``jax.export`` that way.
+
 Only ``jax`` and ``optax`` are imported here (never torch or tensorflow).
 """
 
@@ -61,12 +67,12 @@ import optax
 from decoupled_core import check_anchor, compute_dtype, init_anchor, invalid
 
 from ._optax_config import HP_ARGS, Settings, check_settings, is_schedule, resolve_anchors, resolve_leaves
-from ._optax_step import all_finite, step_leaves
-from ._optax_state import anchor_tree, check_state
+from ._optax_step import step_leaves
+from ._optax_state import anchor_tree, check_state, pack, packed_layout
 from ._optax_tree import Path, leaf_paths, natural_key, natural_layer_index, path_str
 
-__all__ = ["dualopt", "DualOptState", "step", "layer_rates", "natural_layer_index", "natural_key", "leaf_paths", "path_str",
-           "Path"]
+__all__ = ["dualopt", "DualOptState", "step", "anchors", "layer_rates", "natural_layer_index", "natural_key",
+           "leaf_paths", "path_str", "Path"]
 
 Setting = Any
 """A single value, a pytree whose structure is a prefix of the params', or a function of the key path."""
@@ -87,19 +93,27 @@ class DualOptState(NamedTuple):
     nu : pytree
         Per leaf: Adam's second moment ``v``; an empty ``(0,)`` array for SGD leaves.
     anchor : dict
-        The finetune anchors only, as nested dicts keyed by each entry of the
-        leaf's key path as a string; for dict params, the params' tree without
-        its non-finetune leaves (``state.anchor["backbone"]["Dense_0"]["kernel"]``;
-        ``{}`` when no leaf is finetuned). A restored state may also key them
-        flat by :func:`path_str` (``"backbone/Dense_0/kernel"``): leaves are
-        matched by path.
+        The anchors of finetune leaves of more than
+        :data:`~dualopt._optax_state.PACK_MAX_SIZE` (65536) elements, each an
+        array of its param's shape, as nested dicts keyed by each entry of the
+        leaf's key path as a string (for dict params, the params' tree without
+        its other leaves: ``state.anchor["backbone"]["encoder"]["kernel"]``;
+        ``{}`` when there are none). A restored state may also key them flat by
+        :func:`path_str` (``"backbone/encoder/kernel"``): leaves are matched by
+        path.
+    packed_anchor : dict
+        The anchors of the smaller finetune leaves, packed in flatten order into
+        one 1-D array per compute dtype (``{"float32": array}``; ``{}`` when
+        there are none). :func:`anchors` gives every anchor by path.
 
     ``mu`` and ``nu`` have the params' structure; every array has the compute
     dtype (float32 for float16/bfloat16 params, else the param's dtype).
-    Scratch and ``"none"`` leaves have no anchor entry rather than an empty
-    placeholder: a placeholder is one more buffer per leaf, which ``jax.jit``
-    with a donated state copies on every step, and on a model of many small
-    leaves that cost a third of an AdamW step (``benchmarks/README.md``).
+    Scratch and ``"none"`` leaves have no anchor. Every array of a state is one
+    more input and output buffer of a jitted step, which on a model of many
+    small leaves costs more than its bytes: an empty placeholder per scratch
+    leaf cost a third of an AdamW step, and an anchor array per small finetune
+    leaf made finetune 1.4x scratch on 2000 tensors of 32x32
+    (``benchmarks/README.md``); hence the packing.
     """
 
     count: Any
@@ -107,6 +121,7 @@ class DualOptState(NamedTuple):
     mu: Any
     nu: Any
     anchor: Any
+    packed_anchor: Any
 
 
 def _empty(dtype: Any) -> Any:
@@ -201,8 +216,9 @@ def dualopt(
     >>> layer_rates(tx, params)  # rho_l per leaf; layers_2 sits between layers_0 and layers_10
     {'backbone/layers_0/w': 0.5, 'backbone/layers_10/w': 0.0, 'backbone/layers_2/w': 0.25, 'head/w': 0.1}
     >>> state = tx.init(params)
-    >>> state.anchor["backbone"]["layers_2"]["w"].tolist(), "head" in state.anchor  # finetune leaves only
-    ([1.0, 1.0], False)
+    >>> found = anchors(tx, state, params)  # finetune leaves only (small ones are packed in the state)
+    >>> found["backbone"]["layers_2"]["w"].tolist(), "head" in found, state.packed_anchor["float32"].shape
+    ([1.0, 1.0], False, (6,))
     """
     hyper = {"direction": direction, "b1": b1, "b2": b2, "eps": eps, "momentum": momentum, "nesterov": nesterov,
              "paradigm": paradigm, "weight_decay": weight_decay, "rollback_max": rollback_max,
@@ -217,8 +233,9 @@ def dualopt(
         configs, paths = resolve_leaves(settings, params)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         given = resolve_anchors(anchor, params, paths)
-        mu, nu, anchors = [], [], {}  # anchors: path string -> (path, anchor)
-        for cfg, p, a in zip(configs, leaves, given):
+        slots, _ = packed_layout(configs, leaves)
+        mu, nu, anchors, packed = [], [], {}, {}  # anchors: path string -> (path, anchor)
+        for cfg, p, a, slot in zip(configs, leaves, given, slots):
             dt = compute_dtype(p.dtype, jnp)
             mu.append(jnp.zeros_like(p, dtype=dt))
             nu.append(jnp.zeros_like(p, dtype=dt) if cfg.hp.direction == "adam" else _empty(dt))
@@ -228,29 +245,33 @@ def dualopt(
             if key in anchors:  # e.g. {"a/b": x} next to {"a": {"b": y}}
                 raise invalid("params", f"<pytree with two finetune leaves at {key!r}>",
                               "finetune leaves whose key paths, as strings joined by '/', are distinct "
-                              "(they key state.anchor)")
+                              "(they key the anchors)")
             if a is None:
                 if isinstance(p, jax.ShapeDtypeStruct):  # zeros can be made from a shape; an anchor cannot
                     raise invalid("params", f"<jax.ShapeDtypeStruct at {key!r}>",
                                   "arrays for finetune leaves, whose values become the anchors: call tx.init on "
                                   "the pretrained params, use jax.eval_shape(tx.init, abstract_params) for the "
                                   "state's shapes, or pass the anchors with the anchor argument")
-                anchors[key] = (cfg.path, init_anchor(p, xp=jnp))
+                value = init_anchor(p, xp=jnp)
             else:
                 # Shape and dtype in the core's words; a value without a dtype (a list) is
                 # converted like jnp.asarray would. Straight to the compute dtype: an explicit
                 # float32 anchor of a bfloat16 leaf must not round through bfloat16.
                 check_anchor(f"anchor[{key!r}]", tuple(jnp.shape(a)), getattr(a, "dtype", dt),
                              tuple(p.shape), p.dtype)
-                anchors[key] = (cfg.path, init_anchor(jnp.asarray(a, dtype=dt), xp=jnp))
+                value = init_anchor(jnp.asarray(a, dtype=dt), xp=jnp)
+            anchors[key] = (cfg.path, value) if slot is None else None
+            if slot is not None:
+                packed.setdefault(slot.key, []).append(value)
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
         # Distinct buffers everywhere (never one zero shared by two leaves): a state passed
         # through jax.jit(..., donate_argnums=...) must not donate the same buffer twice.
         return DualOptState(count=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32), mu=unflat(mu),
-                            nu=unflat(nu), anchor=anchor_tree(list(anchors.values())))
+                            nu=unflat(nu), anchor=anchor_tree([a for a in anchors.values() if a is not None]),
+                            packed_anchor={k: pack(v) for k, v in packed.items()})
 
-    def apply_fn(updates: Any, state: DualOptState, params: Any) -> tuple[list, list, Any, DualOptState]:
-        """``(params leaves, new params leaves, ok, new state)``; ``ok`` is None under "propagate"."""
+    def apply_fn(updates: Any, state: DualOptState, params: Any, output: str) -> tuple[Any, DualOptState]:
+        """``(updates or new params, new state)``."""
         if params is None:
             raise ValueError("dualopt needs the params (the pull acts on them): call tx.update(grads, state, params).")
         configs, _ = resolve_leaves(settings, params)
@@ -261,10 +282,8 @@ def dualopt(
         nu = treedef.flatten_up_to(state.nu)
         lr = learning_rate(state.count) if schedule else learning_rate
         t = optax.safe_increment(state.count)
-        # The moments are selected by ok inside step_leaves, before the pre-weight reads them
-        # (one write per moment buffer; see _optax_step).
-        ok = all_finite(grads) if nonfinite == "skip" else None
-        new_p, new_mu, new_nu = step_leaves(configs, leaves, grads, mu, nu, anchors, lr=lr, t=t, ok=ok)
+        out, new_mu, new_nu, ok = step_leaves(configs, leaves, grads, mu, nu, anchors, lr=lr, t=t,
+                                              check=nonfinite == "skip", output=output)
         if ok is not None:
             count = jnp.where(ok, t, state.count)
             skipped = jnp.where(ok, state.skipped, optax.safe_increment(state.skipped))
@@ -272,24 +291,15 @@ def dualopt(
             count, skipped = t, state.skipped
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
         new_state = DualOptState(count=count, skipped=skipped, mu=unflat(new_mu), nu=unflat(new_nu),
-                                 anchor=state.anchor)
-        return leaves, new_p, ok, new_state
+                                 anchor=state.anchor, packed_anchor=state.packed_anchor)
+        return unflat(out), new_state
 
     def update_fn(updates: Any, state: DualOptState, params: Any = None, **extra_args: Any) -> tuple[Any, DualOptState]:
         del extra_args
-        leaves, new_p, ok, new_state = apply_fn(updates, state, params)
-        if ok is None:
-            out = [n - p for n, p in zip(new_p, leaves)]
-        else:
-            # -0.0 leaves every param's bits alone (x + -0.0 == x, also for x == -0.0)
-            out = [jnp.where(ok, n - p, jnp.asarray(-0.0, p.dtype)) for n, p in zip(new_p, leaves)]
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), out), new_state
+        return apply_fn(updates, state, params, "updates")
 
     def step_fn(grads: Any, state: DualOptState, params: Any) -> tuple[Any, DualOptState]:
-        leaves, new_p, ok, new_state = apply_fn(grads, state, params)
-        if ok is not None:
-            new_p = [jnp.where(ok, n, p) for n, p in zip(new_p, leaves)]
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), new_p), new_state
+        return apply_fn(grads, state, params, "params")
 
     init_fn._dualopt_settings = settings  # type: ignore[attr-defined]  # read by layer_rates
     update_fn._dualopt_step = step_fn  # type: ignore[attr-defined]  # read by step
@@ -321,13 +331,38 @@ def step(tx: optax.GradientTransformation, grads: Any, state: DualOptState, para
     return fn(grads, state, params)
 
 
+def anchors(tx: optax.GradientTransformation, state: DualOptState, params: Any) -> dict[str, Any]:
+    """Every finetune leaf's anchor, packed or not, as nested dicts keyed by each key-path entry as a string.
+
+    For dict params this is the params' tree without its non-finetune leaves;
+    each anchor has its param's shape and the compute dtype. Raises like
+    ``tx.update`` when ``state`` does not belong to ``tx`` and ``params``.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> params = {"backbone": {"w": jnp.ones(2)}, "head": {"w": jnp.zeros(2)}}
+    >>> tx = dualopt(0.1, paradigm={"backbone": "finetune", "head": "scratch"})
+    >>> state = tx.init(params)
+    >>> anchors(tx, state, params)["backbone"]["w"].tolist(), "head" in anchors(tx, state, params)
+    ([1.0, 1.0], False)
+    """
+    configs, _ = resolve_leaves(_settings_of(tx), params)
+    found = check_state(state, params, configs)
+    return anchor_tree([(c.path, found.of(i)) for i, c in enumerate(configs) if c.hp.paradigm == "finetune"])
+
+
+def _settings_of(tx: Any) -> Settings:
+    settings = getattr(getattr(tx, "init", None), "_dualopt_settings", None)
+    if settings is None:
+        raise invalid("tx", type(tx).__name__, "a transform returned by dualopt.optax.dualopt")
+    return settings
+
+
 def layer_rates(tx: optax.GradientTransformation, params: Any) -> dict[str, Any]:
     """rho_l of every leaf (``{"path/str": rate}``, flatten order) that ``tx`` from :func:`dualopt` uses on ``params``.
 
     Use it to check a layer numbering before training (see :func:`dualopt`'s example).
     """
-    settings = getattr(getattr(tx, "init", None), "_dualopt_settings", None)
-    if settings is None:
-        raise invalid("tx", type(tx).__name__, "a transform returned by dualopt.optax.dualopt")
-    configs, paths = resolve_leaves(settings, params)
+    configs, paths = resolve_leaves(_settings_of(tx), params)
     return {path_str(p): c.rate for p, c in zip(paths, configs)}

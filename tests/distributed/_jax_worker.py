@@ -26,7 +26,9 @@ Jobs
 
 Answers per job: the trajectories of both runs (float64 numpy, the problem's
 names) and, for the sharded run, the sharding of every parameter and state
-leaf after ``init`` and after the last step.
+leaf after ``init`` and after the last step. The problem's tensors are all
+small, so their anchors are packed (``state.packed_anchor``), one replicated
+array; a per-leaf anchor entry would be sharded like its param.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def main(src: str, dst: str) -> None:
 
     from dualopt.conformance.impl_optax import dualopt_kwargs
     from dualopt.conformance.problem import LAYER_INDEX, NAMES, group_hyperparams, make_problem
-    from dualopt.optax import dualopt
+    from dualopt.optax import dualopt, leaf_paths, path_str
 
     with open(src, "rb") as fh:
         request = pickle.load(fh)
@@ -103,7 +105,13 @@ def main(src: str, dst: str) -> None:
             out[name] = entry
         out["count"] = {"devices": len(state.count.sharding.device_set),
                         "replicated": state.count.sharding.is_fully_replicated}
+        out["packed_anchor"] = {k: {"shape": tuple(v.shape), "devices": len(v.sharding.device_set),
+                                    "replicated": v.sharding.is_fully_replicated}
+                                for k, v in state.packed_anchor.items()}
         return out
+
+    def by_path(tree: Any) -> dict[str, np.ndarray]:
+        return {path_str(p): np.asarray(v).copy() for p, v in zip(leaf_paths(tree), jax.tree.leaves(tree))}
 
     def loss(params: Any, x: Any, y: Any) -> Any:
         h = x
@@ -140,8 +148,7 @@ def main(src: str, dst: str) -> None:
             trajectory.append(numpy_params(params))
         answer.update(trajectory=trajectory, layout=layout(params, state) if sharded else None,
                       count=int(state.count), skipped=int(state.skipped),
-                      state={f: {n: np.asarray(v).copy() for n, v in flat(getattr(state, f)).items()}
-                             for f in ("mu", "nu", "anchor")})
+                      state={f: by_path(getattr(state, f)) for f in ("mu", "nu", "anchor", "packed_anchor")})
         return answer
 
     def run_train(job: dict[str, Any], sharded: bool) -> dict[str, Any]:

@@ -97,7 +97,7 @@ def test_default_rollback_max_uses_base_lr():
 def test_settings_single_prefix_and_function_agree():
     import jax
 
-    from dualopt.optax import dualopt
+    from dualopt.optax import anchors, dualopt
 
     params = {"backbone": _dense("layers_0", "layers_1"), "head": _dense("out")}
     by_prefix = dualopt(0.1, paradigm={"backbone": "finetune", "head": "scratch"},
@@ -107,10 +107,12 @@ def test_settings_single_prefix_and_function_agree():
     full = jax.tree.map(lambda _: "finetune", params)
     full["head"] = jax.tree.map(lambda _: "scratch", params["head"])
     by_full = dualopt(0.1, paradigm=full, weight_decay={"backbone": 0.0, "head": 0.5}, rollback_max=2.0)
-    states = [tx.init(params) for tx in (by_prefix, by_fn, by_full)]
-    shapes = [jax.tree.map(lambda a: a.shape, s.anchor) for s in states]
+    txs = (by_prefix, by_fn, by_full)
+    states = [tx.init(params) for tx in txs]
+    shapes = [jax.tree.map(lambda a: a.shape, anchors(tx, s, params)) for tx, s in zip(txs, states)]
     assert shapes[0] == shapes[1] == shapes[2]
-    assert list(states[0].anchor) == ["backbone"]  # finetune leaves only: the scratch head has no entry
+    assert list(shapes[0]) == ["backbone"]  # finetune leaves only: the scratch head has no anchor
+    assert [s.packed_anchor["float64"].shape for s in states] == [(2 * (2 * 2 + 2),)] * 3  # two 2x2 kernels + biases
     g = jax.tree.map(jax.numpy.ones_like, params)
     outs = [tx.update(g, s, params)[0] for tx, s in zip((by_prefix, by_fn, by_full), states)]
     for o in outs[1:]:
@@ -133,15 +135,15 @@ def test_explicit_anchor():
     import jax.numpy as jnp
     import optax
 
-    from dualopt.optax import dualopt
+    from dualopt.optax import anchors, dualopt
 
     params = {"w": jnp.full(3, 2.0), "h": jnp.ones(2)}
     anchor = {"w": jnp.zeros(3), "h": None}
     tx = dualopt(0.5, direction="sgd", momentum=0.0, paradigm={"w": "finetune", "h": "none"}, rollback_max=1.0,
                  anchor=anchor)
     state = tx.init(params)
-    np.testing.assert_array_equal(state.anchor["w"], np.zeros(3))
-    assert "h" not in state.anchor
+    np.testing.assert_array_equal(anchors(tx, state, params)["w"], np.zeros(3))
+    assert "h" not in anchors(tx, state, params)
     u, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
     # zero gradient: pre = theta = 2, pulled by c = 0.5 * 1.0 toward the anchor 0 -> 1
     np.testing.assert_array_equal(optax.apply_updates(params, u)["w"], np.ones(3))

@@ -302,19 +302,23 @@ def test_partition_equals_one_transform():
     paradigm is chosen per leaf (finite gradients, so the separate finite checks agree too)."""
     import optax
 
-    from dualopt.optax import dualopt
+    from dualopt.optax import anchors, dualopt
 
     params = _params()
     grads = [_grads(k, params) for k in range(6)]
     labels = {k: ("head" if k == "Dense_2" else "body") for k in params}
-    part = optax.partition({"body": dualopt(1e-2, paradigm="finetune", rollback_max=3.0, layer_index="module"),
+    part_body = dualopt(1e-2, paradigm="finetune", rollback_max=3.0, layer_index="module")
+    part = optax.partition({"body": part_body,
                             "head": dualopt(1e-2, paradigm="scratch", weight_decay=0.5, layer_index="module")}, labels)
     got, state = _loop(part, params, grads)
     want, _ = _loop(dualopt(1e-2, **MIXED), params, grads)
     _close(got, want)
     body_state = state.inner_states["body"].inner_state
     assert int(body_state.count) == 6
-    assert body_state.anchor["Dense_0"]["kernel"].shape == params["Dense_0"]["kernel"].shape
+    masked = {**params, "Dense_2": optax.MaskedNode()}  # what optax.partition hands the body's transform
+    body_anchors = anchors(part_body, body_state, masked)
+    assert sorted(body_anchors) == ["Dense_0", "Dense_1"]
+    assert body_anchors["Dense_0"]["kernel"].shape == params["Dense_0"]["kernel"].shape
 
 
 def test_partition_with_optax_adamw_for_the_head():
@@ -323,7 +327,7 @@ def test_partition_with_optax_adamw_for_the_head():
     so DualOpt numbers only the backbone's layers)."""
     import optax
 
-    from dualopt.optax import dualopt
+    from dualopt.optax import anchors, dualopt
 
     params = _params()
     grads = [_grads(k, params) for k in range(5)]
@@ -337,7 +341,9 @@ def test_partition_with_optax_adamw_for_the_head():
     _close({k: got[k] for k in body}, want_body)
     _close(got["Dense_2"], want_head)
     inner = state.inner_states["backbone"].inner_state
-    assert int(inner.count) == 5 and inner.anchor["Dense_0"]["kernel"].shape == params["Dense_0"]["kernel"].shape
+    masked = {**body, "Dense_2": optax.MaskedNode()}
+    assert int(inner.count) == 5
+    np.testing.assert_array_equal(anchors(backbone, inner, masked)["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
 
 
 @pytest.mark.parametrize("inner_policy", ["propagate", "skip"])

@@ -49,54 +49,96 @@ def _jit_step(tx, donate=False):
 
 
 def test_state_layout():
+    """Small finetune leaves keep their anchors packed in flatten order, one 1-D array per dtype; large ones
+    (more than PACK_MAX_SIZE elements) keep an array of their own; scratch leaves have none."""
     import jax
 
-    from dualopt.optax import DualOptState, dualopt
+    from dualopt._optax_state import PACK_MAX_SIZE
+    from dualopt.optax import DualOptState, anchors, dualopt
 
     params = _params()
-    state = dualopt(1e-2, **MIXED).init(params)
+    tx = dualopt(1e-2, **MIXED)
+    state = tx.init(params)
     assert isinstance(state, DualOptState)
     assert state.count.dtype == np.int32 and state.skipped.dtype == np.int32
     k = ("Dense_0", "kernel")
     assert state.mu[k[0]][k[1]].shape == params[k[0]][k[1]].shape
     assert state.nu["Dense_1"]["kernel"].shape == (0,)  # SGD leaf: no second moment
-    # finetune leaves only: the scratch Dense_2 has no anchor entry (not even a placeholder)
-    assert sorted(state.anchor) == ["Dense_0", "Dense_1"] and sorted(state.anchor["Dense_1"]) == ["bias", "kernel"]
-    np.testing.assert_array_equal(state.anchor["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+    assert state.anchor == {} and list(state.packed_anchor) == ["float64"]
+    finetune = [params[m][n] for m in ("Dense_0", "Dense_1") for n in ("bias", "kernel")]  # flatten order
+    np.testing.assert_array_equal(state.packed_anchor["float64"], np.concatenate([np.ravel(x) for x in finetune]))
+    got = anchors(tx, state, params)  # the scratch Dense_2 has no anchor
+    assert sorted(got) == ["Dense_0", "Dense_1"] and sorted(got["Dense_1"]) == ["bias", "kernel"]
+    np.testing.assert_array_equal(got["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+    assert len(jax.tree.leaves(state)) == 2 + 6 + 6 + 1
+
+    big = _big_params()
+    tx = dualopt(1e-2, paradigm={"Dense_0": "finetune", "Dense_1": "finetune", "Dense_2": "scratch"})
+    state = tx.init(big)
+    assert big["Dense_0"]["kernel"].size > PACK_MAX_SIZE >= big["Dense_0"]["bias"].size
+    assert sorted(state.anchor) == ["Dense_0", "Dense_1"] and list(state.anchor["Dense_1"]) == ["kernel"]
+    np.testing.assert_array_equal(state.anchor["Dense_0"]["kernel"], big["Dense_0"]["kernel"])
     # the anchor is a copy, not the params' buffer
-    assert state.anchor["Dense_0"]["kernel"] is not params["Dense_0"]["kernel"]
-    assert len(jax.tree.leaves(state)) == 2 + 6 + 6 + 4
+    assert state.anchor["Dense_0"]["kernel"] is not big["Dense_0"]["kernel"]
+    np.testing.assert_array_equal(state.packed_anchor["float64"],
+                                  np.concatenate([big["Dense_0"]["bias"], big["Dense_1"]["bias"]]))
+    got = anchors(tx, state, big)
+    for m in ("Dense_0", "Dense_1"):
+        for n in ("bias", "kernel"):
+            np.testing.assert_array_equal(got[m][n], big[m][n])
+
+
+def _big_params():
+    """Dense_0 and Dense_1 kernels larger than PACK_MAX_SIZE (anchors of their own), the biases small."""
+    import jax
+
+    return jax.tree.map(jax.numpy.asarray, mlp_params(3, sizes=(260, 260, 260, 3)))
 
 
 def test_anchors_are_matched_by_path_nested_or_flat():
     """A restore without a template that keys the anchors flat by path string (``"Dense_0/kernel"``) steps
-    exactly like the nested layout ``init`` makes; a missing, extra or misshaped anchor is refused by name."""
+    exactly like the nested layout ``init`` makes; a missing, extra or misshaped anchor is refused by name,
+    and so is a packed array of another length, dtype or key."""
     import jax
 
     from decoupled_core import HyperparameterError
     from dualopt.optax import dualopt, path_str
 
-    params = _params()
+    params = _big_params()
     tx = dualopt(1e-2, **MIXED)
     state = tx.init(params)
     flat = {path_str(tuple(getattr(e, "key") for e in kp)): x
             for kp, x in jax.tree_util.tree_flatten_with_path(state.anchor)[0]}
-    assert sorted(flat) == ["Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel"]
+    assert sorted(flat) == ["Dense_0/kernel", "Dense_1/kernel"]
     g = _grads(0, params)
     want, _ = tx.update(g, state, params)
     got, new = tx.update(g, state._replace(anchor=flat), params)
     assert tree_equal(got, want) and new.anchor is flat  # passed through as given
     bad = {
-        "without": ({k: v for k, v in flat.items() if k != "Dense_1/bias"},
-                    """state.anchor="<pytree without the finetune param 'Dense_1/bias'>" is invalid"""),
-        "extra": ({**flat, "Dense_2/bias": flat["Dense_1/bias"]},
-                  "<pytree with the leaf 'Dense_2/bias', not a finetune param of these params>"),
-        "shape": ({**flat, "Dense_1/bias": flat["Dense_1/bias"][:1]}, "state.anchor['Dense_1/bias']="),
+        "without": ({k: v for k, v in flat.items() if k != "Dense_1/kernel"},
+                    """state.anchor="<pytree without the finetune param 'Dense_1/kernel'>" is invalid"""),
+        "extra": ({**flat, "Dense_2/kernel": flat["Dense_1/kernel"]},
+                  "<pytree with the leaf 'Dense_2/kernel', not a finetune param of these params>"),
+        "shape": ({**flat, "Dense_1/kernel": flat["Dense_1/kernel"][:1]}, "state.anchor['Dense_1/kernel']="),
         "type": ([flat[k] for k in sorted(flat)], "state.anchor='<list>' is invalid: expected a dict of the finetune anchors"),
     }
     for name, (anchor, message) in bad.items():
         with pytest.raises(HyperparameterError) as info:
             tx.update(g, state._replace(anchor=anchor), params)
+        assert message in str(info.value), (name, str(info.value))
+    packed = state.packed_anchor["float64"]
+    bad_packed = {
+        "length": ({"float64": packed[1:]}, "state.packed_anchor['float64']='<array of shape (519,) and dtype "
+                                             "float64>' is invalid: expected a dict of 1-D arrays keyed by dtype "
+                                             "('float64': 520 elements)"),
+        "dtype": ({"float64": packed.astype(np.float32)}, "state.packed_anchor['float64']="),
+        "key": ({"float32": packed}, """state.packed_anchor="<dict with the key 'float32'>" is invalid"""),
+        "missing": ({}, """state.packed_anchor="<dict without the key 'float64'>" is invalid"""),
+        "type": ([packed], "state.packed_anchor='<list>' is invalid"),
+    }
+    for name, (value, message) in bad_packed.items():
+        with pytest.raises(HyperparameterError) as info:
+            tx.update(g, state._replace(packed_anchor=value), params)
         assert message in str(info.value), (name, str(info.value))
 
 
@@ -104,13 +146,14 @@ def test_two_finetune_leaves_with_one_path_string_are_refused():
     import jax.numpy as jnp
 
     from decoupled_core import HyperparameterError
-    from dualopt.optax import dualopt
+    from dualopt.optax import anchors, dualopt
 
     params = {"a/b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}
     with pytest.raises(HyperparameterError, match="two finetune leaves at 'a/b'"):
         dualopt(0.1, paradigm="finetune").init(params)
-    state = dualopt(0.1, paradigm={"a/b": "finetune", "a": "scratch"}).init(params)  # one anchor: no clash
-    assert list(state.anchor) == ["a/b"]
+    tx = dualopt(0.1, paradigm={"a/b": "finetune", "a": "scratch"})
+    state = tx.init(params)  # one anchor: no clash
+    assert list(anchors(tx, state, params)) == ["a/b"]
 
 
 def test_init_accepts_abstract_params():
@@ -145,7 +188,7 @@ def test_dtypes_and_low_precision_match_core(dtype):
     tx = dualopt(1e-2, **MIXED)
     state = tx.init(params)
     compute = jnp.float32
-    for leaf in jax.tree.leaves((state.mu, state.nu, state.anchor)):
+    for leaf in jax.tree.leaves((state.mu, state.nu, state.anchor, state.packed_anchor)):
         assert leaf.dtype == compute
     jstep = _jit_step(tx)
     p, s = params, state
@@ -154,7 +197,7 @@ def test_dtypes_and_low_precision_match_core(dtype):
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)):
         assert a.dtype == dt
         assert not np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    for leaf in jax.tree.leaves((s.mu, s.nu, s.anchor)):
+    for leaf in jax.tree.leaves((s.mu, s.nu, s.anchor, s.packed_anchor)):
         assert leaf.dtype == compute
 
     paths = leaf_paths(params)
@@ -185,7 +228,7 @@ def test_nonfinite_skip_keeps_every_bit():
     for bad in (jnp.nan, jnp.inf, -jnp.inf):
         p2, s2 = jstep(p, s, _grads(1, params, bad=bad))
         assert tree_equal(p2, p)
-        assert tree_equal((s2.count, s2.mu, s2.nu, s2.anchor), (s.count, s.mu, s.nu, s.anchor))
+        assert tree_equal(s2._replace(skipped=s.skipped), s)
         assert int(s2.skipped) == int(s.skipped) + 1
         p, s = p2, s2
     assert int(s.count) == 1 and int(s.skipped) == 3
@@ -250,14 +293,20 @@ def test_shardings_are_kept():
         rep = NamedSharding(mesh, P())
         params = {"Dense_0": {"kernel": jax.device_put(jnp.ones((4, 6)), rows),
                               "bias": jax.device_put(jnp.zeros(6), rep)},
-                  "Dense_1": {"kernel": jax.device_put(jnp.ones((6, 2)), rows)}}
-        tx = dualopt(1e-2, paradigm={"Dense_0": "finetune", "Dense_1": "scratch"}, layer_index="module")
+                  "Dense_1": {"kernel": jax.device_put(jnp.ones((6, 2)), rows),
+                              "bias": jax.device_put(jnp.ones(2), rep)},
+                  "Dense_2": {"kernel": jax.device_put(jnp.ones((400, 200)), rows)}}
+        tx = dualopt(1e-2, paradigm={"Dense_0": "finetune", "Dense_1": "scratch", "Dense_2": "finetune"},
+                     layer_index="module")
         state = tx.init(params)
         def same(a, b):
             return a.sharding.is_equivalent_to(b.sharding, a.ndim)
         for tree in (state.mu, state.nu):
             assert all(jax.tree.leaves(jax.tree.map(same, tree, params))), tree
-        assert same(state.anchor["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+        big = params["Dense_2"]["kernel"]  # more than PACK_MAX_SIZE elements: an anchor of its own
+        assert same(state.anchor["Dense_2"]["kernel"], big)
+        packed = state.packed_anchor["float32"]  # the small finetune leaves' anchors, in flatten order
+        assert packed.shape == (6 + 24,) and packed.sharding.is_fully_replicated, packed.sharding  # Dense_0
         abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params)
         shapes = jax.eval_shape(tx.init, abstract)
         assert shapes.mu["Dense_0"]["kernel"].sharding.spec == P("x", None), shapes.mu["Dense_0"]["kernel"].sharding
@@ -268,7 +317,7 @@ def test_shardings_are_kept():
         p, s = step(params, state, jax.tree.map(jnp.ones_like, params))
         assert all(jax.tree.leaves(jax.tree.map(same, p, params)))
         assert all(jax.tree.leaves(jax.tree.map(same, s.mu, params)))
-        assert same(s.anchor["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+        assert same(s.anchor["Dense_2"]["kernel"], big) and s.packed_anchor["float32"].sharding.is_fully_replicated
         print("OK", len(jax.devices()))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
@@ -284,7 +333,7 @@ def test_init_directly_on_shape_dtype_structs():
     import jax.numpy as jnp
 
     from decoupled_core import HyperparameterError
-    from dualopt.optax import dualopt
+    from dualopt.optax import anchors, dualopt
 
     params = _params()
     abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
@@ -293,10 +342,11 @@ def test_init_directly_on_shape_dtype_structs():
     with pytest.raises(HyperparameterError, match=r"params=\"<jax.ShapeDtypeStruct at 'Dense_0/bias'>\" is invalid: "
                                                   r"expected arrays for finetune leaves"):
         dualopt(1e-2, **MIXED).init(abstract)
-    anchors = jax.tree.map(lambda p: p + 1.0, params)
-    given = dualopt(1e-2, anchor=anchors, **MIXED).init(abstract)
-    np.testing.assert_array_equal(given.anchor["Dense_1"]["kernel"], anchors["Dense_1"]["kernel"])
-    assert "Dense_2" not in given.anchor
+    explicit = jax.tree.map(lambda p: p + 1.0, params)
+    tx = dualopt(1e-2, anchor=explicit, **MIXED)
+    given = tx.init(abstract)
+    np.testing.assert_array_equal(anchors(tx, given, params)["Dense_1"]["kernel"], explicit["Dense_1"]["kernel"])
+    assert "Dense_2" not in anchors(tx, given, params)
     assert isinstance(given.mu["Dense_0"]["kernel"], jax.Array)
     np.testing.assert_array_equal(given.mu["Dense_0"]["kernel"], jnp.zeros_like(params["Dense_0"]["kernel"]))
 
@@ -322,7 +372,7 @@ def test_float32_stays_float32_without_x64():
             u, _ = jax.jit(tx.update)(g, s, p)
             assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(u))
             p, s = jstep(p, s, g)
-        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((p, s.mu, s.nu, s.anchor)))
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((p, s.mu, s.nu, s.anchor, s.packed_anchor)))
         assert s.count.dtype == jnp.int32 and s.skipped.dtype == jnp.int32 and int(s.count) == 5
 
         paths = leaf_paths(params)
