@@ -1,8 +1,18 @@
 """Optax implementations for the conformance suite.
 
 - ``optax dualopt (jit)``: :func:`dualopt.optax.dualopt` in the ordinary Optax loop
-  (``tx.update`` + ``optax.apply_updates``) compiled with ``jax.jit``.
+  (``tx.update`` + ``optax.apply_updates``) compiled with ``jax.jit``. On the
+  CPU its small Adam tensors (every case's) take the C kernels of
+  ``dualopt._optax_native`` where they build.
 - ``optax dualopt (eager)``: the same loop without ``jax.jit``.
+- ``optax dualopt (jit, XLA only)``: the jitted loop traced inside
+  ``dualopt._optax_native.disabled()``: XLA's operations for every tensor, as
+  on a GPU or a sharded CPU program.
+- ``optax dualopt step() (C kernel)``: :func:`dualopt.optax.step` (the new
+  params themselves, no ``params + (new - params)`` round trip) under
+  ``jax.jit``, on the cases whose every tensor takes the C kernel (Adam), which
+  it must reproduce bit for bit (class ``exact``); it refuses to run where the
+  kernel does not load.
 - ``optax.adam``: Optax's own Adam, closed loop in mode ``"none"`` only (the
   degenerate comparison).
 
@@ -26,9 +36,12 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
-from typing import Any, Callable, Mapping, Sequence
+import os
+import shutil
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -38,8 +51,8 @@ from dualopt.spec.vectors import Case
 from .problem import LAYER_INDEX, NAMES, Problem, group_hyperparams
 from .protocol import Implementation, Trajectory, case_id
 
-__all__ = ["OptaxDualOpt", "OptaxAdam", "implementations", "dualopt_kwargs", "case_transform", "replay_case",
-           "train_closed_loop"]
+__all__ = ["OptaxDualOpt", "OptaxKernelStep", "OptaxAdam", "implementations", "dualopt_kwargs", "case_transform",
+           "replay_case", "train_closed_loop"]
 
 # HyperParams field -> dualopt.optax argument
 _ARG = {"direction": "direction", "beta1": "b1", "beta2": "b2", "eps": "eps", "momentum": "momentum",
@@ -100,26 +113,31 @@ def case_transform(case: Case) -> tuple[Any, dict[str, Any]]:
     return tx, params
 
 
-def _step_fn(tx: Any, jit: bool) -> Callable:
+def _step_fn(tx: Any, jit: bool, direct: bool = False) -> Callable:
     import jax
     import optax
 
+    from dualopt.optax import step as dualopt_step
+
     def step(params, state, grads):
+        if direct:
+            return dualopt_step(tx, grads, state, params)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
     return jax.jit(step) if jit else step
 
 
-def replay_case(case: Case, *, jit: bool) -> Trajectory:
-    """Replay one case in the ordinary Optax loop; parameters after every step (numpy, case dtype)."""
+def replay_case(case: Case, *, jit: bool, direct: bool = False) -> Trajectory:
+    """Replay one case in the ordinary Optax loop (``direct``: with :func:`dualopt.optax.step`); parameters after
+    every step (numpy, case dtype)."""
     import jax
     import jax.numpy as jnp
 
     with jax.enable_x64(True):
         tx, params = case_transform(case)
         state = tx.init(params)
-        step = _step_fn(tx, jit)
+        step = _step_fn(tx, jit, direct)
         out: Trajectory = []
         for grads in case.grads:
             params, state = step(params, state, {n: jnp.asarray(g) for n, g in grads.items()})
@@ -148,11 +166,15 @@ def _loss(params: Any, x: Any, y: Any) -> Any:
     return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
 
 
-def train_closed_loop(problem: Problem, tx_for_mode: Callable[[str], Any], mode: str) -> Trajectory:
-    """Train the problem's MLP with ``jax.grad`` + ``tx.update`` + ``optax.apply_updates`` (jitted step), float64."""
+def train_closed_loop(problem: Problem, tx_for_mode: Callable[[str], Any], mode: str, *,
+                      direct: bool = False) -> Trajectory:
+    """Train the problem's MLP with ``jax.grad`` + ``tx.update`` + ``optax.apply_updates`` (jitted step), float64;
+    ``direct``: with :func:`dualopt.optax.step` instead of the update and its round trip."""
     import jax
     import jax.numpy as jnp
     import optax
+
+    from dualopt.optax import step as dualopt_step
 
     with jax.enable_x64(True):
         tx = tx_for_mode(mode)
@@ -162,6 +184,8 @@ def train_closed_loop(problem: Problem, tx_for_mode: Callable[[str], Any], mode:
         @jax.jit
         def step(params, state, x, y):
             grads = jax.grad(_loss)(params, x, y)
+            if direct:
+                return dualopt_step(tx, grads, state, params)
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state
 
@@ -183,14 +207,29 @@ def _dualopt_for_problem(problem: Problem) -> Callable[[str], Any]:
     return make
 
 
+@contextlib.contextmanager
+def _kernels(on: bool) -> Iterator[None]:
+    """Trace as the defaults do (``on``), or inside ``dualopt._optax_native.disabled()``."""
+    if on:
+        yield
+        return
+    from dualopt._optax_native import disabled
+
+    with disabled():
+        yield
+
+
 @dataclasses.dataclass
 class OptaxDualOpt:
-    """:func:`dualopt.optax.dualopt` in the ordinary Optax loop, with or without ``jax.jit``."""
+    """:func:`dualopt.optax.dualopt` in the ordinary Optax loop, with or without ``jax.jit`` (and the C kernels)."""
 
     jit: bool = True
+    kernels: bool = True
 
     def __post_init__(self) -> None:
         self.name = "optax dualopt (jit)" if self.jit else "optax dualopt (eager)"
+        if not self.kernels:
+            self.name = "optax dualopt (jit, XLA only)" if self.jit else "optax dualopt (eager, XLA only)"
         self.framework = "optax"
         # Tolerance class (conformance/tolerances.py): XLA fuses under jit, and in both modes the
         # update is returned as new - params and re-added by optax.apply_updates, which may
@@ -204,13 +243,60 @@ class OptaxDualOpt:
         return "missing_grads" not in case.features
 
     def replay_cases(self, cases: Sequence[Case]) -> dict[str, Trajectory]:
-        return {case_id(c): replay_case(c, jit=self.jit) for c in cases if self.supports(c)}
+        with _kernels(self.kernels):
+            return {case_id(c): replay_case(c, jit=self.jit) for c in cases if self.supports(c)}
 
     def train(self, problem: Problem, modes: Sequence[str]) -> dict[str, Trajectory]:
         if not self.jit:
             raise NotImplementedError(f"{self.name} has no closed loop (the jitted variant has one)")
         make = _dualopt_for_problem(problem)
-        return {mode: train_closed_loop(problem, make, mode) for mode in modes}
+        with _kernels(self.kernels):
+            return {mode: train_closed_loop(problem, make, mode) for mode in modes}
+
+
+class OptaxKernelStep:
+    """:func:`dualopt.optax.step` under ``jax.jit`` with the C kernels: the spec's result, bit for bit."""
+
+    name = "optax dualopt step() (C kernel)"
+    framework = "optax"
+    numerics = "exact"
+
+    def unavailable(self) -> str | None:
+        # Decided without importing jax (discovery must not): a disabled kernel or no compiler is "skipped";
+        # a compiler whose build then fails is an error of this implementation (replay raises).
+        missing = _missing()
+        if missing:
+            return missing
+        if os.environ.get("DUALOPT_NATIVE", "1") == "0":
+            return "C kernel disabled by DUALOPT_NATIVE=0"
+        compiler = os.environ.get("CC", "cc")
+        return None if shutil.which(compiler) else f"C kernel: no C compiler ({compiler!r} not found)"
+
+    def supports(self, case: Case) -> bool:
+        """Cases whose every tensor takes the kernel: Adam, float32/float64, a gradient at every step."""
+        from dualopt._optax_native import NATIVE_MAX_SIZE
+
+        return ("missing_grads" not in case.features and all(case.hp(n).direction == "adam" for n in case.names)
+                and all(np.asarray(case.initial[n]).size <= NATIVE_MAX_SIZE for n in case.names))
+
+    def replay_cases(self, cases: Sequence[Case]) -> dict[str, Trajectory]:
+        _require_kernels()
+        return {case_id(c): replay_case(c, jit=True, direct=True) for c in cases if self.supports(c)}
+
+    def train(self, problem: Problem, modes: Sequence[str]) -> dict[str, Trajectory]:
+        _require_kernels()
+        make = _dualopt_for_problem(problem)
+        return {mode: train_closed_loop(problem, make, mode, direct=True) for mode in modes}
+
+
+def _require_kernels() -> None:
+    from dualopt._optax_native import native_status, usable
+
+    status = native_status()
+    if not status["enabled"]:
+        raise RuntimeError(f"the C kernel did not load: {status['reason']}")
+    if not usable():
+        raise RuntimeError("the C kernels need JAX's CPU backend with a single device")
 
 
 @dataclasses.dataclass
@@ -246,4 +332,5 @@ class OptaxAdam:
 
 def implementations() -> list[Implementation]:
     """The Optax implementations; each reports itself unavailable when jax or optax is missing."""
-    return [OptaxDualOpt(jit=True), OptaxDualOpt(jit=False), OptaxAdam()]
+    return [OptaxDualOpt(jit=True), OptaxDualOpt(jit=False), OptaxDualOpt(jit=True, kernels=False), OptaxKernelStep(),
+            OptaxAdam()]
