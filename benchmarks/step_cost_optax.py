@@ -21,7 +21,11 @@ Reference rows:
 
 DualOpt runs in scratch mode (every leaf pulled toward 0, no anchor) and in
 finetune mode (backbone pulled toward its anchors, head scratch), each with
-``nonfinite="skip"`` (the default) and ``"propagate"`` (no check).
+``nonfinite="skip"`` (the default) and ``"propagate"`` (no check). By default
+leaves of at most 65536 elements take DualOpt's C kernels on CPU
+(``dualopt._optax_native``); the ``, XLA only`` rows trace the same transform
+inside ``dualopt._optax_native.disabled()``, so that every leaf takes XLA's
+operations, and show what the kernels change.
 
 Columns: median / p10 / p90 wall-clock milliseconds per step and the median's
 ratio to ``optax.adamw`` (the bar); the median process CPU time per step (all
@@ -31,7 +35,9 @@ compiled step reads and writes per parameter element
 (``compiled.cost_analysis()``; noise-free, so it shows what the ratio should be
 on a memory-bound machine; on CPU the DualOpt "skip" rows count 4 bytes more
 than a finite step moves: the operands of the ``lax.cond`` whose exact fallback
-runs only when a gradient's sum is not finite) and its ratio; compile time.
+runs only when a gradient's sum is not finite) and its ratio, ``-`` where the
+step calls the C kernels (XLA does not count what a custom call moves); compile
+time (tracing included).
 
 Parameter sets (float32):
 
@@ -51,6 +57,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import statistics
 import time
 from typing import Any, Callable
@@ -118,7 +126,13 @@ def variants(params: dict[str, Any]) -> dict[str, Callable[[], Any]]:
         out[f"dualopt scratch {policy}"] = lambda p=policy: dualopt(1e-3, layer_index="module", nonfinite=p)
         out[f"dualopt finetune {policy}"] = lambda p=policy: dualopt(1e-3, paradigm=finetune, layer_index="module",
                                                                      nonfinite=p)
+    for mode in ("scratch", "finetune"):
+        out[f"dualopt {mode} skip{XLA_ONLY}"] = out[f"dualopt {mode} skip"]
     return out
+
+
+#: Suffix of the variants traced without DualOpt's C kernels.
+XLA_ONLY = ", XLA only"
 
 
 def bytes_accessed(compiled: Any) -> float:
@@ -133,6 +147,8 @@ def bench_set(set_name: str, repeats: int,
     import jax
     import jax.numpy as jnp
     import optax
+
+    from dualopt._optax_native import disabled
 
     host = make_params(set_name)
     elements = sum(p.size for p in jax.tree.leaves(host))
@@ -149,8 +165,11 @@ def bench_set(set_name: str, repeats: int,
             return optax.apply_updates(p, u), s
 
         t0 = time.perf_counter()
-        fn = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
-        info[name] = {"compile_s": time.perf_counter() - t0, "bytes_per_element": bytes_accessed(fn) / elements}
+        with disabled() if name.endswith(XLA_ONLY) else contextlib.nullcontext():
+            fn = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+        native = "dualopt_xla_" in fn.as_text()
+        info[name] = {"compile_s": time.perf_counter() - t0,
+                      "bytes_per_element": float("nan") if native else bytes_accessed(fn) / elements}
         runs[name] = [fn, params, state]
     times: dict[str, list[tuple[float, float]]] = {n: [] for n in runs}
     names = list(runs)
@@ -182,8 +201,9 @@ def report(set_name: str, times: dict[str, list[tuple[float, float]]], info: dic
         mode = next((m for m in BARS if m in name), None)
         verdict = "" if mode is None else f"<= {BARS[mode]:.2f} " + ("ok" if ratio <= BARS[mode] else "OVER")
         b = info[name]["bytes_per_element"]
-        lines.append(f"{set_name:<10} {name:<25} {med * 1e3:>9.2f} {q[0]:>8.2f} {q[1]:>8.2f} {ratio:>7.3f} "
-                     f"{cpu * 1e3:>8.2f} {cpu / base_cpu:>7.3f} {b:>6.1f} {b / base_bytes:>7.3f} "
+        traffic = f"{'-':>6} {'-':>7}" if math.isnan(b) else f"{b:>6.1f} {b / base_bytes:>7.3f}"
+        lines.append(f"{set_name:<10} {name:<35} {med * 1e3:>9.2f} {q[0]:>8.2f} {q[1]:>8.2f} {ratio:>7.3f} "
+                     f"{cpu * 1e3:>8.2f} {cpu / base_cpu:>7.3f} {traffic} "
                      f"{info[name]['compile_s']:>9.1f}  {verdict}")
     return lines
 
@@ -204,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     jax.config.update("jax_enable_x64", False)
     print(f"jax {jax.__version__}, devices {jax.devices()}, float32 params, jitted step with donated params+state, "
           f"{repeats} interleaved repeats after {warmup} warm-up")
-    print(f"{'set':<10} {'variant':<25} {'median ms':>9} {'p10 ms':>8} {'p90 ms':>8} {'ratio':>7} "
+    print(f"{'set':<10} {'variant':<35} {'median ms':>9} {'p10 ms':>8} {'p90 ms':>8} {'ratio':>7} "
           f"{'cpu ms':>8} {'ratio':>7} {'B/elt':>6} {'ratio':>7} {'compile s':>9}  bar (median ratio vs optax.adamw)")
     for set_name in sets:
         times, info = bench_set(set_name, repeats, warmup)
