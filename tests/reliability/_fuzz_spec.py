@@ -190,10 +190,22 @@ def overshoot_ok(theta: Any, pre: Any, anchor: Any, compute: str, own: str) -> t
     th = np.asarray(theta).astype(np.float64).reshape(-1)
     p = np.asarray(pre).astype(np.float64).reshape(-1)
     a = np.asarray(anchor).astype(np.float64).reshape(-1)
-    allow = spacing(np.abs(p - a), compute) + 0.5 * spacing(th, compute)
-    if own != compute:
-        allow = allow + 0.5 * spacing(th, own)
-    for x, lo_, hi_, tol in zip(th, np.minimum(p, a), np.maximum(p, a), allow):
+    slack = spacing(np.abs(p - a), compute)
+    with np.errstate(invalid="ignore"):  # the spacing of an infinite theta is NaN (handled below)
+        allow = slack + 0.5 * spacing(th, compute)
+        if own != compute:
+            allow = allow + 0.5 * spacing(th, own)
+    for x, lo_, hi_, tol, s in zip(th, np.minimum(p, a), np.maximum(p, a), allow, slack):
+        if np.isinf(x) and own != compute and np.isfinite(s):
+            # The compute dtype's result, rounded to a narrower param dtype, overflowed (a float16 step of
+            # 9e5 with beta2 = 0 and a zero gradient): right where the interval's end rounds to that infinity.
+            with np.errstate(over="ignore"):
+                end = np.asarray(hi_ + s if x > 0 else lo_ - s, np.float64).astype(finfo(own).dtype)
+            if end != x:
+                return False, f"theta={x!r} but the interval [{lo_!r}, {hi_!r}] is finite in {own}"
+            continue
+        if not (np.isfinite(x) and np.isfinite(tol)):
+            return False, f"theta={x!r} (tolerance {tol!r}): not finite"
         X, lo, hi, T = Fraction(float(x)), Fraction(float(lo_)), Fraction(float(hi_)), Fraction(float(tol))
         if not (lo - T <= X <= hi + T):
             return False, f"theta={x!r} outside [{lo_!r}, {hi_!r}] by more than {tol!r}"

@@ -185,6 +185,18 @@ def test_pull_never_overshoots_the_anchor(backend, dtypes):
     print(f"\n[fuzz] overshoot on {backend}: {len(ran)} examples")
 
 
+def test_the_overshoot_check_takes_an_overflow_of_the_params_dtype():
+    """A float16 param whose compute-dtype (float32) result lies beyond float16's range rounds to an infinity:
+    accepted on the side where the interval's end overflows too, refused elsewhere. (Hypothesis drew such a
+    step, beta2 = 0 then a zero gradient: an update of 9e5.)"""
+    f16, f32 = np.float16, np.float32
+    assert fz.overshoot_ok(np.array(-np.inf, f16), np.array(-9e5, f32), np.array(0.0, f16), "float32", "float16")[0]
+    assert not fz.overshoot_ok(np.array(np.inf, f16), np.array(-9e5, f32), np.array(0.0, f16), "float32", "float16")[0]
+    assert not fz.overshoot_ok(np.array(-np.inf, f16), np.array(-6e4, f32), np.array(0.0, f16), "float32", "float16")[0]
+    assert not fz.overshoot_ok(np.array(-np.inf, f32), np.array(-9e5, f32), np.array(0.0, f32), "float32", "float32")[0]
+    assert fz.overshoot_ok(np.array(-1.5, f16), np.array(-2.0, f32), np.array(0.0, f16), "float32", "float16")[0]
+
+
 # ----------------------------------------------------------------------------------------- (c) rho = 0
 
 @st.composite
