@@ -22,16 +22,19 @@ True
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
-__all__ = ["NATIVE_DIR", "compile_flags", "disabled", "cache_dir", "build"]
+__all__ = ["NATIVE_DIR", "compile_flags", "disabled", "unavailable", "cache_dir", "build", "Library"]
 
 NATIVE_DIR = Path(__file__).with_name("native")
 # -ffp-contract=off and no -ffast-math keep every operation one IEEE rounding (bitwise the core);
@@ -51,6 +54,53 @@ def disabled() -> str | None:
     if sys.platform == "win32":
         return "not built on Windows"
     return None
+
+
+def unavailable() -> str | None:
+    """Why no kernel can be built here, judged without building (:func:`disabled`, or no compiler), else None."""
+    off = disabled()
+    if off:
+        return off
+    compiler = os.environ.get("CC", "cc")
+    return None if shutil.which(compiler) else f"no C compiler ({compiler!r} not found)"
+
+
+class Library:
+    """One C library, built and loaded on first use by ``load() -> (CDLL, path)``; thread-safe.
+
+    ``state`` holds ``lib`` (the CDLL, or None where it cannot be had) and
+    ``reason`` (why, or where it was loaded from).
+    """
+
+    def __init__(self, load: Callable[[], tuple[ctypes.CDLL, Path]]) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self.state: dict[str, Any] = {}
+
+    def get(self) -> ctypes.CDLL | None:
+        """The loaded library, or None (see :meth:`status`); built on the first call."""
+        if "lib" not in self.state:
+            with self._lock:
+                if "lib" not in self.state:
+                    self._first_load()
+        return self.state["lib"]
+
+    def status(self) -> dict[str, Any]:
+        """``{"enabled": bool, "reason": str}``: whether the kernels are loaded, and why (not)."""
+        lib = self.get()
+        return {"enabled": lib is not None, "reason": self.state["reason"]}
+
+    def _first_load(self) -> None:
+        off = disabled()
+        if off:
+            self.state.update(lib=None, reason=off)
+            return
+        try:
+            lib, path = self._load()
+        except (OSError, AttributeError, subprocess.SubprocessError) as exc:
+            self.state.update(lib=None, reason=f"not available: {exc}")
+            return
+        self.state.update(lib=lib, reason=f"loaded from {path}")
 
 
 def cache_dir() -> Path:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -68,8 +67,6 @@ PULL_NONE, PULL_ZERO, PULL_ANCHOR = 0, 1, 2
 #: Columns of the coefficient table (COL_* in dualopt_xla.c).
 COLUMNS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "step_size", "inv_sqrt_bc2", "c")
 
-_lock = threading.Lock()
-_state: dict[str, Any] = {}
 _off = threading.local()
 
 
@@ -78,37 +75,19 @@ def _build() -> Path:
                                includes=[Path(jax.ffi.include_dir())])
 
 
-def _load() -> None:
-    off = _native_build.disabled()
-    if off:
-        _state.update(lib=None, reason=off)
-        return
-    try:
-        path = _build()
-        lib = ctypes.CDLL(str(path))
-        if lib.dualopt_xla_abi() != _ABI:
-            raise OSError(f"{path} has ABI {lib.dualopt_xla_abi()}, expected {_ABI}")
-        for name in _TARGETS:
-            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
-    except (OSError, AttributeError, subprocess.SubprocessError) as exc:
-        _state.update(lib=None, reason=f"not available: {exc}")
-        return
-    _state.update(lib=lib, reason=f"loaded from {path}")
+def _load() -> tuple[ctypes.CDLL, Path]:
+    path = _build()
+    lib = ctypes.CDLL(str(path))
+    if lib.dualopt_xla_abi() != _ABI:
+        raise OSError(f"{path} has ABI {lib.dualopt_xla_abi()}, expected {_ABI}")
+    for name in _TARGETS:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    return lib, path
 
 
-def library() -> Any:
-    """The loaded C library, or None (see :func:`native_status`); built and registered on the first call."""
-    if "lib" not in _state:
-        with _lock:
-            if "lib" not in _state:
-                _load()
-    return _state["lib"]
-
-
-def native_status() -> dict[str, Any]:
-    """``{"enabled": bool, "reason": str}``: whether the C kernels are loaded, and why (not)."""
-    lib = library()
-    return {"enabled": lib is not None, "reason": _state["reason"]}
+_library = _native_build.Library(_load)
+library = _library.get  # built and registered on the first call
+native_status = _library.status
 
 
 @contextlib.contextmanager

@@ -27,8 +27,6 @@ True
 from __future__ import annotations
 
 import ctypes
-import subprocess
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,9 +40,6 @@ _SOURCE = _native_build.NATIVE_DIR / "dualopt_cpu.c"
 _ABI = 1  # DUALOPT_NATIVE_ABI in the C file
 #: The dtypes the C kernels take (as they are; float16/bfloat16 go through float32 working copies).
 NATIVE_DTYPES = (torch.float32, torch.float64)
-
-_lock = threading.Lock()
-_state: dict[str, Any] = {}
 
 
 class _AdamCoefficients(ctypes.Structure):
@@ -64,41 +59,24 @@ def _build() -> Path:
         return _native_build.build(_SOURCE, _native_build.compile_flags(openmp=False))
 
 
-def _load() -> None:
-    off = _native_build.disabled()
-    if off:
-        _state.update(lib=None, reason=off)
-        return
-    try:
-        path = _build()
-        lib = ctypes.CDLL(str(path))
-        if lib.dualopt_abi() != _ABI:
-            raise OSError(f"{path} has ABI {lib.dualopt_abi()}, expected {_ABI}")
-    except (OSError, subprocess.SubprocessError) as exc:
-        _state.update(lib=None, reason=f"not available: {exc}")
-        return
+def _load() -> tuple[ctypes.CDLL, Path]:
+    path = _build()
+    lib = ctypes.CDLL(str(path))
+    if lib.dualopt_abi() != _ABI:
+        raise OSError(f"{path} has ABI {lib.dualopt_abi()}, expected {_ABI}")
     vp = ctypes.c_void_p
     lib.dualopt_adam_pull.restype = None
     lib.dualopt_adam_pull.argtypes = [vp, vp, vp, vp, vp, vp, vp, ctypes.c_int64, ctypes.POINTER(_AdamCoefficients),
                                       ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.dualopt_all_finite.restype = ctypes.c_int
     lib.dualopt_all_finite.argtypes = [vp, vp, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-    _state.update(lib=lib, reason=f"loaded from {path}")
+    return lib, path
 
 
-def library() -> Any:
-    """The loaded C library, or None (see :func:`native_status`); built on the first call."""
-    if "lib" not in _state:
-        with _lock:
-            if "lib" not in _state:
-                _load()
-    return _state["lib"]
-
-
-def native_status() -> dict[str, Any]:
-    """``{"enabled": bool, "reason": str}``: whether the C kernels are in use, and why (not)."""
-    lib = library()
-    return {"enabled": lib is not None, "reason": _state["reason"]}
+_library = _native_build.Library(_load)
+_state = _library.state  # lib and reason (tests set lib to None to run the fallback)
+library = _library.get
+native_status = _library.status
 
 
 def usable(t: torch.Tensor) -> bool:

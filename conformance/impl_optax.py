@@ -39,8 +39,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import os
-import shutil
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -49,7 +47,7 @@ from decoupled_core import HyperParams
 from dualopt.spec.vectors import Case
 
 from .problem import LAYER_INDEX, NAMES, Problem, group_hyperparams
-from .protocol import Implementation, Trajectory, case_id
+from .protocol import Implementation, Trajectory, c_kernel_unavailable, case_id
 
 __all__ = ["OptaxDualOpt", "OptaxKernelStep", "OptaxAdam", "implementations", "dualopt_kwargs", "case_transform",
            "replay_case", "train_closed_loop"]
@@ -262,15 +260,7 @@ class OptaxKernelStep:
     numerics = "exact"
 
     def unavailable(self) -> str | None:
-        # Decided without importing jax (discovery must not): a disabled kernel or no compiler is "skipped";
-        # a compiler whose build then fails is an error of this implementation (replay raises).
-        missing = _missing()
-        if missing:
-            return missing
-        if os.environ.get("DUALOPT_NATIVE", "1") == "0":
-            return "C kernel disabled by DUALOPT_NATIVE=0"
-        compiler = os.environ.get("CC", "cc")
-        return None if shutil.which(compiler) else f"C kernel: no C compiler ({compiler!r} not found)"
+        return _missing() or c_kernel_unavailable()
 
     def supports(self, case: Case) -> bool:
         """Cases whose every tensor takes the kernel: Adam, float32/float64, a gradient at every step."""

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
-import shutil
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -43,7 +41,7 @@ from decoupled_core import HyperParams
 from dualopt.spec.vectors import Case
 
 from .problem import EPS, LAYER_INDEX, NAMES, Problem, group_hyperparams
-from .protocol import Implementation, Trajectory, case_id
+from .protocol import Implementation, Trajectory, c_kernel_unavailable, case_id
 
 __all__ = ["TorchDualOpt", "TorchNative", "TorchAdam", "implementations", "torch_group", "replay_case", "train_closed_loop"]
 
@@ -197,15 +195,7 @@ class TorchNative(TorchDualOpt):
         self.name = "torch DualOpt (C kernel)"
 
     def unavailable(self) -> str | None:
-        # Decided without importing torch (discovery must not): a disabled kernel or no compiler
-        # is "skipped"; a compiler whose build then fails is an error of this implementation.
-        missing = _missing()
-        if missing:
-            return missing
-        if os.environ.get("DUALOPT_NATIVE", "1") == "0":
-            return "C kernel disabled by DUALOPT_NATIVE=0"
-        compiler = os.environ.get("CC", "cc")
-        return None if shutil.which(compiler) else f"C kernel: no C compiler ({compiler!r} not found)"
+        return _missing() or c_kernel_unavailable()
 
     def replay_cases(self, cases: Sequence[Case]) -> dict[str, Trajectory]:
         with _native_for_all_sizes():

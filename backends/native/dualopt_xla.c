@@ -260,29 +260,24 @@ static void step_one(void *ctx, long t) {
   if (m != ARG(6 + 4 * t)->data) memcpy(m, ARG(6 + 4 * t)->data, bytes);
   if (v != ARG(7 + 4 * t)->data) memcpy(v, ARG(7 + 4 * t)->data, bytes);
   if (!st->updates && out != p->data) memcpy(out, p->data, bytes);
-  if (st->is_f64) {
-    const double *row = (const double *)table->data + t * N_COLS;
-    const double *a = kind == DUALOPT_PULL_ANCHOR ? (const double *)packed->data + st->layout[2 * t + 1] : NULL;
-    if (!st->ok) {
-      if (st->updates)
-        for (int64_t i = 0; i < n; i++) ((double *)out)[i] = -0.0;
-    } else if (st->updates) {
-      adam_update_f64(p->data, g->data, m, v, a, out, n, row, kind);
-    } else {
-      adam_param_f64(out, g->data, m, v, a, n, row, kind);
-    }
-  } else {
-    const float *row = (const float *)table->data + t * N_COLS;
-    const float *a = kind == DUALOPT_PULL_ANCHOR ? (const float *)packed->data + st->layout[2 * t + 1] : NULL;
-    if (!st->ok) {
-      if (st->updates)
-        for (int64_t i = 0; i < n; i++) ((float *)out)[i] = -0.0f;
-    } else if (st->updates) {
-      adam_update_f32(p->data, g->data, m, v, a, out, n, row, kind);
-    } else {
-      adam_param_f32(out, g->data, m, v, a, n, row, kind);
-    }
-  }
+#define STEP_TYPED(T, SUFFIX)                                                                         \
+  do {                                                                                                \
+    const T *row = (const T *)table->data + t * N_COLS;                                               \
+    const T *a = kind == DUALOPT_PULL_ANCHOR ? (const T *)packed->data + st->layout[2 * t + 1] : NULL; \
+    if (!st->ok) {                                                                                    \
+      if (st->updates)                                                                                \
+        for (int64_t i = 0; i < n; i++) ((T *)out)[i] = (T)-0.0;                                      \
+    } else if (st->updates) {                                                                         \
+      adam_update_##SUFFIX(p->data, g->data, m, v, a, out, n, row, kind);                             \
+    } else {                                                                                          \
+      adam_param_##SUFFIX(out, g->data, m, v, a, n, row, kind);                                       \
+    }                                                                                                 \
+  } while (0)
+  if (st->is_f64)
+    STEP_TYPED(double, f64);
+  else
+    STEP_TYPED(float, f32);
+#undef STEP_TYPED
 }
 
 /* One Adam step and pull for L tensors of one dtype T (float32 or float64).
