@@ -147,7 +147,8 @@ def step_leaves(configs: Sequence[LeafConfig], params: Sequence[Any], grads: Seq
         return xla()
 
     def cpu() -> tuple[list, list, list, Any]:
-        rest = [i for i in everything if i not in set(native_ids)]
+        taken = set(native_ids)
+        rest = [i for i in everything if i not in taken]
         ok = None
         if check:
             ok = native.all_finite([grads[i] for i in native_ids])
@@ -199,20 +200,31 @@ def _native_operands(ids: Sequence[int], configs: Sequence[LeafConfig], params: 
     packed = anchors.packed.get(dtype_name(dt))
     for i in ids:
         hp = configs[i].hp
-        k = (_key(hp.beta1), _key(hp.beta2))
-        if k not in scalars:
-            scalars[k] = adam_scalars(lr, hp.beta1, hp.beta2, t)
+        sc = _bias_corrections(scalars, hp, lr, t)
         c = pull_coefficient(lr, configs[i].rate)
         coefficients.append({"beta1": hp.beta1, "one_minus_beta1": 1.0 - hp.beta1, "beta2": hp.beta2,
-                             "one_minus_beta2": 1.0 - hp.beta2, "eps": hp.eps, "step_size": scalars[k].step_size,
-                             "inv_sqrt_bc2": scalars[k].inv_sqrt_bc2, "c": c})
+                             "one_minus_beta2": 1.0 - hp.beta2, "eps": hp.eps, "step_size": sc.step_size,
+                             "inv_sqrt_bc2": sc.inv_sqrt_bc2, "c": c})
         slot = anchors.slots[i]
-        if isinstance(c, float) and c == 0.0:
-            kinds.append(native.PULL_NONE)  # host-known c == 0: the spec skips the pull
+        if _no_pull(c):
+            kinds.append(native.PULL_NONE)
         else:
             kinds.append(native.PULL_ANCHOR if hp.paradigm == "finetune" else native.PULL_ZERO)
         offsets.append(slot.offset if slot is not None else 0)
     return coefficients, kinds, offsets, packed if packed is not None else jnp.zeros((0,), dt)
+
+
+def _bias_corrections(cache: dict, hp: Any, lr: Any, t: Any) -> AdamCoefficients:
+    """:func:`adam_scalars` of ``hp``'s betas, computed once per step for every pair of betas in ``cache``."""
+    k = (_key(hp.beta1), _key(hp.beta2))
+    if k not in cache:
+        cache[k] = adam_scalars(lr, hp.beta1, hp.beta2, t)
+    return cache[k]
+
+
+def _no_pull(c: Any) -> bool:
+    """A pull coefficient known on the host to be 0: the spec skips the pull (``c * (pre - a)`` could be NaN)."""
+    return isinstance(c, float) and c == 0.0
 
 
 def _native_reference(layout: tuple, updates: bool, ok32: Any, table: Any, packed: Any, params: tuple, grads: tuple,
@@ -251,10 +263,7 @@ def xla_leaves(ids: Sequence[int], configs: Sequence[LeafConfig], params: Sequen
         theta = jnp.astype(p, dt)
         grad = jnp.astype(g, dt)
         if hp.direction == "adam":
-            k = (_key(hp.beta1), _key(hp.beta2))
-            if k not in scalars:
-                scalars[k] = adam_scalars(lr, hp.beta1, hp.beta2, t)
-            sc = scalars[k]
+            sc = _bias_corrections(scalars, hp, lr, t)
             pre_weight, m, v = adam_pre_weight(theta, grad, m, v, ok, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
                                                step_size=sc.step_size, inv_sqrt_bc2=sc.inv_sqrt_bc2)
         else:
@@ -262,8 +271,8 @@ def xla_leaves(ids: Sequence[int], configs: Sequence[LeafConfig], params: Sequen
         new_mu.append(m)
         new_nu.append(v)
         c = pull_coefficient(lr, cfg.rate)
-        if isinstance(c, float) and c == 0.0:
-            new_theta = pre_weight  # host-known c == 0: the spec skips the pull
+        if _no_pull(c):
+            new_theta = pre_weight
         else:
             new_theta = pull(pre_weight, anchors.of(i) if hp.paradigm == "finetune" else None, c, xp=jnp)
         new = jnp.astype(new_theta, p.dtype)
