@@ -10,9 +10,18 @@ before the next starts), and the report gives the median per variant and its
 ratio to ``optax.adamw`` (``weight_decay=1e-2`` on every leaf, so it does its
 decay too) measured in the same repeats.
 
+A donated buffer is reused for the whole run, so each variant keeps the memory
+it was given when it was built, and two variants that compile to the same
+program can differ by more than the bars' margins (up to 0.25 in one run). The
+control row below measures that spread in every run. (Copying params and state
+into fresh memory before every call narrowed it on 8x1024^2, but made every
+2000x32^2 step half as slow again, and ran ViT-B out of 24 GiB.)
+
 Reference rows:
 
 - ``optax.adamw``: the issue's bar (DualOpt scratch <= 1.05x, finetune <= 1.2x).
+- ``optax.adamw (control)``: a second ``optax.adamw``, built last. Its ratio is
+  the run's noise between two identical programs; read the other rows to that.
 - ``apply_if_finite(adamw)``: ``optax.apply_if_finite(optax.adamw(...))``,
   AdamW with the same step-skipping semantics as DualOpt's default
   ``nonfinite="skip"``. ``adamw`` does no finite check, so it is the fair
@@ -128,11 +137,14 @@ def variants(params: dict[str, Any]) -> dict[str, Callable[[], Any]]:
                                                                      nonfinite=p)
     for mode in ("scratch", "finetune"):
         out[f"dualopt {mode} skip{XLA_ONLY}"] = out[f"dualopt {mode} skip"]
+    out[CONTROL] = out["optax.adamw"]
     return out
 
 
 #: Suffix of the variants traced without DualOpt's C kernels.
 XLA_ONLY = ", XLA only"
+#: The second optax.adamw (built last): the noise between identical programs in one run.
+CONTROL = "optax.adamw (control)"
 
 
 def bytes_accessed(compiled: Any) -> float:

@@ -19,10 +19,10 @@ def test_tiny_run_prints_every_row():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {}
     for line in proc.stdout.splitlines():
-        m = re.match(r"^(\S+)\s+(optax\.adamw|apply_if_finite\(adamw\)|dualopt \w+ \w+(?:, XLA only)?)\s+(.*)$", line)
+        m = re.match(r"^(\S+)\s+(optax\.adamw(?: \(control\))?|apply_if_finite\(adamw\)|dualopt \w+ \w+(?:, XLA only)?)\s+(.*)$", line)
         if m:
             rows[(m.group(1), m.group(2))] = m.group(3).split()
-    variants = ["optax.adamw", "apply_if_finite(adamw)"] + [f"dualopt {mode} {policy}" for policy in
+    variants = ["optax.adamw", "optax.adamw (control)", "apply_if_finite(adamw)"] + [f"dualopt {mode} {policy}" for policy in
                                                            ("skip", "propagate") for mode in ("scratch", "finetune")]
     variants += [f"dualopt {mode} skip, XLA only" for mode in ("scratch", "finetune")]
     assert set(rows) == {(s, v) for s in ("4x64^2", "20x8^2") for v in variants}
@@ -37,7 +37,8 @@ def test_tiny_run_prints_every_row():
         native = variant.startswith("dualopt") and not variant.endswith("XLA only")
         assert (cols[6] == "-") == native, (variant, cols[6])
         if set_name == "4x64^2":  # large enough leaves that every loop's traffic is its arrays'
-            want = {"optax.adamw": 40.0, "dualopt scratch skip, XLA only": 48.0}.get(variant)
+            want = {"optax.adamw": 40.0, "optax.adamw (control)": 40.0,
+                    "dualopt scratch skip, XLA only": 48.0}.get(variant)
             if want is not None:
                 assert float(cols[6]) == want, (variant, cols[6])
         if variant.startswith("dualopt"):
