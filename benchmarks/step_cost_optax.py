@@ -4,24 +4,33 @@ Each variant is one jitted step ``(params, state, grads) -> (params, state)``
 that runs ``tx.update`` and ``optax.apply_updates``, float32 (x64 off), with
 params and state donated (``donate_argnums=(0, 1)``) on every side so that XLA
 updates the buffers in place; the gradients are the same arrays for every
-variant and are not donated. Variants are timed interleaved (one call of each
-per repeat, in rotating order, each call blocked until its outputs are ready
-before the next starts), and the report gives the median per variant and its
-ratio to ``optax.adamw`` (``weight_decay=1e-2`` on every leaf, so it does its
-decay too) measured in the same repeats.
+variant and are not donated. Variants are timed interleaved: one call of each
+per repeat, each call blocked until its outputs are ready before the next
+starts, in a new random order every repeat (in a fixed cyclic order a
+variant's time depended on the one before it: on 8x1024^2 the row that always
+followed ``apply_if_finite(adamw)`` measured 0.06 over the same program
+elsewhere). The report gives the median per variant and its ratio to
+``optax.adamw`` (``weight_decay=1e-2`` on every leaf, so it does its decay too)
+measured in the same repeats.
 
-A donated buffer is reused for the whole run, so each variant keeps the memory
-it was given when it was built, and two variants that compile to the same
-program can differ by more than the bars' margins (up to 0.25 in one run). The
-control row below measures that spread in every run. (Copying params and state
-into fresh memory before every call narrowed it on 8x1024^2, but made every
+Where a variant is built in the process matters too: a donated buffer is reused
+for the whole run, so each variant keeps the memory it was given when it was
+built, and on 2000x32^2 two builds of the same program measured up to 0.33
+apart in one process, the later-built slower. So each set is measured
+``--orders`` times (default 3), each in its own process with the variants built
+in a rotated order (the first process builds ``optax.adamw`` first, the others
+start further down the list), and the ``ratio`` column is the median over the
+processes of each process's own ratio, with their range beside it. The control
+row below measures what is left of the spread. (Copying params and state into
+fresh memory before every call also narrowed it on 8x1024^2, but made every
 2000x32^2 step half as slow again, and ran ViT-B out of 24 GiB.)
 
 Reference rows:
 
 - ``optax.adamw``: the issue's bar (DualOpt scratch <= 1.05x, finetune <= 1.2x).
-- ``optax.adamw (control)``: a second ``optax.adamw``, built last. Its ratio is
-  the run's noise between two identical programs; read the other rows to that.
+- ``optax.adamw (control)``: a second ``optax.adamw``, last in the list (so
+  built last in the first process). Its ratio and range are the run's noise
+  between two identical programs; read the other rows to that.
 - ``apply_if_finite(adamw)``: ``optax.apply_if_finite(optax.adamw(...))``,
   AdamW with the same step-skipping semantics as DualOpt's default
   ``nonfinite="skip"``. ``adamw`` does no finite check, so it is the fair
@@ -36,9 +45,11 @@ leaves of at most 65536 elements take DualOpt's C kernels on CPU
 inside ``dualopt._optax_native.disabled()``, so that every leaf takes XLA's
 operations, and show what the kernels change.
 
-Columns: median / p10 / p90 wall-clock milliseconds per step and the median's
-ratio to ``optax.adamw`` (the bar); the median process CPU time per step (all
-threads) and its ratio, which a busy shared machine inflates less than wall
+Columns: median / p10 / p90 wall-clock milliseconds per step (the repeats of
+every process pooled); the ratio to ``optax.adamw`` (the bar: the median over
+the processes of median over median in one process) and its lowest and highest
+value over the processes; the median process CPU time per step (all threads)
+and its ratio (median over the processes), which a busy shared machine inflates less than wall
 time (time spent descheduled is not counted); XLA's static count of bytes the
 compiled step reads and writes per parameter element
 (``compiled.cost_analysis()``; noise-free, so it shows what the ratio should be
@@ -58,17 +69,20 @@ Parameter sets (float32):
 
 Usage::
 
-    python benchmarks/step_cost_optax.py                     # all sets, 15 repeats
-    python benchmarks/step_cost_optax.py --sets 2000x32^2 --repeats 5
-    python benchmarks/step_cost_optax.py --tiny              # smoke run (seconds): tiny sets, 3 repeats
+    python benchmarks/step_cost_optax.py                     # all sets, 3 build orders of 15 repeats
+    python benchmarks/step_cost_optax.py --sets 2000x32^2 --repeats 5 --orders 1
+    python benchmarks/step_cost_optax.py --tiny              # smoke run: tiny sets, 2 orders of 3 repeats
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -143,7 +157,7 @@ def variants(params: dict[str, Any]) -> dict[str, Callable[[], Any]]:
 
 #: Suffix of the variants traced without DualOpt's C kernels.
 XLA_ONLY = ", XLA only"
-#: The second optax.adamw (built last): the noise between identical programs in one run.
+#: A second optax.adamw, last in the list: the noise between identical programs.
 CONTROL = "optax.adamw (control)"
 
 
@@ -153,9 +167,18 @@ def bytes_accessed(compiled: Any) -> float:
     return float((cost or {}).get("bytes accessed", float("nan")))
 
 
-def bench_set(set_name: str, repeats: int,
-              warmup: int) -> tuple[dict[str, list[tuple[float, float]]], dict[str, dict[str, float]]]:
-    """``(times, info)``: per variant (wall, cpu) seconds of each repeat, and its bytes/element and compile time."""
+Times = dict[str, list[tuple[float, float]]]  # per variant: (wall, cpu) seconds of each timed call
+Info = dict[str, dict[str, float]]  # per variant: bytes_per_element, compile_s
+
+
+def build_order(names: list[str], order: int, orders: int) -> list[str]:
+    """``names`` rotated to start at the ``order``-th of ``orders`` evenly spaced places (order 0: as given)."""
+    k = order * len(names) // orders
+    return names[k:] + names[:k]
+
+
+def bench_set(set_name: str, repeats: int, warmup: int, order: int = 0, orders: int = 1) -> tuple[Times, Info]:
+    """``(times, info)`` of one process: the variants built in :func:`build_order`, then timed interleaved."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -165,10 +188,11 @@ def bench_set(set_name: str, repeats: int,
     host = make_params(set_name)
     elements = sum(p.size for p in jax.tree.leaves(host))
     grads = jax.tree.map(lambda p: jnp.asarray(np.float32(1e-3) * p + np.float32(1e-4)), host)
+    makers = variants(host)
     runs: dict[str, list[Any]] = {}
-    info: dict[str, dict[str, float]] = {}
-    for name, make in variants(host).items():
-        tx = make()
+    info: Info = {}
+    for name in build_order(list(makers), order, orders):
+        tx = makers[name]()
         params = jax.tree.map(jnp.asarray, host)  # a fresh copy per variant (donated below)
         state = tx.init(params)
 
@@ -183,11 +207,11 @@ def bench_set(set_name: str, repeats: int,
         info[name] = {"compile_s": time.perf_counter() - t0,
                       "bytes_per_element": float("nan") if native else bytes_accessed(fn) / elements}
         runs[name] = [fn, params, state]
-    times: dict[str, list[tuple[float, float]]] = {n: [] for n in runs}
-    names = list(runs)
+    times: Times = {n: [] for n in makers}
+    names = list(makers)
+    rng = np.random.default_rng(order)  # the timing order of every repeat, reproducible per process
     for r in range(warmup + repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
+        for name in rng.permutation(names).tolist():
             fn, params, state = runs[name]
             jax.block_until_ready((params, state))
             t0, c0 = time.perf_counter(), time.process_time()
@@ -200,23 +224,45 @@ def bench_set(set_name: str, repeats: int,
     return times, info
 
 
-def report(set_name: str, times: dict[str, list[tuple[float, float]]], info: dict[str, dict[str, float]]) -> list[str]:
-    base = statistics.median(w for w, _ in times["optax.adamw"])
-    base_cpu = statistics.median(c for _, c in times["optax.adamw"])
-    base_bytes = info["optax.adamw"]["bytes_per_element"]
+def bench_set_orders(set_name: str, repeats: int, warmup: int, orders: int) -> list[tuple[Times, Info]]:
+    """:func:`bench_set` in ``orders`` child processes, one per build order (in this process when 1)."""
+    if orders == 1:
+        return [bench_set(set_name, repeats, warmup)]
+    out = []
+    for order in range(orders):
+        argv = [sys.executable, __file__, "--sets", set_name, "--repeats", str(repeats), "--warmup", str(warmup),
+                "--orders", str(orders), "--child-order", str(order)]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{set_name}, build order {order} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        out.append(({n: [tuple(x) for x in v] for n, v in result["times"].items()}, result["info"]))
+    return out
+
+
+def report(set_name: str, runs: list[tuple[Times, Info]]) -> list[str]:
+    """One line per variant; ratios are per process (its own ``optax.adamw``), then the median over processes."""
+    def ratios(name: str, col: int) -> list[float]:
+        return [statistics.median(x[col] for x in t[name]) / statistics.median(x[col] for x in t["optax.adamw"])
+                for t, _ in runs]
+
+    base_bytes = runs[0][1]["optax.adamw"]["bytes_per_element"]
     lines = []
-    for name, samples in times.items():
-        ts = [w for w, _ in samples]
-        med, cpu = statistics.median(ts), statistics.median(c for _, c in samples)
+    for name in runs[0][0]:
+        ts = [w for t, _ in runs for w, _ in t[name]]
+        med, cpu = statistics.median(ts), statistics.median(c for t, _ in runs for _, c in t[name])
         q = np.percentile(ts, [10, 90]) * 1e3
-        ratio = med / base
+        walls = ratios(name, 0)
+        ratio = statistics.median(walls)
+        spread = f"{min(walls):.2f}-{max(walls):.2f}"
         mode = next((m for m in BARS if m in name), None)
         verdict = "" if mode is None else f"<= {BARS[mode]:.2f} " + ("ok" if ratio <= BARS[mode] else "OVER")
-        b = info[name]["bytes_per_element"]
+        b = runs[0][1][name]["bytes_per_element"]
         traffic = f"{'-':>6} {'-':>7}" if math.isnan(b) else f"{b:>6.1f} {b / base_bytes:>7.3f}"
+        compile_s = statistics.median(info[name]["compile_s"] for _, info in runs)
         lines.append(f"{set_name:<10} {name:<35} {med * 1e3:>9.2f} {q[0]:>8.2f} {q[1]:>8.2f} {ratio:>7.3f} "
-                     f"{cpu * 1e3:>8.2f} {cpu / base_cpu:>7.3f} {traffic} "
-                     f"{info[name]['compile_s']:>9.1f}  {verdict}")
+                     f"{spread:>11} {cpu * 1e3:>8.2f} {statistics.median(ratios(name, 1)):>7.3f} {traffic} "
+                     f"{compile_s:>9.1f}  {verdict}")
     return lines
 
 
@@ -225,22 +271,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sets", default=None, help=f"comma-separated subset of {SETS} (or '<n>x<d>^2')")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 15; 3 with --tiny)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--tiny", action="store_true", help=f"smoke run: sets {TINY_SETS}, 3 repeats, 1 warmup")
+    ap.add_argument("--orders", type=int, default=None,
+                    help="build orders per set, one process each (default 3; 2 with --tiny; 1: this process)")
+    ap.add_argument("--child-order", type=int, default=None, help=argparse.SUPPRESS)  # one order; prints JSON
+    ap.add_argument("--tiny", action="store_true", help=f"smoke run: sets {TINY_SETS}, 2 orders of 3 repeats")
     args = ap.parse_args(argv)
     sets = args.sets.split(",") if args.sets else list(TINY_SETS if args.tiny else SETS)
     repeats = args.repeats or (3 if args.tiny else 15)
     warmup = 1 if args.tiny else args.warmup
+    orders = args.orders or (2 if args.tiny else 3)
+    if orders < 1:
+        ap.error(f"--orders={orders} is invalid: expected an integer >= 1")
 
     import jax
 
     jax.config.update("jax_enable_x64", False)
+    if args.child_order is not None:
+        times, info = bench_set(sets[0], repeats, warmup, args.child_order, orders)
+        print(json.dumps({"times": times, "info": info}))
+        return
     print(f"jax {jax.__version__}, devices {jax.devices()}, float32 params, jitted step with donated params+state, "
-          f"{repeats} interleaved repeats after {warmup} warm-up")
-    print(f"{'set':<10} {'variant':<35} {'median ms':>9} {'p10 ms':>8} {'p90 ms':>8} {'ratio':>7} "
+          f"{orders} build order(s) x {repeats} interleaved repeats after {warmup} warm-up")
+    print(f"{'set':<10} {'variant':<35} {'median ms':>9} {'p10 ms':>8} {'p90 ms':>8} {'ratio':>7} {'range':>11} "
           f"{'cpu ms':>8} {'ratio':>7} {'B/elt':>6} {'ratio':>7} {'compile s':>9}  bar (median ratio vs optax.adamw)")
     for set_name in sets:
-        times, info = bench_set(set_name, repeats, warmup)
-        for line in report(set_name, times, info):
+        for line in report(set_name, bench_set_orders(set_name, repeats, warmup, orders)):
             print(line, flush=True)
 
 

@@ -26,20 +26,23 @@ def test_tiny_run_prints_every_row():
                                                            ("skip", "propagate") for mode in ("scratch", "finetune")]
     variants += [f"dualopt {mode} skip, XLA only" for mode in ("scratch", "finetune")]
     assert set(rows) == {(s, v) for s in ("4x64^2", "20x8^2") for v in variants}
+    assert "2 build order(s)" in proc.stdout  # --tiny runs two child processes per set
     for (set_name, variant), cols in rows.items():
-        median, _, _, ratio, cpu, _ = (float(c) for c in cols[:6])
-        compile_s = float(cols[8])
+        median, _, _, ratio = (float(c) for c in cols[:4])
+        low, high = (float(c) for c in cols[4].split("-"))
+        cpu, compile_s = float(cols[5]), float(cols[9])
         assert median > 0 and ratio > 0 and cpu >= 0 and compile_s > 0
+        assert low <= round(ratio, 2) <= high  # the median of the orders' ratios lies within their range
         if variant == "optax.adamw":
-            assert ratio == 1.0
+            assert ratio == 1.0 and low == high == 1.0
         # Steps that call the C kernels have no XLA traffic figure (a custom call's is not counted); tiny leaves
         # all take them, the XLA-only rows none.
         native = variant.startswith("dualopt") and not variant.endswith("XLA only")
-        assert (cols[6] == "-") == native, (variant, cols[6])
+        assert (cols[7] == "-") == native, (variant, cols[7])
         if set_name == "4x64^2":  # large enough leaves that every loop's traffic is its arrays'
             want = {"optax.adamw": 40.0, "optax.adamw (control)": 40.0,
                     "dualopt scratch skip, XLA only": 48.0}.get(variant)
             if want is not None:
-                assert float(cols[6]) == want, (variant, cols[6])
+                assert float(cols[7]) == want, (variant, cols[7])
         if variant.startswith("dualopt"):
-            assert cols[9].startswith("<=")
+            assert cols[10].startswith("<=")
