@@ -46,11 +46,12 @@ inside ``dualopt._optax_native.disabled()``, so that every leaf takes XLA's
 operations, and show what the kernels change.
 
 Columns: median / p10 / p90 wall-clock milliseconds per step (the repeats of
-every process pooled); the ratio to ``optax.adamw`` (the bar: the median over
-the processes of median over median in one process) and its lowest and highest
-value over the processes; the median process CPU time per step (all threads)
-and its ratio (median over the processes), which a busy shared machine inflates less than wall
-time (time spent descheduled is not counted); XLA's static count of bytes the
+every process pooled); the ratio to ``optax.adamw`` (the bar: in each process
+the variant's median over AdamW's median, then the median of those over the
+processes) and its lowest and highest value over the processes; the median
+process CPU time per step (all threads) and its ratio (likewise), which a busy
+shared machine inflates less than wall time (time spent descheduled is not
+counted); XLA's static count of bytes the
 compiled step reads and writes per parameter element
 (``compiled.cost_analysis()``; noise-free, so it shows what the ratio should be
 on a memory-bound machine; on CPU the DualOpt "skip" rows count 4 bytes more
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     sets = args.sets.split(",") if args.sets else list(TINY_SETS if args.tiny else SETS)
     repeats = args.repeats or (3 if args.tiny else 15)
     warmup = 1 if args.tiny else args.warmup
-    orders = args.orders or (2 if args.tiny else 3)
+    orders = args.orders if args.orders is not None else (2 if args.tiny else 3)
     if orders < 1:
         ap.error(f"--orders={orders} is invalid: expected an integer >= 1")
 
