@@ -243,9 +243,10 @@ def bench_set_orders(set_name: str, repeats: int, warmup: int, orders: int) -> l
 
 def report(set_name: str, runs: list[tuple[Times, Info]]) -> list[str]:
     """One line per variant; ratios are per process (its own ``optax.adamw``), then the median over processes."""
-    def ratios(name: str, col: int) -> list[float]:
-        return [statistics.median(x[col] for x in t[name]) / statistics.median(x[col] for x in t["optax.adamw"])
-                for t, _ in runs]
+    base = [[statistics.median(x[col] for x in t["optax.adamw"]) for col in (0, 1)] for t, _ in runs]
+
+    def ratios(name: str, col: int) -> list[float]:  # col 0: wall, 1: cpu
+        return [statistics.median(x[col] for x in t[name]) / b[col] for (t, _), b in zip(runs, base)]
 
     base_bytes = runs[0][1]["optax.adamw"]["bytes_per_element"]
     lines = []

@@ -19,11 +19,12 @@ def test_tiny_run_prints_every_row():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {}
     for line in proc.stdout.splitlines():
-        m = re.match(r"^(\S+)\s+(optax\.adamw(?: \(control\))?|apply_if_finite\(adamw\)|dualopt \w+ \w+(?:, XLA only)?)\s+(.*)$", line)
+        m = re.match(r"^(\S+)\s+(optax\.adamw(?: \(control\))?|apply_if_finite\(adamw\)|dualopt \w+ \w+(?:, XLA only)?)"
+                     r"\s+(.*)$", line)
         if m:
             rows[(m.group(1), m.group(2))] = m.group(3).split()
-    variants = ["optax.adamw", "optax.adamw (control)", "apply_if_finite(adamw)"] + [f"dualopt {mode} {policy}" for policy in
-                                                           ("skip", "propagate") for mode in ("scratch", "finetune")]
+    variants = ["optax.adamw", "optax.adamw (control)", "apply_if_finite(adamw)"]
+    variants += [f"dualopt {mode} {policy}" for policy in ("skip", "propagate") for mode in ("scratch", "finetune")]
     variants += [f"dualopt {mode} skip, XLA only" for mode in ("scratch", "finetune")]
     assert set(rows) == {(s, v) for s in ("4x64^2", "20x8^2") for v in variants}
     assert "2 build order(s)" in proc.stdout  # --tiny runs two child processes per set
