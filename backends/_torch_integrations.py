@@ -52,6 +52,9 @@ _NORM_TYPES: tuple[type[torch.nn.Module], ...] = (
 
 # DoRA's magnitude starts at the pretrained weight's norms: it is rolled back, not decayed.
 _PRETRAINED_ADAPTER_NAMES = frozenset({"lora_magnitude_vector"})
+# PEFT's modules_to_save wrapper lists its trainable copy of a whole module among its adapter layers; that
+# copy is a pretrained module or a new head, not a delta, so it is grouped like any other trainable tensor.
+_WHOLE_MODULE_COPIES = frozenset({"modules_to_save"})
 
 
 def is_no_pull(name: str, param: torch.Tensor, module: torch.nn.Module) -> bool:
@@ -202,6 +205,8 @@ def _adapter_names(model: torch.nn.Module) -> dict[str, str]:
         if not isinstance(layer_names, (tuple, list)):
             continue
         for attr in layer_names:
+            if attr in _WHOLE_MODULE_COPIES:
+                continue
             holder = getattr(module, attr, None)
             if not isinstance(holder, (torch.nn.Module, torch.nn.Parameter)):
                 continue
