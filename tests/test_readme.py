@@ -26,7 +26,8 @@ def blocks() -> list[str]:
 
 
 def _needs(source: str) -> list[str]:
-    found = set(re.findall(r"^\s*(?:import|from)\s+(torch|jax|optax|keras|tensorflow)\b", source, re.M))
+    found = set(re.findall(r"^\s*(?:import|from)\s+(torch|jax|optax|keras|tensorflow|transformers|peft|lightning|flax|"
+                           r"orbax)\b", source, re.M))
     backend = re.search(r'KERAS_BACKEND"\]\s*=\s*"(\w+)"', source)
     if backend:
         found.add(backend.group(1))
