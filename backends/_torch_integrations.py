@@ -115,7 +115,8 @@ def _check_heads(heads: list[str], names: list[str]) -> None:
     for h in heads:
         if not any(_matches(n, h) for n in names):
             sample = ", ".join(repr(n) for n in names[-4:])
-            raise invalid("head", h, f"the name of a submodule of the model that owns parameters (last names: {sample})")
+            raise invalid("head", h,
+                          f"the name of a submodule of the model that owns parameters (last names: {sample})")
 
 
 def _groups(buckets: dict[tuple[str, bool], list[tuple[str, torch.Tensor]]],
@@ -164,8 +165,12 @@ def no_pull_param_groups(model: torch.nn.Module, head: str | Sequence[str] | Non
     >>> from dualopt._torch_integrations import no_pull_param_groups
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
     >>> groups = no_pull_param_groups(net, head="2")
-    >>> [(g["paradigm"], [n for n, _ in g["params"]]) for g in groups]
-    [('finetune', ['0.weight']), ('none', ['0.bias', '1.weight', '1.bias']), ('scratch', ['2.weight']), ('none', ['2.bias'])]
+    >>> for g in groups:
+    ...     print(g["paradigm"], [n for n, _ in g["params"]])
+    finetune ['0.weight']
+    none ['0.bias', '1.weight', '1.bias']
+    scratch ['2.weight']
+    none ['2.bias']
     >>> opt = DualOpt(groups, lr=1e-3)
     """
     rule = is_no_pull if no_pull is None else no_pull

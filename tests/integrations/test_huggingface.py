@@ -43,8 +43,9 @@ def _trainer(pretrained: Path, out: Path, route: str) -> Any:
         opt = DualOpt(groups, lr=1e-3, layer_index="module")
         sched = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=WARMUP, num_training_steps=STEPS)
         return transformers.Trainer(model=model, args=args, train_dataset=_data(), optimizers=(opt, sched))
+    kwargs = {"params": groups, "lr": 1e-3, "layer_index": "module"}
     return transformers.Trainer(model=model, args=args, train_dataset=_data(),
-                                optimizer_cls_and_kwargs=(DualOpt, {"params": groups, "lr": 1e-3, "layer_index": "module"}))
+                                optimizer_cls_and_kwargs=(DualOpt, kwargs))
 
 
 def _dualopt(trainer: Any) -> DualOpt:

@@ -57,7 +57,7 @@ def test_lora_adapters_train_frozen_base_untouched(pretrained, one_torch_thread)
 
     opt = DualOpt(groups, lr=1e-2)
     _train(model, opt, 10)
-    trainable = {n for g in groups for n, _ in (zip(g["param_names"], g["params"]) if "param_names" in g else g["params"])}
+    trainable = {n for g in opt.param_groups for n in g["param_names"]}
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert name in trainable
@@ -91,7 +91,8 @@ def test_lora_merged_weight_is_pulled_back_toward_the_pretrained_weight(pretrain
     # a zero Adam direction leaves the pre-weight equal to the weight; each step scales A and B by (1 - lr*rho)
     rates = opt.layer_rates()
     prefix = "base_model.model.bert.encoder.layer.0.attention.self.query"
-    shrink = ((1 - 1e-2 * rates[f"{prefix}.lora_A.default.weight"]) * (1 - 1e-2 * rates[f"{prefix}.lora_B.default.weight"])) ** 5
+    rate_a, rate_b = rates[f"{prefix}.lora_A.default.weight"], rates[f"{prefix}.lora_B.default.weight"]
+    shrink = ((1 - 1e-2 * rate_a) * (1 - 1e-2 * rate_b)) ** 5
     assert 0 < shrink < 0.95
     torch.testing.assert_close(b @ a, delta0 * shrink, rtol=1e-5, atol=1e-6)
 
