@@ -3,6 +3,9 @@ resume through Lightning's own checkpoint continues bit for bit with the pretrai
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +80,16 @@ def test_lightning_checkpoint_resume_is_bitwise(tmp_path, one_torch_thread):
     torch.testing.assert_close(ropt.state[resumed.backbone[0].weight]["anchor"], pretrained["backbone.0.weight"],
                                rtol=0, atol=0)
     assert ropt.state[resumed.backbone[0].weight]["step"] == EPOCHS * BATCHES
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.xdist_group("distributed")
+def test_lightning_ddp_two_processes_resume_is_bitwise(tmp_path):
+    script = Path(__file__).with_name("_lightning_ddp.py")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    for rank in (0, 1):  # 32 samples, 8 per batch, 2 ranks, 3 epochs
+        assert f"rank {rank} bitwise after 6 steps" in out.stdout, out.stdout[-2000:]
