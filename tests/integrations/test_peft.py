@@ -115,3 +115,32 @@ def test_dora_magnitude_is_anchored_at_its_initial_value(pretrained, one_torch_t
 def test_a_model_without_adapters_is_refused():
     with pytest.raises(ValueError, match="PEFT"):
         peft_param_groups(torch.nn.Linear(3, 3))
+
+
+def test_lora_under_trainer_resumes_bitwise_and_leaves_the_base_alone(pretrained, tmp_path, one_torch_thread):
+    """A Trainer checkpoint of a PEFT model holds only the adapter and the head; the resume is still exact."""
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": torch.randint(0, 64, (8,), generator=g), "labels": torch.tensor(i % 3)} for i in range(48)]
+
+    def trainer(out: str) -> Any:
+        model = _lora(pretrained)
+        args = transformers.TrainingArguments(
+            str(tmp_path / out), per_device_train_batch_size=8, max_steps=12, save_steps=6, report_to=[],
+            use_cpu=True, seed=0, disable_tqdm=True, lr_scheduler_type="linear", warmup_steps=3)
+        kwargs = {"params": peft_param_groups(model, head="classifier"), "lr": 1e-2}
+        return transformers.Trainer(model=model, args=args, train_dataset=data,
+                                    optimizer_cls_and_kwargs=(DualOpt, kwargs))
+
+    whole = trainer("whole")
+    start = {n: p.detach().clone() for n, p in whole.model.named_parameters()}
+    frozen = {n for n, p in whole.model.named_parameters() if not p.requires_grad}
+    whole.train()
+    resumed = trainer("resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-6"))
+    assert len(frozen) > 30
+    for (name, p), (_, q) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+        if name in frozen:
+            torch.testing.assert_close(p, start[name], rtol=0, atol=0, msg=name)
+        else:
+            assert not torch.equal(p, start[name]), f"{name} did not train"
