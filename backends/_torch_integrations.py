@@ -26,9 +26,9 @@ What a paradigm means for LoRA
     vector starts at the norms of ``W0``, a pretrained quantity: it is
     ``"finetune"``, anchored at its initial value. The frozen base has no
     gradient and is not handed to the optimizer at all, so it stays bit for
-    bit what it was. Other trainable tensors (PEFT's ``modules_to_save``, a
-    trainable bias) are pretrained weights (``"finetune"``) unless they belong
-    to ``head`` (a new head: ``head_paradigm``).
+    bit what it was. Other trainable tensors (PEFT's ``modules_to_save``) are
+    pretrained weights (``"finetune"``) unless they belong to ``head`` (a new
+    head: ``head_paradigm``); biases and norms among them get no pull.
 """
 
 from __future__ import annotations
