@@ -61,6 +61,7 @@ from ._torch_kernels import (
     grads_finite_reference,
     init_state,
     reference_update,
+    state_problem,
 )
 from ._torch_setup import Anchors, LayerKeys, check_param, display_names, head_split, make_anchor
 
@@ -418,9 +419,10 @@ class DualOpt(torch.optim.Optimizer):
             if not finite:
                 self.skipped += 1
                 return loss
+        # Everything is checked before anything changes: an error leaves no tensor and no step count half-updated.
+        runs = []
         for gi, group, idx, grads in work:
             hp = _group_hp(group)
-            lr = float(group["lr"])
             rates_all = self._rates(gi, hp)
             params = group["params"]
             ps = [params[j] for j in idx]
@@ -434,19 +436,47 @@ class DualOpt(torch.optim.Optimizer):
                                            "has no 'anchor' in optimizer.state (was the state cleared or replaced?); "
                                            "create a new optimizer, or load a state dict that has its anchor")
                     init_state(st, p, hp.direction)
-                st["step"] += 1
             rates = [rates_all[j] for j in idx] if len(idx) != len(params) else rates_all
-            if group["foreach"] is False:
+            plan = None
+            if group["foreach"] is not False:
+                # What shapes a plan (see FastPlan); the other hyperparameters are read every step.
+                key = (tuple(idx), hp.direction, hp.paradigm, hp.weight_decay, hp.rollback_max, hp.rollback_min,
+                       hp.rollback_power)
+                plan = self._plans.get(gi)
+                if plan is None or plan.key != key or not plan.holds(states):
+                    self._check_state(gi, group, idx, ps, grads, states, hp)
+                    plan = self._plans[gi] = FastPlan(key, ps, states, rates, hp=hp)
+            else:
+                self._check_state(gi, group, idx, ps, grads, states, hp)
+            runs.append((group, hp, ps, grads, states, rates, plan))
+        for group, hp, ps, grads, states, rates, plan in runs:
+            for st in states:
+                st["step"] += 1
+            lr = float(group["lr"])
+            if plan is None:
                 reference_update(ps, grads, states, rates, hp=hp, lr=lr, maximize=group["maximize"])
-                continue
-            # What shapes a plan (see FastPlan); the other hyperparameters are read every step.
-            key = (tuple(idx), hp.direction, hp.paradigm, hp.weight_decay, hp.rollback_max, hp.rollback_min,
-                   hp.rollback_power)
-            plan = self._plans.get(gi)
-            if plan is None or plan.key != key or not plan.holds(states):
-                plan = self._plans[gi] = FastPlan(key, ps, states, rates, hp=hp)
-            plan.run(grads, hp=hp, lr=lr, maximize=group["maximize"])
+            else:
+                plan.run(grads, hp=hp, lr=lr, maximize=group["maximize"])
         return loss
+
+    def _check_state(self, gi: int, group: Mapping[str, Any], idx: Sequence[int], ps: Sequence[torch.Tensor],
+                     grads: Sequence[torch.Tensor], states: Sequence[dict[str, Any]], hp: HyperParams) -> None:
+        """Raise where a gradient or state tensor no longer fits its parameter (dtype, device or shape).
+
+        Run at every step of the reference path and whenever the fast path builds
+        a plan (its plans are rebuilt when a parameter's dtype changes).
+        ``torch.optim.Adam`` fails here too, with a message about ``lerp``.
+        """
+        keys = _DIRECTION_STATE[hp.direction] + (("anchor",) if hp.paradigm == "finetune" else ())
+        for j, p, g, st in zip(idx, ps, grads, states):
+            why = state_problem(p, g, st, keys)
+            if why is not None:
+                name = _label(display_names(group, gi)[j])
+                raise RuntimeError(
+                    f"DualOpt: parameter {name} is {p.dtype} on {p.device}, but {why}. Was the model converted "
+                    "(model.double(), .float(), .half(), .to(...)) after the optimizer was created? Create the "
+                    "optimizer after converting the model, or convert its state to the parameters now with "
+                    "opt.load_state_dict(opt.state_dict()). Nothing was updated.")
 
     # ------------------------------------------------------------------ state
 
