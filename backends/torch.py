@@ -184,6 +184,12 @@ class DualOpt(torch.optim.Optimizer):
       :meth:`load_state_dict` rejects dicts without the tag (another
       optimizer's), restores the saved anchors and keeps float32 state float32
       for float16/bfloat16 parameters.
+    - Create the optimizer after converting the model (``model.double()``,
+      ``.float()``, ``.to(device)``): the state is made for the parameters' dtype
+      and device then. A parameter converted later makes ``step()`` raise a
+      ``RuntimeError`` that names it, before anything is updated (as
+      ``torch.optim.Adam`` fails too); ``opt.load_state_dict(opt.state_dict())``
+      converts the state to the parameters as they are now.
     - ``step()`` runs eagerly inside ``torch.compile``'d code (it is excluded from
       tracing): compiling a training step that calls it works unchanged.
     - ``torch.amp.GradScaler`` unscales and skips steps with inf itself; such
