@@ -41,12 +41,14 @@ layer-wise decay ``weight_decay * (l + 1) / L``.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from decoupled_core import (
     HyperParams,
+    accepted,
     compute_dtype,
     invalid,
     number_layers,
@@ -77,6 +79,7 @@ _FORMAT_KEY, _SKIPPED_KEY = "dualopt", "skipped"
 
 # Canonical core names -> the names a torch user types (for error messages).
 _PUBLIC_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
+_TENSOR_LR = "a tensor holding one such value (any shape with one element, as torch.optim takes it)"
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "anchor")
 _DIRECTION_STATE = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 
@@ -293,9 +296,15 @@ class DualOpt(torch.optim.Optimizer):
         if group["foreach"] not in (None, True, False):
             raise invalid("foreach", group["foreach"], "None, True or False")
         hp = _group_hp(group)
-        validate(hp, lr=group["lr"], nonfinite=self.nonfinite, names=_PUBLIC_NAMES)
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            # torch.optim takes a tensor lr of one element, of any shape; the core reads a 0-d one as a number.
+            if lr.numel() != 1:
+                raise invalid("lr", f"<tensor of shape {tuple(lr.shape)}>", accepted("lr", (_TENSOR_LR,)))
+            lr = lr.detach().reshape(())
+        validate(hp, lr=lr, nonfinite=self.nonfinite, names=_PUBLIC_NAMES, also_accepted={"lr": (_TENSOR_LR,)})
         if hp.paradigm == "finetune":
-            group["rollback_max"] = resolve_rollback_max(hp.rollback_max, group["lr"], names=_PUBLIC_NAMES)
+            group["rollback_max"] = resolve_rollback_max(hp.rollback_max, lr, names=_PUBLIC_NAMES)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see the class notes: layers are renumbered across all groups)."""
@@ -540,7 +549,20 @@ class DualOpt(torch.optim.Optimizer):
         ``set_optimizer_state_dict``): parameters keyed by name, and a frozen
         (``requires_grad=False``) tensor possibly without its entry; it then
         keeps its current state.
+
+        Hooks run where torch's own optimizers run them: the
+        ``register_load_state_dict_pre_hook`` hooks first, on a shallow copy of
+        ``state_dict`` (what they change or return is what is checked and
+        loaded), the post-hooks once loading is complete (they see the final
+        state: float32 moments of a bfloat16 parameter, the loaded
+        :attr:`skipped`).
         """
+        if isinstance(state_dict, Mapping):
+            state_dict = state_dict.copy() if hasattr(state_dict, "copy") else dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         skipped = self._saved_skipped(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -575,7 +597,14 @@ class DualOpt(torch.optim.Optimizer):
                 self._check_saved_entry(entry, p, names[j], group)
                 originals[p] = {k: entry[k] for k in _STATE_TENSORS if k in entry}
         payload = {k: v for k, v in state_dict.items() if k != "dualopt"}
-        super().load_state_dict(payload)
+        # torch's method would run the hooks again, the post-hooks before the lines below: it runs without them.
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            super().load_state_dict(payload)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         for p, entries in kept.items():
             self.state[p] = entries
         # torch casts floating state to the parameter's dtype and may alias the
@@ -594,6 +623,8 @@ class DualOpt(torch.optim.Optimizer):
                     init_state(self.state[p], p, group["direction"])
         self.skipped = skipped
         self._renumber()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     @staticmethod
     def _check_saved_entry(entry: Mapping[str, Any], p: torch.Tensor, name: str, group: Mapping[str, Any]) -> None:
