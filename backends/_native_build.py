@@ -29,7 +29,9 @@ loads and has the expected ABI), then renamed into place atomically, so
 concurrent processes may race harmlessly. A file under the final name that fails
 the rules or does not load is never used: it is rebuilt and replaced.
 
-Each compiler run has a timeout (``$DUALOPT_NATIVE_BUILD_TIMEOUT`` seconds,
+The compiler (``$CC`` as found on ``PATH``, links resolved) must be owned by
+this user or root and writable by nobody else, in directories that pass the
+rules above. Each compiler run has a timeout (``$DUALOPT_NATIVE_BUILD_TIMEOUT`` seconds,
 default 20). A compiler that exceeds it is killed with its children, and no
 compiler runs again in that process. Any failure leaves the framework's own
 kernels in use, with one warning per library and the reason in
@@ -267,6 +269,14 @@ def _compiler(name: str) -> tuple[str, str, str]:
     found = shutil.which(name)
     if found is None:
         raise OSError(f"no C compiler ({name!r} not found)")
+    # The compiler writes the code that is loaded: it obeys the rules of the directories above the cache.
+    real = os.path.realpath(found)
+    try:
+        why = _path_problem(os.path.dirname(real), leaf=False) or _foreign_writer(os.stat(real), real, os.getuid())
+    except OSError as exc:
+        why = f"{real}: {exc.strerror or exc}"
+    if why:
+        raise OSError(f"the compiler {name!r} is not run: {why}")
     if name not in _identity:
         # A compiler without --version still has an identity: its answer, whatever it is.
         rc, out = _run([found, "--version"])

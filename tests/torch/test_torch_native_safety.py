@@ -413,3 +413,14 @@ def test_an_expanded_non_finite_gradient_is_still_skipped():
     p.grad = torch.tensor([float("nan")]).expand(5)
     opt.step()
     assert opt.skipped == 1 and torch.equal(p.detach(), torch.zeros(5))
+
+
+def test_a_compiler_others_could_replace_is_not_run(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    marker = tmp_path / "ran"
+    cc = _script(shared / "cc", f"touch {marker}\nexec cc \"$@\"")
+    got = _run(_env(tmp_path, CC=str(cc), DUALOPT_NATIVE_CACHE=str(_private_dir(tmp_path / "cache"))))
+    assert not got["enabled"] and f"{shared} is writable by group or others" in got["reason"]
+    assert "compiler" in got["reason"] and not marker.exists() and len(got["warnings"]) == 1
