@@ -297,12 +297,14 @@ class DualOpt(torch.optim.Optimizer):
             raise invalid("foreach", group["foreach"], "None, True or False")
         hp = _group_hp(group)
         lr = group["lr"]
+        also = None  # the core's wording, word for word, unless a tensor was given
         if isinstance(lr, torch.Tensor):
             # torch.optim takes a tensor lr of one element, of any shape; the core reads a 0-d one as a number.
+            also = {"lr": (_TENSOR_LR,)}
             if lr.numel() != 1:
-                raise invalid("lr", f"<tensor of shape {tuple(lr.shape)}>", accepted("lr", (_TENSOR_LR,)))
+                raise invalid("lr", f"<tensor of shape {tuple(lr.shape)}>", accepted("lr", also["lr"]))
             lr = lr.detach().reshape(())
-        validate(hp, lr=lr, nonfinite=self.nonfinite, names=_PUBLIC_NAMES, also_accepted={"lr": (_TENSOR_LR,)})
+        validate(hp, lr=lr, nonfinite=self.nonfinite, names=_PUBLIC_NAMES, also_accepted=also)
         if hp.paradigm == "finetune":
             group["rollback_max"] = resolve_rollback_max(hp.rollback_max, lr, names=_PUBLIC_NAMES)
 
