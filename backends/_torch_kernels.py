@@ -28,7 +28,7 @@ group (same hyperparameters and learning rate):
     finetune pull is one ``torch._foreach_lerp_`` (``pre + c * (a - pre)``).
   * ``direction="adam"``, ``paradigm="finetune"`` on CPU: tensors of
     ``NATIVE_MIN_NUMEL`` elements and more take the C kernel of
-    :mod:`dualopt._torch_native` where it builds (step and pull in one pass;
+    :mod:`dualopt._torch_native` where it loads (step and pull in one pass;
     the spec's operations in the spec's order, so bitwise equal to the core on
     numpy). Elsewhere, and when it does not build, the two calls above.
 
@@ -59,6 +59,7 @@ __all__ = [
     "FastPlan",
     "grads_finite_reference",
     "grads_finite_fast",
+    "state_problem",
     "init_state",
 ]
 
@@ -170,20 +171,22 @@ def _global_bool(flag: Any) -> bool:
 def grads_finite_fast(grads: Sequence[torch.Tensor]) -> bool:
     """The same answer as :func:`grads_finite_reference`, in one cheap read of the gradients.
 
-    Large gradients: on CPU the C scan of :mod:`dualopt._torch_native` where it
-    loads; elsewhere a sum is finite only if every element is (NaN and +-Inf
-    propagate through addition), and ``torch.sum`` is a fast vectorised read;
-    a non-finite sum may also be an overflow of finite values, so those
-    tensors are re-checked element-wise. Small gradients: one multi-tensor call
-    per (device, dtype) to the kernel GradScaler uses
-    (``_amp_foreach_non_finite_check_and_unscale_``, which writes every value
-    back multiplied by ``inv_scale = 1``, i.e. unchanged) avoids a call per tensor.
+    Small contiguous gradients: one multi-tensor call per (device, dtype) to the
+    kernel GradScaler uses (``_amp_foreach_non_finite_check_and_unscale_``),
+    which avoids a call per tensor. It writes every value back multiplied by
+    ``inv_scale = 1``, i.e. unchanged, which is harmless only where each element
+    has memory of its own: a gradient that is not contiguous (an expanded,
+    stride-0 one, which torch's optimizers accept, or any other view) takes the
+    read-only route of the large ones. Large gradients: a sum is finite only if
+    every element is (NaN and +-Inf propagate through addition), and
+    ``torch.sum`` is a fast vectorised read; a non-finite sum may also be an
+    overflow of finite values, so those tensors are re-checked element-wise.
     """
-    large: list[torch.Tensor] = []
+    read_only: list[torch.Tensor] = []
     small: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for g in grads:  # one pass: with thousands of small tensors this loop is a good part of the check
-        if g.numel() >= FOLD_MIN_NUMEL:
-            large.append(g)
+        if g.numel() >= FOLD_MIN_NUMEL or not g.is_contiguous():
+            read_only.append(g)
         else:
             small.setdefault((g.device, g.dtype), []).append(g)
     flags = []
@@ -191,21 +194,36 @@ def grads_finite_fast(grads: Sequence[torch.Tensor]) -> bool:
         found = torch.zeros((), dtype=torch.float32, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(gs, found, torch.ones((), dtype=torch.float32, device=device))
         flags.append(found == 0)
-    if large and not torch.compiler.is_compiling() and native.library() is not None:
-        # One C call per dtype for all large gradients, on torch's threads: a pure read, no sum to re-check.
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        other = []
-        for g in large:
-            (by_dtype.setdefault(g.dtype, []) if native.usable(g) else other).append(g)
-        if not all(native.all_finite(gs) for gs in by_dtype.values()):
-            return False
-        large = other
-    if large:
-        sums = [g.sum(dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None) for g in large]
-        suspects = [g for g, s in zip(large, sums) if not _global_bool(torch.isfinite(s))]
+    if read_only:
+        sums = [g.sum(dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None) for g in read_only]
+        suspects = [g for g, s in zip(read_only, sums) if not _global_bool(torch.isfinite(s))]
         if any(not _global_bool(torch.isfinite(g).all()) for g in suspects):
             return False
     return all(bool(f) for f in flags)
+
+
+def state_problem(p: torch.Tensor, grad: torch.Tensor | None, state: dict[str, Any],
+                  keys: Sequence[str]) -> str | None:
+    """Why ``p``'s gradient or state tensors ``keys`` do not fit ``p``, else None.
+
+    Every state tensor must have ``p``'s shape and device and the compute dtype
+    of ``p``'s dtype (:func:`decoupled_core.compute_dtype`); the gradient ``p``'s
+    shape, device and dtype. A parameter converted after the optimizer was
+    created (``model.double()``) breaks this, and no update path may then run:
+    the C kernel would read and write past its buffers, torch's kernels would
+    fail or cast silently.
+    """
+    cd = compute_dtype(p.dtype, torch)
+    if grad is not None and (grad.dtype != p.dtype or grad.device != p.device or grad.shape != p.shape):
+        return (f"its gradient is {grad.dtype} on {grad.device} with shape {tuple(grad.shape)}, the parameter "
+                f"{p.dtype} on {p.device} with shape {tuple(p.shape)}")
+    for k in keys:
+        t = state.get(k)
+        if isinstance(t, torch.Tensor) and (t.dtype != cd or t.device != p.device or t.shape != p.shape):
+            return (f"its optimizer state {k!r} is {t.dtype} on {t.device} with shape {tuple(t.shape)}, but a "
+                    f"{p.dtype} parameter on {p.device} with shape {tuple(p.shape)} needs {cd} on {p.device} "
+                    "with that shape")
+    return None
 
 
 class _Bucket:
@@ -302,16 +320,20 @@ class FastPlan:
         self.buckets = [_Bucket(idx, params, states, rates, hp) for idx in groups.values()]
         self.params, self.states, self.rates = params, states, rates
         self._tensors = [st[k] for st in states for k in self._names]
+        self._dtypes = [p.dtype for p in params]
 
     def holds(self, states: Sequence[dict[str, Any]]) -> bool:
         """Whether ``states`` are still the dicts and tensors the plan holds lists of.
 
         False after ``optimizer.state`` was cleared or replaced, or an entry of it
-        reassigned (the plan would update tensors that are no longer the state):
-        then the caller builds a new plan. Identity checks only, no tensor is read.
+        reassigned (the plan would update tensors that are no longer the state),
+        or after a parameter changed dtype in place (``model.double()`` keeps the
+        Parameter object and swaps its data): then the caller checks the state
+        again and builds a new plan. No tensor is read.
         """
         return (len(states) == len(self.states) and all(map(operator.is_, states, self.states))
-                and all(map(operator.is_, self._tensors, [st.get(k) for st in states for k in self._names])))
+                and all(map(operator.is_, self._tensors, [st.get(k) for st in states for k in self._names]))
+                and [p.dtype for p in self.params] == self._dtypes)
 
     def run(self, grads: Sequence[torch.Tensor], *, hp: HyperParams, lr: float, maximize: bool) -> None:
         """Apply one update; ``grads`` aligned with the plan's params, step counts already advanced.
@@ -369,18 +391,17 @@ def _native_adam(b: _Bucket, work: list[torch.Tensor], grads: list[torch.Tensor]
                  maximize: bool) -> bool:
     """The C kernel's share of the bucket (``b.native``); False, touching nothing, where it cannot run now.
 
-    Checked at every step because a user may swap ``p.data`` or hand in an odd
-    gradient between steps, and C would trust a wrong pointer or size; the
-    checks cost a few attribute reads per large tensor.
+    Every operand is checked at every step, before any call, because a user may
+    swap ``p.data`` or hand in an odd gradient between steps and C would trust a
+    wrong pointer or size; the checks cost a few attribute reads per large tensor.
     """
     if torch.compiler.is_compiling():
         return False
     ks = b.native
-    for k in ks:
-        p, g, n = work[k], grads[k], work[k].numel()
-        if not (native.usable(p) and native.usable(g) and g.dtype == p.dtype and g.numel() == n
-                and b.m[k].numel() == n and b.v[k].numel() == n and b.anchors[k].numel() == n):
-            return False
+    pick = lambda xs: [xs[k] for k in ks]  # noqa: E731
+    assert b.anchors is not None
+    if native.operand_problem(pick(work), pick(grads), pick(b.m), pick(b.v), pick(b.anchors)) is not None:
+        return False
     by_step: dict[int, list[int]] = {}
     for k in ks:
         by_step.setdefault(b.states[k]["step"], []).append(k)

@@ -41,12 +41,14 @@ layer-wise decay ``weight_decay * (l + 1) / L``.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from decoupled_core import (
     HyperParams,
+    accepted,
     compute_dtype,
     invalid,
     number_layers,
@@ -61,6 +63,7 @@ from ._torch_kernels import (
     grads_finite_reference,
     init_state,
     reference_update,
+    state_problem,
 )
 from ._torch_setup import Anchors, LayerKeys, check_param, display_names, head_split, make_anchor
 
@@ -76,6 +79,7 @@ _FORMAT_KEY, _SKIPPED_KEY = "dualopt", "skipped"
 
 # Canonical core names -> the names a torch user types (for error messages).
 _PUBLIC_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
+_TENSOR_LR = "a tensor holding one such value (any shape with one element, as torch.optim takes it)"
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "anchor")
 _DIRECTION_STATE = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 
@@ -183,6 +187,12 @@ class DualOpt(torch.optim.Optimizer):
       :meth:`load_state_dict` rejects dicts without the tag (another
       optimizer's), restores the saved anchors and keeps float32 state float32
       for float16/bfloat16 parameters.
+    - Create the optimizer after converting the model (``model.double()``,
+      ``.float()``, ``.to(device)``): the state is made for the parameters' dtype
+      and device then. A parameter converted later makes ``step()`` raise a
+      ``RuntimeError`` that names it, before anything is updated (as
+      ``torch.optim.Adam`` fails too); ``opt.load_state_dict(opt.state_dict())``
+      converts the state to the parameters as they are now.
     - ``step()`` runs eagerly inside ``torch.compile``'d code (it is excluded from
       tracing): compiling a training step that calls it works unchanged.
     - ``torch.amp.GradScaler`` unscales and skips steps with inf itself; such
@@ -286,9 +296,17 @@ class DualOpt(torch.optim.Optimizer):
         if group["foreach"] not in (None, True, False):
             raise invalid("foreach", group["foreach"], "None, True or False")
         hp = _group_hp(group)
-        validate(hp, lr=group["lr"], nonfinite=self.nonfinite, names=_PUBLIC_NAMES)
+        lr = group["lr"]
+        also = None  # the core's wording, word for word, unless a tensor was given
+        if isinstance(lr, torch.Tensor):
+            # torch.optim takes a tensor lr of one element, of any shape; the core reads a 0-d one as a number.
+            also = {"lr": (_TENSOR_LR,)}
+            if lr.numel() != 1:
+                raise invalid("lr", f"<tensor of shape {tuple(lr.shape)}>", accepted("lr", also["lr"]))
+            lr = lr.detach().reshape(())
+        validate(hp, lr=lr, nonfinite=self.nonfinite, names=_PUBLIC_NAMES, also_accepted=also)
         if hp.paradigm == "finetune":
-            group["rollback_max"] = resolve_rollback_max(hp.rollback_max, group["lr"], names=_PUBLIC_NAMES)
+            group["rollback_max"] = resolve_rollback_max(hp.rollback_max, lr, names=_PUBLIC_NAMES)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see the class notes: layers are renumbered across all groups)."""
@@ -418,9 +436,10 @@ class DualOpt(torch.optim.Optimizer):
             if not finite:
                 self.skipped += 1
                 return loss
+        # Everything is checked before anything changes: an error leaves no tensor and no step count half-updated.
+        runs = []
         for gi, group, idx, grads in work:
             hp = _group_hp(group)
-            lr = float(group["lr"])
             rates_all = self._rates(gi, hp)
             params = group["params"]
             ps = [params[j] for j in idx]
@@ -434,19 +453,47 @@ class DualOpt(torch.optim.Optimizer):
                                            "has no 'anchor' in optimizer.state (was the state cleared or replaced?); "
                                            "create a new optimizer, or load a state dict that has its anchor")
                     init_state(st, p, hp.direction)
-                st["step"] += 1
             rates = [rates_all[j] for j in idx] if len(idx) != len(params) else rates_all
-            if group["foreach"] is False:
+            plan = None
+            if group["foreach"] is not False:
+                # What shapes a plan (see FastPlan); the other hyperparameters are read every step.
+                key = (tuple(idx), hp.direction, hp.paradigm, hp.weight_decay, hp.rollback_max, hp.rollback_min,
+                       hp.rollback_power)
+                plan = self._plans.get(gi)
+                if plan is None or plan.key != key or not plan.holds(states):
+                    self._check_state(gi, group, idx, ps, grads, states, hp)
+                    plan = self._plans[gi] = FastPlan(key, ps, states, rates, hp=hp)
+            else:
+                self._check_state(gi, group, idx, ps, grads, states, hp)
+            runs.append((group, hp, ps, grads, states, rates, plan))
+        for group, hp, ps, grads, states, rates, plan in runs:
+            for st in states:
+                st["step"] += 1
+            lr = float(group["lr"])
+            if plan is None:
                 reference_update(ps, grads, states, rates, hp=hp, lr=lr, maximize=group["maximize"])
-                continue
-            # What shapes a plan (see FastPlan); the other hyperparameters are read every step.
-            key = (tuple(idx), hp.direction, hp.paradigm, hp.weight_decay, hp.rollback_max, hp.rollback_min,
-                   hp.rollback_power)
-            plan = self._plans.get(gi)
-            if plan is None or plan.key != key or not plan.holds(states):
-                plan = self._plans[gi] = FastPlan(key, ps, states, rates, hp=hp)
-            plan.run(grads, hp=hp, lr=lr, maximize=group["maximize"])
+            else:
+                plan.run(grads, hp=hp, lr=lr, maximize=group["maximize"])
         return loss
+
+    def _check_state(self, gi: int, group: Mapping[str, Any], idx: Sequence[int], ps: Sequence[torch.Tensor],
+                     grads: Sequence[torch.Tensor], states: Sequence[dict[str, Any]], hp: HyperParams) -> None:
+        """Raise where a gradient or state tensor no longer fits its parameter (dtype, device or shape).
+
+        Run at every step of the reference path and whenever the fast path builds
+        a plan (its plans are rebuilt when a parameter's dtype changes).
+        ``torch.optim.Adam`` fails here too, with a message about ``lerp``.
+        """
+        keys = _DIRECTION_STATE[hp.direction] + (("anchor",) if hp.paradigm == "finetune" else ())
+        for j, p, g, st in zip(idx, ps, grads, states):
+            why = state_problem(p, g, st, keys)
+            if why is not None:
+                name = _label(display_names(group, gi)[j])
+                raise RuntimeError(
+                    f"DualOpt: parameter {name} is {p.dtype} on {p.device}, but {why}. Was the model converted "
+                    "(model.double(), .float(), .half(), .to(...)) after the optimizer was created? Create the "
+                    "optimizer after converting the model, or convert its state to the parameters now with "
+                    "opt.load_state_dict(opt.state_dict()). Nothing was updated.")
 
     # ------------------------------------------------------------------ state
 
@@ -504,7 +551,20 @@ class DualOpt(torch.optim.Optimizer):
         ``set_optimizer_state_dict``): parameters keyed by name, and a frozen
         (``requires_grad=False``) tensor possibly without its entry; it then
         keeps its current state.
+
+        Hooks run where torch's own optimizers run them: the
+        ``register_load_state_dict_pre_hook`` hooks first, on a shallow copy of
+        ``state_dict`` (what they change or return is what is checked and
+        loaded), the post-hooks once loading is complete (they see the final
+        state: float32 moments of a bfloat16 parameter, the loaded
+        :attr:`skipped`).
         """
+        if isinstance(state_dict, Mapping):
+            state_dict = state_dict.copy() if hasattr(state_dict, "copy") else dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         skipped = self._saved_skipped(state_dict)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -539,7 +599,14 @@ class DualOpt(torch.optim.Optimizer):
                 self._check_saved_entry(entry, p, names[j], group)
                 originals[p] = {k: entry[k] for k in _STATE_TENSORS if k in entry}
         payload = {k: v for k, v in state_dict.items() if k != "dualopt"}
-        super().load_state_dict(payload)
+        # torch's method would run the hooks again, the post-hooks before the lines below: it runs without them.
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            super().load_state_dict(payload)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         for p, entries in kept.items():
             self.state[p] = entries
         # torch casts floating state to the parameter's dtype and may alias the
@@ -558,6 +625,8 @@ class DualOpt(torch.optim.Optimizer):
                     init_state(self.state[p], p, group["direction"])
         self.skipped = skipped
         self._renumber()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     @staticmethod
     def _check_saved_entry(entry: Mapping[str, Any], p: torch.Tensor, name: str, group: Mapping[str, Any]) -> None:

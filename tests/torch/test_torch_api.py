@@ -438,3 +438,27 @@ def test_torch_specific_bad_input():
     p.grad = torch.zeros(2).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_a_tensor_lr_of_one_element_is_taken_like_torch_takes_it(shape):
+    """torch.optim.Adam takes lr=torch.tensor([1e-2]) (any shape with one element); so does DualOpt."""
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    ref = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    lr = torch.full(shape, 1e-2, dtype=torch.float64)
+    opt = DualOpt([w], lr=lr, paradigm="finetune", rollback_max=2.0)
+    plain = DualOpt([ref], lr=1e-2, paradigm="finetune", rollback_max=2.0)
+    for o, p in ((opt, w), (plain, ref)):
+        p.grad = torch.full((3,), 0.5, dtype=torch.float64)
+        o.step()
+    assert torch.equal(w.detach(), ref.detach())
+    default = DualOpt([torch.nn.Parameter(torch.ones(2))], lr=lr, paradigm="finetune")
+    assert default.param_groups[0]["rollback_max"] == pytest.approx(1.0)  # 0.01 / lr
+
+
+@pytest.mark.parametrize("lr", [torch.tensor([1e-2, 2e-2]), torch.tensor([]), torch.tensor([float("nan")])])
+def test_a_bad_tensor_lr_says_what_is_accepted(lr):
+    with pytest.raises(ValueError) as err:
+        DualOpt([torch.nn.Parameter(torch.ones(2))], lr=lr)
+    message = str(err.value)
+    assert message.startswith("lr=") and "a finite float >= 0" in message and "one element" in message

@@ -326,3 +326,69 @@ def test_plain_adam_through_the_helpers_is_refused():
     opt = DualOpt(model.named_parameters(), lr=0.01)
     with pytest.raises(ValueError, match="a DualOpt state dict .* state from another optimizer cannot be loaded"):
         set_optimizer_state_dict(model, opt, saved)
+
+
+# ------------------------------------------------------------------ torch's load_state_dict hooks (issue 19)
+
+
+def _stepped_bf16(skips: int = 0):
+    w = torch.nn.Parameter(torch.linspace(-1, 1, 6, dtype=torch.bfloat16))
+    opt = DualOpt([w], lr=1e-2, paradigm="finetune")
+    w.grad = torch.ones_like(w)
+    opt.step()
+    for _ in range(skips):
+        w.grad = torch.full_like(w, float("nan"))
+        opt.step()
+    return w, opt
+
+
+def test_a_load_pre_hook_changes_what_is_loaded():
+    w, opt = _stepped_bf16()
+    saved = opt.state_dict()
+    target = saved["state"][0]["exp_avg"] * 3
+
+    def triple(optimizer, state_dict):
+        state_dict["state"] = {0: {**state_dict["state"][0], "exp_avg": target}}
+
+    opt.register_load_state_dict_pre_hook(triple)
+    opt.load_state_dict(saved)
+    assert torch.equal(opt.state[w]["exp_avg"], target.float())
+    assert opt.state[w]["exp_avg"] is not target  # a copy of the hook's tensor, in the compute dtype
+
+
+def test_a_load_pre_hook_may_repair_a_dict_before_it_is_checked():
+    w, opt = _stepped_bf16()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["dualopt"]  # e.g. written by a tool that drops unknown group keys
+
+    def retag(optimizer, state_dict):
+        groups = [{**g, "dualopt": STATE_FORMAT} for g in state_dict["param_groups"]]
+        return {**state_dict, "param_groups": groups}
+
+    opt.register_load_state_dict_pre_hook(retag)
+    opt.load_state_dict(saved)
+    assert opt.state[w]["step"] == 1
+
+
+def test_a_load_post_hook_sees_the_final_state():
+    w, opt = _stepped_bf16(skips=5)
+    saved = opt.state_dict()
+    fresh = DualOpt([w], lr=1e-2, paradigm="finetune")
+    seen = []
+    fresh.register_load_state_dict_post_hook(
+        lambda optimizer: seen.append((optimizer.state[w]["exp_avg"].dtype, optimizer.state[w]["anchor"].dtype,
+                                       optimizer.skipped)))
+    fresh.load_state_dict(saved)
+    assert seen == [(torch.float32, torch.float32, 5)]
+    assert fresh._optimizer_load_state_dict_pre_hooks == {} and len(fresh._optimizer_load_state_dict_post_hooks) == 1
+
+
+def test_hooks_run_once_each_and_in_order():
+    w, opt = _stepped_bf16()
+    calls = []
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("pre 1"))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("pre 0"), prepend=True)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("post"))
+    opt.load_state_dict(opt.state_dict())
+    assert calls == ["pre 0", "pre 1", "post"]

@@ -1,4 +1,4 @@
-"""The C kernels of ``dualopt._torch_native``: the spec's arithmetic, bit for bit, and safe fallbacks.
+"""The C kernel of ``dualopt._torch_native``: the spec's arithmetic, bit for bit, and safe fallbacks.
 
 The kernel evaluates ``decoupled_core.rule.adam_pre_weight`` and ``pull``
 operation for operation without FMA contraction, so it must equal the core
@@ -86,23 +86,6 @@ def test_zero_coefficient_leaves_the_pre_weight_alone():
     assert p[0].item() == float("inf")
 
 
-@needs_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("where", [0, 69_999, 70_000, 270_003, -1])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_finiteness_scan_finds_every_position(dtype, where, bad):
-    torch.set_num_threads(2)
-    gs = [torch.zeros(n, dtype=dtype) for n in SIZES]
-    gs[1][0] = torch.finfo(dtype).max  # large and subnormal values are finite
-    gs[3][5] = torch.finfo(dtype).tiny / 4
-    assert native.all_finite(gs)
-    flat = torch.cat(gs)
-    idx = where % flat.numel()
-    t, off = next((t, idx - sum(SIZES[:t])) for t in range(len(SIZES)) if idx < sum(SIZES[:t + 1]))
-    gs[t][off] = bad
-    assert not native.all_finite(gs)
-
-
 def _finetune_run(params, steps, *, swap_data=False):
     opt = DualOpt(params, lr=0.02, paradigm="finetune", rollback_max=2.0)
     for k in range(steps):
@@ -181,7 +164,7 @@ def test_a_broken_compiler_falls_back(tmp_path):
     code = "import dualopt._torch_native as n; s = n.native_status(); print(s['enabled']); print(s['reason'])"
     env = dict(os.environ, CC="false", DUALOPT_NATIVE_CACHE=str(tmp_path / "cache"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.splitlines()[0] == "False" and "false failed" in out
+    assert out.splitlines()[0] == "False" and "failed" in out
 
 
 @pytest.mark.skipif(not HAVE_CC or os.environ.get("DUALOPT_NATIVE") == "0", reason="no C compiler here")
@@ -208,5 +191,5 @@ def test_a_temporary_directory_another_user_could_write_is_not_used(tmp_path):
     (tmp_path / "file").write_text("")
     code = "import dualopt._torch_native as n; s = n.native_status(); print(s['enabled'], s['reason'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.startswith("False") and "not a private directory" in out
+    assert out.startswith("False") and f"{private} is writable by group or others" in out
     assert not any(private.iterdir())
