@@ -395,6 +395,17 @@ _STYLES = ("-", "--", "-.", ":")
 _MARKERS = "os^vD<>p*hXP"
 
 
+def line_style(i: int) -> tuple[int, str, str]:
+    """(tab10 colour index, line style, marker) of the i-th implementation: distinct for 40 lines.
+
+    Examples
+    --------
+    >>> line_style(0), line_style(10), line_style(21)
+    ((0, '-', 'o'), (0, '--', '*'), (1, '-.', 'X'))
+    """
+    return i % 10, _STYLES[(i // 10) % len(_STYLES)], _MARKERS[i % len(_MARKERS)]
+
+
 def write_plot(result: SuiteResult, path: Path) -> Path | None:
     """Scaled error per step (open loop) or epoch (closed loop), one panel per numerics class (and dtype).
 
@@ -411,8 +422,10 @@ def write_plot(result: SuiteResult, path: Path) -> Path | None:
         return None
     impls = [e.name for e in result.entries]
     cmap = plt.get_cmap("tab10")
-    style = {n: dict(color=cmap(i % 10), ls=_STYLES[(i // 10) % len(_STYLES)], marker=_MARKERS[i % len(_MARKERS)])
-             for i, n in enumerate(impls)}
+    style = {}
+    for i, n in enumerate(impls):
+        colour, ls, marker = line_style(i)
+        style[n] = dict(color=cmap(colour), ls=ls, marker=marker)
     ncol = min(3, len(panels))
     nrow = math.ceil(len(panels) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(6.4 * ncol, 5.0 * nrow), squeeze=False)
