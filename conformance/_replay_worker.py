@@ -50,7 +50,8 @@ def load_function(spec: str, directory: str | None) -> Callable[..., Any]:
 
 
 def _error(exc: BaseException) -> str:
-    tb = traceback.extract_tb(exc.__traceback__)
+    # The innermost frame outside the import machinery: the port's own line.
+    tb = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")]
     where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
     if isinstance(exc, SystemExit):
         return f"called sys.exit({exc.code!r}){where}"

@@ -94,11 +94,15 @@ def class_error_cell(value: float | None, unit: str, sign_flips: int = 0) -> str
     --------
     >>> class_error_cell(2.0, "ulp"), class_error_cell(0.5, "eps x t"), class_error_cell(2.2e-15, "")
     ('2 ulp', '0.5 eps x t', '2.2e-15')
+    >>> class_error_cell(7.0, "ulp", sign_flips=3), class_error_cell(0.0, "ulp", sign_flips=3)
+    ('7 ulp +sign', 'sign')
     """
     if value is None:
         return "-"
     if unit == "ulp":
-        return ulp_cell(value, sign_flips) + ("" if sign_flips and value == 0 else " ulp")
+        if sign_flips:
+            return "sign" if value == 0 else f"{fmt(value, 'int')} ulp +sign"
+        return f"{fmt(value, 'int')} ulp"
     if unit:
         return f"{fmt(value, 'ratio')} {unit}"
     return fmt(value)
@@ -401,7 +405,7 @@ def line_style(i: int) -> tuple[int, str, str]:
     Examples
     --------
     >>> line_style(0), line_style(10), line_style(21)
-    ((0, '-', 'o'), (0, '--', '*'), (1, '-.', 'X'))
+    ((0, '-', 'o'), (0, '--', 'X'), (1, '-.', 'h'))
     """
     return i % 10, _STYLES[(i // 10) % len(_STYLES)], _MARKERS[i % len(_MARKERS)]
 
