@@ -452,6 +452,10 @@ def write_plot(result: SuiteResult, path: Path) -> Path | None:
                     ls=(0, (6, 3)), label=f"budget: {tol.describe()}")
             ax.axhline(floor, color="grey", lw=0.5, ls=":", label="exact (0)")
         ax.set_yscale("log")
+        # Room for the budget and every line; a panel of exact lines alone still shows a few decades above them.
+        top = max([floor * 1e4, *(v for ys in series.values() for v in ys if np.isfinite(v)),
+                   float(tol.budget * steps if tol.per_step else tol.budget)])
+        ax.set_ylim(floor / 3, top * 3)
         where = "open loop" if loop == "open" else "closed loop (worst over modes)"
         ax.set_title(f"class {cls}, {where}, {dtype}", fontsize=10)
         ax.set_xlabel("step" if loop == "open" else "epoch")
