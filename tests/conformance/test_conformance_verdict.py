@@ -319,3 +319,14 @@ def test_progress_shows_k_of_n_elapsed_and_eta_in_whole_lines_under_two_jobs():
                for ln in lines), lines
     assert all(re.fullmatch(r"(dualopt conformance: .*|\[open\]   slow \d \(exact\): \d/3 cases.*)", ln)
                for ln in lines), lines
+
+
+def test_a_selection_where_everything_is_skipped_is_a_setup_error(monkeypatch, capsys):
+    from dualopt.conformance import __main__ as cli
+    from dualopt.conformance.discovery import Entry
+
+    gone = [Entry("core[numpy]", "core[numpy]", "impl_core", skip="numpy not installed")]
+    monkeypatch.setattr(cli, "discover", lambda *a, **k: list(gone))
+    assert cli.main(["--backends", "numpy", "--report", ""]) == 2
+    err = capsys.readouterr().err
+    assert "every selected implementation is skipped here" in err and "numpy not installed" in err
