@@ -39,7 +39,7 @@ def safe_import_dir(directory: str) -> str | None:
 
 
 def load_function(spec: str, directory: str | None) -> Callable[..., Any]:
-    """Import ``MODULE:FUNCTION`` the way ``python -m`` would, with ``directory`` (the caller's cwd) first on the path."""
+    """Import ``MODULE:FUNCTION`` as ``python -m`` would: ``directory`` (the caller's cwd) first on the path."""
     module, _, func = spec.partition(":")
     if directory is not None and safe_import_dir(directory) is None and directory not in sys.path:
         sys.path.insert(0, directory)

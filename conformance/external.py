@@ -45,8 +45,8 @@ from .protocol import Trajectory, case_id
 from .runner import Row, evaluate_case
 from .tolerances import REPLAY_CLASSES
 
-__all__ = ["ReplayFn", "ReplayImplementation", "SubprocessReplay", "DEFAULT_REPLAY_TIMEOUT", "check_case", "pytest_suite",
-           "vector_paths"]
+__all__ = ["ReplayFn", "ReplayImplementation", "SubprocessReplay", "DEFAULT_REPLAY_TIMEOUT", "check_case",
+           "pytest_suite", "vector_paths"]
 
 ReplayFn = Callable[[Case], Trajectory]
 
@@ -368,6 +368,7 @@ def _load_result(out: Path, i: int) -> tuple[Trajectory | None, str | None]:
         if "error" in meta:
             return None, str(meta["error"])
         with np.load(out / f"{i}.npz", allow_pickle=False) as z:
-            return [{n: np.array(z[f"s{t}_{j}"]) for j, n in enumerate(step)} for t, step in enumerate(meta["names"])], None
+            return [{n: np.array(z[f"s{t}_{j}"]) for j, n in enumerate(step)}
+                    for t, step in enumerate(meta["names"])], None
     except Exception as exc:  # noqa: BLE001 - a garbled result is that case's failure
         return None, f"unreadable result ({type(exc).__name__}: {exc})"

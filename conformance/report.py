@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .runner import CLOSED_PREFIX, Row, SuiteResult
-from .tolerances import CLASSES, CLOSED, OPEN, class_error, policy_table, tolerance
+from .tolerances import CLASSES, class_error, policy_table, tolerance
 
 __all__ = ["case_table", "aggregate", "aggregate_table", "failures", "summary_line", "render_text", "write_report",
            "format_table", "fmt", "to_json", "ulp_cell", "class_error_cell"]

@@ -25,8 +25,8 @@ import numpy as np
 
 from .metrics import Deviation, Where
 
-__all__ = ["CLASSES", "NATIVE_CLASSES", "REPLAY_CLASSES", "Tolerance", "Verdict", "numerics_class", "tolerance", "judge",
-           "class_error", "policy_table"]
+__all__ = ["CLASSES", "NATIVE_CLASSES", "REPLAY_CLASSES", "Tolerance", "Verdict", "numerics_class", "tolerance",
+           "judge", "class_error", "policy_table"]
 
 EPS64 = float(np.finfo(np.float64).eps)  # 2**-52
 EPS32 = float(np.finfo(np.float32).eps)  # 2**-23

@@ -119,7 +119,8 @@ def test_cli_core_backends_pass_and_write_the_report(tmp_path):
     assert "== aggregate" in proc.stdout and "== open loop, adam_scratch.float64" in proc.stdout
     assert "dualopt conformance: PASS - 2 implementations" in proc.stdout
     # Progress goes to stderr: k/N cases per implementation, and the counts when it is done.
-    assert re.search(r"\[open\]   core\[numpy\] \(exact\): 40/40 cases in [0-9.]+ s: 40 exact", proc.stderr), proc.stderr
+    done = r"\[open\]   core\[numpy\] \(exact\): 40/40 cases in [0-9.]+ s: 40 exact"
+    assert re.search(done, proc.stderr), proc.stderr
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["conformance.json", "conformance.md",
                                                                       "conformance.png"]
 

@@ -8,16 +8,13 @@ vectors, invalid options, and reports that do not say where a failure is.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 import json
-import math
 import os
 import re
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -27,9 +24,8 @@ import pytest
 from dualopt.conformance.external import ReplayImplementation, SubprocessReplay, check_case
 from dualopt.conformance.impl_core import replay_reference
 from dualopt.conformance.metrics import compare
-from dualopt.conformance.problem import make_problem
-from dualopt.conformance.report import _panels, aggregate_table, failures, line_style, render_text, to_json, \
-    ulp_cell, write_report
+from dualopt.conformance.report import (_panels, aggregate_table, line_style, render_text, to_json, ulp_cell,
+                                        write_report)
 from dualopt.conformance.runner import SuiteResult, run_suite
 from dualopt.spec import VECTORS_DIR
 from dualopt.spec.vectors import (VectorFormatError, invariant_errors, load_case, load_cases, schema, schema_errors,
@@ -48,7 +44,8 @@ def _env() -> dict[str, str]:
                 TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def _cli(*args: str, cwd: Path = ROOT, exe: list[str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path = ROOT, exe: list[str] | None = None,
+         timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = (exe or [sys.executable, "-m", "dualopt.conformance"]) + list(args)
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=timeout)
 
@@ -232,9 +229,8 @@ def test_the_console_script_imports_the_port_from_the_current_directory(tmp_path
         from dualopt.conformance.impl_core import replay_reference as replay
     """))
     exe = Path(sys.executable).parent / "dualopt-conformance"
-    env_cwd = tmp_path
     proc = _cli("--backends", "none", "--replay", "myport:replay", "--only", "open", "--dtype", "float32",
-                "--report", "", "--quiet", cwd=env_cwd, exe=[str(exe)])
+                "--report", "", "--quiet", cwd=tmp_path, exe=[str(exe)])
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"exact +- +replay \(myport\)", proc.stdout), proc.stdout
 
