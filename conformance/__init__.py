@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["pytest_suite", "check_case", "ReplayImplementation", "run_suite"]
+__all__ = ["pytest_suite", "check_case", "ReplayImplementation", "SubprocessReplay", "run_suite"]
 
 _LAZY = {"pytest_suite": "external", "check_case": "external", "ReplayImplementation": "external",
-         "run_suite": "runner"}
+         "SubprocessReplay": "external", "run_suite": "runner"}
 
 
 def __getattr__(name: str) -> Any:

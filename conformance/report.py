@@ -12,10 +12,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .runner import CLOSED_PREFIX, Row, SuiteResult
-from .tolerances import CLASSES, OPEN, CLOSED, policy_table
+from .tolerances import CLASSES, class_error, policy_table, tolerance
 
-__all__ = ["case_table", "aggregate", "aggregate_table", "summary_line", "render_text", "write_report",
-           "format_table", "fmt"]
+__all__ = ["case_table", "aggregate", "aggregate_table", "failures", "summary_line", "render_text", "write_report",
+           "format_table", "fmt", "to_json", "ulp_cell", "class_error_cell"]
 
 SCHEMA = "dualopt-conformance-report/1"
 
@@ -64,12 +64,54 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, markd
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-CASE_HEADERS = ["implementation", "class", "max abs err", "max rel err", "max ulp", "err/tol", "tolerance", "steps",
-                "dtype", "verdict", "note"]
+CASE_HEADERS = ["verdict", "err/tol", "error (class units)", "tolerance", "implementation", "class", "max abs err",
+                "max rel err", "max ulp", "steps", "dtype", "note"]
 
 
 def _steps(r: Row) -> str:
     return f"{r.steps} ep" if r.loop == "closed" else str(r.steps)
+
+
+def ulp_cell(ulp: float | None, sign_flips: int) -> str:
+    """The ulp column: a count, or ``sign`` where values of opposite sign make a count meaningless.
+
+    Examples
+    --------
+    >>> ulp_cell(3.0, 0), ulp_cell(0.0, 2), ulp_cell(12.0, 1), ulp_cell(None, 0)
+    ('3', 'sign', '12 +sign', '-')
+    """
+    if ulp is None:
+        return "-"
+    if sign_flips:
+        return "sign" if ulp == 0 else f"{fmt(ulp, 'int')} +sign"
+    return fmt(ulp, "int")
+
+
+def class_error_cell(value: float | None, unit: str, sign_flips: int = 0) -> str:
+    """An error in the units its class is judged in: ``3 ulp``, ``0.52 eps x t``, ``2.2e-15`` (scaled).
+
+    Examples
+    --------
+    >>> class_error_cell(2.0, "ulp"), class_error_cell(0.5, "eps x t"), class_error_cell(2.2e-15, "")
+    ('2 ulp', '0.5 eps x t', '2.2e-15')
+    >>> class_error_cell(7.0, "ulp", sign_flips=3), class_error_cell(0.0, "ulp", sign_flips=3)
+    ('7 ulp +sign', 'sign')
+    """
+    if value is None:
+        return "-"
+    if unit == "ulp":
+        if sign_flips:
+            return "sign" if value == 0 else f"{fmt(value, 'int')} ulp +sign"
+        return f"{fmt(value, 'int')} ulp"
+    if unit:
+        return f"{fmt(value, 'ratio')} {unit}"
+    return fmt(value)
+
+
+def _class_error(r: Row) -> tuple[float | None, str]:
+    if r.dev is None or r.tol is None or r.dev.problems:
+        return None, ""
+    return class_error(r.dev, r.tol)
 
 
 def _case_cells(r: Row, note_width: int | None) -> list[str]:
@@ -77,9 +119,11 @@ def _case_cells(r: Row, note_width: int | None) -> list[str]:
     note = r.note if note_width is None or len(r.note) <= note_width else r.note[: note_width - 3] + "..."
     tol = "-" if r.tol is None else r.tol.describe()
     ratio = "-" if d is None else fmt(r.ratio, "ratio")
-    return [r.impl, r.numerics, fmt(d.max_abs if d else None), fmt(d.max_rel if d else None),
-            fmt(d.max_ulp if d else None, "int"), ratio, tol, _steps(r), r.dtype,
-            r.status.upper() if r.status == "skipped" else r.status, note]
+    value, unit = _class_error(r)
+    return [r.status.upper() if r.status == "skipped" else r.status, ratio,
+            class_error_cell(value, unit, d.sign_flips if d else 0), tol, r.impl, r.numerics,
+            fmt(d.max_abs if d else None), fmt(d.max_rel if d else None),
+            ulp_cell(d.max_ulp if d else None, d.sign_flips if d else 0), _steps(r), r.dtype, note]
 
 
 def _title(case: str) -> str:
@@ -99,6 +143,15 @@ def case_table(rows: Sequence[Row], case: str, *, markdown: bool = False, note_w
 def _worst(values: Iterable[float]) -> float | None:
     vals = [v for v in values]
     return max(vals) if vals else None
+
+
+def _worst_class_error(rows: Sequence[Row]) -> tuple[float | None, str, int]:
+    """The worst class-unit error over rows that share a unit (a class has one unit per loop)."""
+    vals = [(_class_error(r), r.dev.sign_flips if r.dev else 0) for r in rows]
+    vals = [(v, u, f) for (v, u), f in vals if v is not None]
+    if not vals:
+        return None, "", 0
+    return max(v for v, _, _ in vals), vals[0][1], sum(f for _, _, f in vals)
 
 
 def aggregate(result: SuiteResult) -> list[dict[str, Any]]:
@@ -121,11 +174,17 @@ def aggregate(result: SuiteResult) -> list[dict[str, Any]]:
             verdict = "exact"
         else:
             verdict = "pass"
+        errs = {}
+        for loop in ("open", "closed"):
+            value, unit, flips = _worst_class_error([r for r in measured if r.loop == loop])
+            errs[loop] = dict(value=value, unit=unit, sign_flips=flips)
         out.append(dict(
             implementation=entry.name, framework=entry.framework, module=entry.module,
             numerics=rows[0].numerics if rows else "-", counts=counts,
+            worst_class_error=errs,
             worst_abs=_worst(r.dev.max_abs for r in measured), worst_rel=_worst(r.dev.max_rel for r in measured),
             worst_ulp=_worst(r.dev.max_ulp for r in measured),
+            sign_flips=sum(r.dev.sign_flips for r in measured),
             worst_ratio=_worst(r.ratio for r in measured if r.status != "exact"),
             verdict=verdict, note=entry.skip or entry.error or ""))
     return out
@@ -141,21 +200,34 @@ def _count_cell(c: dict[str, int]) -> str:
     return s + (f" +{c['n/a']} n/a" if c["n/a"] else "")
 
 
-AGG_HEADERS = ["implementation", "class", "open exact/pass/FAIL", "closed exact/pass/FAIL", "worst abs err",
-               "worst rel err", "worst ulp", "worst err/tol", "verdict", "note"]
+AGG_HEADERS = ["verdict", "worst err/tol", "implementation", "class", "open exact/pass/FAIL", "open worst err",
+               "closed exact/pass/FAIL", "closed worst err", "note"]
 
 
 def aggregate_table(result: SuiteResult, *, markdown: bool = False, note_width: int | None = 50) -> str:
+    """One row per implementation; errors in the units its class is judged in (ulp, eps x t, scaled)."""
     cells = []
     for a in aggregate(result):
         note = a["note"]
         if note_width is not None and len(note) > note_width:
             note = note[: note_width - 3] + "..."
-        cells.append([a["implementation"], a["numerics"], _count_cell(a["counts"]["open"]),
-                      _count_cell(a["counts"]["closed"]), fmt(a["worst_abs"]), fmt(a["worst_rel"]),
-                      fmt(a["worst_ulp"], "int"), fmt(a["worst_ratio"], "ratio"),
-                      a["verdict"].upper() if a["verdict"] == "skipped" else a["verdict"], note])
+        err = {loop: class_error_cell(e["value"], e["unit"], e["sign_flips"])
+               for loop, e in a["worst_class_error"].items()}
+        cells.append([a["verdict"].upper() if a["verdict"] == "skipped" else a["verdict"],
+                      fmt(a["worst_ratio"], "ratio"), a["implementation"], a["numerics"],
+                      _count_cell(a["counts"]["open"]), err["open"], _count_cell(a["counts"]["closed"]),
+                      err["closed"], note])
     return format_table(AGG_HEADERS, cells, markdown=markdown)
+
+
+def failures(result: SuiteResult) -> list[str]:
+    """One entry per failed comparison: case, what it tests, implementation and class, then where it failed."""
+    out = []
+    for r in result.rows:
+        if r.failed:
+            what = f" - {r.description}" if r.description else ""
+            out.append(f"FAIL {r.case} [{r.impl}, class {r.numerics}]{what}\n    {r.note}")
+    return out
 
 
 def summary_line(result: SuiteResult) -> str:
@@ -164,7 +236,7 @@ def summary_line(result: SuiteResult) -> str:
     n_skip = sum(a["verdict"] == "skipped" for a in agg)
     n_fail = sum(a["verdict"] == "FAIL" for a in agg)
     counts = {s: sum(r.status == s for r in result.rows) for s in ("exact", "pass", "FAIL", "n/a", "skipped")}
-    verdict = "FAIL" if result.failed else "PASS"
+    verdict = result.verdict
     return (f"dualopt conformance: {verdict} - {len(agg)} implementations ({n_fail} failing, {n_skip} skipped); "
             f"rows: {counts['exact']} exact, {counts['pass']} pass, {counts['FAIL']} FAIL, {counts['n/a']} n/a, "
             f"{counts['skipped']} skipped; wall {result.wall_s:.1f} s")
@@ -181,8 +253,14 @@ def render_text(result: SuiteResult, *, per_case: bool = True) -> str:
         for case in _all_cases(result):
             if any(r.case == case for r in result.rows):
                 parts.append(f"== {_title(case)}\n{case_table(result.rows, case)}\n")
-    parts.append(f"== aggregate: one row per implementation (counts are cases: exact/pass/FAIL)\n"
-                 f"{aggregate_table(result)}\n")
+    fails = failures(result)
+    if fails:
+        shown = fails[:30] + ([f"... and {len(fails) - 30} more (see the report)"] if len(fails) > 30 else [])
+        parts.append(f"== failures ({len(fails)}): first step outside the tolerance, worst element there\n"
+                     + "\n".join(shown) + "\n")
+    parts.append(f"== aggregate: one row per implementation (counts are cases: exact/pass/FAIL; errors in each "
+                 f"class's units: ulp for a bitwise class, eps x t for a per-step budget, scaled error in the "
+                 f"closed loop)\n{aggregate_table(result)}\n")
     parts.append(summary_line(result))
     return "\n".join(parts)
 
@@ -206,38 +284,63 @@ def _environment() -> dict[str, str]:
     return env
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by null and recorded under ``"nonfinite"``.
+
+    JSON has no infinity or NaN, so the encoding is: the field holds ``null``
+    and the nearest enclosing object's ``"nonfinite"`` maps the field's name
+    (``"name[i]"`` for a list element) to ``"inf"``, ``"-inf"`` or ``"nan"``.
+
+    Examples
+    --------
+    >>> finite_json({"a": float("inf"), "b": [1.0, float("nan")], "c": 2})
+    {'a': None, 'b': [1.0, None], 'c': 2, 'nonfinite': {'a': 'inf', 'b[1]': 'nan'}}
+    """
+    def walk(x: Any, name: str, flags: dict[str, str]) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            flags[name] = str(x)
+            return None
+        if isinstance(x, dict):
+            inner: dict[str, str] = {}
+            out = {k: walk(v, str(k), inner) for k, v in x.items()}
+            if inner:
+                out["nonfinite"] = inner
+            return out
+        if isinstance(x, (list, tuple)):
+            return [walk(v, f"{name}[{i}]", flags) for i, v in enumerate(x)]
+        if isinstance(x, np.generic):
+            return walk(x.item(), name, flags)
+        return x
+
+    return walk(obj, "", {})
+
+
 def _row_json(r: Row) -> dict[str, Any]:
     d = r.dev
-
-    def num(x: float) -> float | str:
-        return x if math.isfinite(x) else str(x)
-
-    return dict(loop=r.loop, case=r.case, implementation=r.impl, framework=r.framework, numerics=r.numerics,
-                dtype=r.dtype, steps=r.steps, status=r.status, note=r.note,
+    value, unit = _class_error(r)
+    return dict(loop=r.loop, case=r.case, description=r.description, implementation=r.impl,
+                framework=r.framework, numerics=r.numerics, dtype=r.dtype, steps=r.steps, status=r.status,
+                note=r.note, first_failure=None if r.first is None else r.first.to_json(),
                 tolerance=None if r.tol is None else dict(budget=r.tol.budget, per_step=r.tol.per_step,
-                                                          reason=r.tol.reason),
-                err_over_tol=num(r.ratio),
-                max_abs=None if d is None else num(d.max_abs), max_rel=None if d is None else num(d.max_rel),
-                max_ulp=None if d is None else num(d.max_ulp),
-                scaled_error_per_step=None if d is None else [num(x) for x in d.scaled],
+                                                          describe=r.tol.describe(), reason=r.tol.reason),
+                err_over_tol=None if d is None else r.ratio,
+                class_error=None if value is None else dict(value=value, unit=unit or "scaled"),
+                max_abs=None if d is None else d.max_abs, max_rel=None if d is None else d.max_rel,
+                max_ulp=None if d is None else d.max_ulp, sign_flips=None if d is None else d.sign_flips,
+                scaled_error_per_step=None if d is None else list(d.scaled),
                 problems=[] if d is None else d.problems)
 
 
 def to_json(result: SuiteResult) -> dict[str, Any]:
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return str(x)
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        return x
-
-    return dict(schema=SCHEMA, verdict="FAIL" if result.failed else "PASS", exit_code=result.exit_code,
-                summary=summary_line(result), wall_s=result.wall_s, config=result.config,
-                environment=_environment(), timings_s=result.timings,
-                classes=CLASSES, policy=policy_table(),
-                implementations=[dict(name=e.name, framework=e.framework, module=e.module, skip=e.skip, error=e.error)
-                                 for e in result.entries],
-                aggregate=[clean(a) for a in aggregate(result)], rows=[_row_json(r) for r in result.rows])
+    """The whole run as strict JSON data (no NaN or infinity: see :func:`finite_json`)."""
+    return finite_json(dict(
+        schema=SCHEMA, verdict=result.verdict, exit_code=result.exit_code,
+        summary=summary_line(result), wall_s=result.wall_s, config=result.config,
+        environment=_environment(), timings_s=result.timings,
+        classes=CLASSES, policy=policy_table(),
+        implementations=[dict(name=e.name, framework=e.framework, module=e.module, skip=e.skip, error=e.error)
+                         for e in result.entries],
+        aggregate=aggregate(result), rows=[_row_json(r) for r in result.rows]))
 
 
 def render_markdown(result: SuiteResult, plot_name: str | None) -> str:
@@ -248,8 +351,15 @@ def render_markdown(result: SuiteResult, plot_name: str | None) -> str:
               "tensor divided by the largest magnitude that tensor has held) over the allowed one; `x t` budgets "
               "grow with the step number t. `exact` = bitwise identical (0 ulp).", ""]
     if plot_name:
-        lines += [f"![deviation per step and epoch]({plot_name})", ""]
+        lines += [f"![deviation per step and epoch, one panel per class]({plot_name})", ""]
     lines += ["## Aggregate", "", aggregate_table(result, markdown=True, note_width=None), ""]
+    fails = failures(result)
+    if fails:
+        lines += [f"## Failures ({len(fails)})", ""]
+        for f in fails:
+            head, _, note = f.partition("\n    ")
+            lines += [f"- **{head}**  ", f"  {note}"]
+        lines += [""]
     lines += ["## Policy", "", format_table(["class", "loop", "dtype", "tolerance", "reason"],
                                             [list(p.values()) for p in policy_table()], markdown=True), ""]
     lines += ["## Per case", ""]
@@ -259,13 +369,21 @@ def render_markdown(result: SuiteResult, plot_name: str | None) -> str:
     return "\n".join(lines)
 
 
-def _series(result: SuiteResult, loop: str, key: str) -> dict[str, list[float]]:
-    """impl -> per step (or epoch) worst scaled error over the cases selected by ``key``."""
+def _panels(result: SuiteResult) -> list[tuple[str, str, str]]:
+    """(loop, class, dtype) for every panel: open loop per class and dtype, closed loop per class."""
+    keys: dict[tuple[str, str, str], None] = {}
+    for r in result.rows:
+        if r.dev is not None and r.numerics != "-":
+            keys[(r.loop, r.numerics, r.dtype)] = None
+    order = {c: i for i, c in enumerate(CLASSES)}
+    return sorted(keys, key=lambda k: (k[0] != "open", order.get(k[1], 99), k[2] != "float64"))
+
+
+def _series(result: SuiteResult, loop: str, cls: str, dtype: str) -> dict[str, list[float]]:
+    """impl -> per step (or epoch) worst scaled error over that panel's cases."""
     out: dict[str, list[float]] = {}
     for r in result.rows:
-        if r.loop != loop or r.dev is None:
-            continue
-        if (loop == "open" and r.dtype != key) or (loop == "closed" and r.case != CLOSED_PREFIX + key):
+        if r.loop != loop or r.dev is None or r.numerics != cls or r.dtype != dtype:
             continue
         cur = out.setdefault(r.impl, [])
         for t, v in enumerate(r.dev.scaled):
@@ -276,62 +394,78 @@ def _series(result: SuiteResult, loop: str, key: str) -> dict[str, list[float]]:
     return out
 
 
+#: Line styles: with ten colours, (colour, style) pairs separate 40 implementations; markers add a third cue.
+_STYLES = ("-", "--", "-.", ":")
+_MARKERS = "os^vD<>p*hXP"
+
+
+def line_style(i: int) -> tuple[int, str, str]:
+    """(tab10 colour index, line style, marker) of the i-th implementation: distinct for 40 lines.
+
+    Examples
+    --------
+    >>> line_style(0), line_style(10), line_style(21)
+    ((0, '-', 'o'), (0, '--', 'X'), (1, '-.', 'h'))
+    """
+    return i % 10, _STYLES[(i // 10) % len(_STYLES)], _MARKERS[i % len(_MARKERS)]
+
+
 def write_plot(result: SuiteResult, path: Path) -> Path | None:
-    """Deviation per step (open loop, per dtype) and per epoch (closed loop, per mode), log scale."""
+    """Scaled error per step (open loop) or epoch (closed loop), one panel per numerics class (and dtype).
+
+    Each panel shows only its class's implementations and its class's budget,
+    labelled; a bitwise class has a zero budget, drawn as the 'exact' floor.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels: list[tuple[str, str, str]] = []
-    for dt in ("float64", "float32"):
-        if any(r.loop == "open" and r.dtype == dt and r.dev is not None for r in result.rows):
-            panels.append(("open", dt, f"open loop, {dt}: worst over vectors"))
-    for case in result.closed_cases:
-        mode = case[len(CLOSED_PREFIX):]
-        if any(r.case == case and r.dev is not None for r in result.rows):
-            panels.append(("closed", mode, f"closed loop, mode {mode}"))
+    panels = _panels(result)
     if not panels:
         return None
     impls = [e.name for e in result.entries]
-    # Up to ~20 lines per panel: ten colours times two line styles keep them apart.
     cmap = plt.get_cmap("tab10")
-    style = {n: dict(color=cmap(i % 10), ls="-" if (i // 10) % 2 == 0 else "-.", marker="os^vD<>p*h"[i % 10])
-             for i, n in enumerate(impls)}
+    style = {}
+    for i, n in enumerate(impls):
+        colour, ls, marker = line_style(i)
+        style[n] = dict(color=cmap(colour), ls=ls, marker=marker)
     ncol = min(3, len(panels))
     nrow = math.ceil(len(panels) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 4.2 * nrow), squeeze=False)
-    for ax, (loop, key, title) in zip(axes.flat, panels):
-        eps = float(np.finfo(key).eps) if loop == "open" else float(np.finfo(np.float64).eps)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6.4 * ncol, 5.0 * nrow), squeeze=False)
+    for ax, (loop, cls, dtype) in zip(axes.flat, panels):
+        eps = float(np.finfo(dtype).eps)
         floor = eps * 1e-3  # exact (0) is drawn here: a log axis has no zero
-        series = _series(result, loop, key)
-        for name, ys in series.items():
-            x = np.arange(1, len(ys) + 1)
-            y = np.maximum(np.asarray(ys, dtype=float), floor)
-            st = style.get(name, {})
-            ax.plot(x, y, ms=3, lw=1.1, label=name, alpha=0.85, **st)
-        budgets = {OPEN[k].budget for k in OPEN if k[1] == key and OPEN[k].budget} if loop == "open" else \
-            {t.budget for t in CLOSED.values()}
+        series = _series(result, loop, cls, dtype)
         steps = max((len(v) for v in series.values()), default=1)
-        for b in sorted(budgets):
-            xs = np.arange(1, steps + 1)
-            ax.plot(xs, b * xs if loop == "open" else np.full(steps, b), ls="--", lw=0.8, color="grey")
-        ax.axhline(floor, color="black", lw=0.5, ls=":")
+        xs = np.arange(1, steps + 1)
+        for name, ys in series.items():
+            y = np.maximum(np.asarray(ys, dtype=float), floor)
+            ax.plot(np.arange(1, len(ys) + 1), y, ms=3, lw=1.1, label=name, alpha=0.85, markevery=max(1, len(ys) // 12),
+                    **style.get(name, {}))
+        tol = tolerance(cls, loop, dtype)
+        if tol.bitwise:
+            ax.plot(xs, np.full(steps, floor), color="black", lw=1.0, ls=":", label="budget: bitwise (0), drawn at "
+                                                                                  "the exact floor")
+        else:
+            ax.plot(xs, tol.budget * xs if tol.per_step else np.full(steps, tol.budget), color="black", lw=1.2,
+                    ls=(0, (6, 3)), label=f"budget: {tol.describe()}")
+            ax.axhline(floor, color="grey", lw=0.5, ls=":", label="exact (0)")
         ax.set_yscale("log")
-        ax.set_title(title, fontsize=10)
+        # Room for the budget and every line; a panel of exact lines alone still shows a few decades above them.
+        top = max([floor * 1e4, *(v for ys in series.values() for v in ys if np.isfinite(v)),
+                   float(tol.budget * steps if tol.per_step else tol.budget)])
+        ax.set_ylim(floor / 3, top * 3)
+        where = "open loop" if loop == "open" else "closed loop (worst over modes)"
+        ax.set_title(f"class {cls}, {where}, {dtype}", fontsize=10)
         ax.set_xlabel("step" if loop == "open" else "epoch")
-        ax.set_ylabel("scaled error (dotted: exact = 0; dashed: tolerance)", fontsize=8)
+        ax.set_ylabel("scaled error (worst over cases)", fontsize=8)
         ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.14), ncol=2, frameon=False)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    handles: dict[str, Any] = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=min(5, max(1, len(handles))),
-               fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.04 + 0.02 * math.ceil(len(handles) / 5), 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -344,6 +478,6 @@ def write_report(result: SuiteResult, directory: str | Path) -> dict[str, Path]:
     png = write_plot(result, d / "conformance.png")
     if png is not None:
         paths["png"] = png
-    paths["json"].write_text(json.dumps(to_json(result), indent=1) + "\n")
+    paths["json"].write_text(json.dumps(to_json(result), indent=1, allow_nan=False) + "\n")
     paths["markdown"].write_text(render_markdown(result, png.name if png else None) + "\n")
     return paths

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import Deviation
+from .metrics import Deviation, Where
 
-__all__ = ["CLASSES", "NATIVE_CLASSES", "Tolerance", "Verdict", "numerics_class", "tolerance", "judge", "policy_table"]
+__all__ = ["CLASSES", "NATIVE_CLASSES", "REPLAY_CLASSES", "Tolerance", "Verdict", "numerics_class", "tolerance",
+           "judge", "class_error", "policy_table"]
 
 EPS64 = float(np.finfo(np.float64).eps)  # 2**-52
 EPS32 = float(np.finfo(np.float32).eps)  # 2**-23
@@ -101,6 +102,10 @@ OPEN: dict[tuple[str, str], Tolerance] = {
        for dt, eps in _DTYPES},
 }
 
+#: Classes an outside replay function may declare: those with an open-loop tolerance. The native classes
+#: describe a framework's own Adam, which has no open loop, so a replay judged by them could only fail.
+REPLAY_CLASSES: tuple[str, ...] = tuple(dict.fromkeys(c for c, _ in OPEN))
+
 #: class -> closed-loop tolerance (float64 weights after every epoch).
 CLOSED_BUDGET = 1e-12
 CLOSED: dict[str, Tolerance] = {
@@ -114,19 +119,6 @@ CLOSED: dict[str, Tolerance] = {
                                                  "same formula in numpy differs from the core by 2.45e-3 on this "
                                                  "problem, so 5e-3 = 2x that; a 1% learning-rate error gives 1.2e-2"),
 }
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """``status``: "exact", "pass" or "FAIL"; ``ratio``: worst scaled error / allowed (0 when exact)."""
-
-    status: str
-    ratio: float
-    note: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("exact", "pass")
 
 
 def numerics_class(impl: Any) -> str:
@@ -173,8 +165,43 @@ def tolerance(cls: str, loop: str, dtype: str) -> Tolerance:
     raise ValueError(f"loop={loop!r} is invalid: expected 'open' or 'closed'.")
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """``status``: "exact", "pass" or "FAIL"; ``ratio``: worst scaled error / allowed (0 when exact);
+    ``first``: the first step outside the tolerance (None unless FAIL on values)."""
+
+    status: str
+    ratio: float
+    note: str = ""
+    first: Where | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("exact", "pass")
+
+
+def class_error(dev: Deviation, tol: Tolerance) -> tuple[float, str]:
+    """The worst error in the units the tolerance is stated in: (value, unit).
+
+    ``ulp`` for a bitwise class; ``eps x t`` (the scaled error over the step
+    number, in the dtype's epsilon) for a per-step budget; the scaled error
+    itself (unit ``""``) otherwise.
+
+    Examples
+    --------
+    >>> d = Deviation(steps=2, max_ulp=3.0, scaled=[EPS64, 4 * EPS64])
+    >>> class_error(d, _BITWISE), class_error(d, OPEN[("torch", "float64")]), class_error(d, CLOSED["exact"])
+    ((3.0, 'ulp'), (2.0, 'eps x t'), (8.881784197001252e-16, ''))
+    """
+    if tol.bitwise:
+        return dev.max_ulp, "ulp"
+    if tol.per_step and tol.eps:
+        return max((s / ((t + 1) * tol.eps) for t, s in enumerate(dev.scaled)), default=0.0), "eps x t"
+    return dev.max_scaled, ""
+
+
 def judge(dev: Deviation, tol: Tolerance) -> Verdict:
-    """Apply a tolerance to a deviation.
+    """Apply a tolerance to a deviation; a failure names the first step outside it and the worst element there.
 
     Examples
     --------
@@ -190,13 +217,29 @@ def judge(dev: Deviation, tol: Tolerance) -> Verdict:
         return Verdict("FAIL", float("inf"), "; ".join(dev.problems))
     if dev.exact:
         return Verdict("exact", 0.0)
+    unit = "step" if tol.per_step else "epoch"
+    n = len(dev.scaled)
     if tol.bitwise:
-        return Verdict("FAIL", float("inf"), f"{dev.max_ulp:.0f} ulp off; this class must agree bitwise")
-    allowed = [tol.budget * ((t + 1) if tol.per_step else 1) for t in range(len(dev.scaled))]
-    ratio = max((s / a for s, a in zip(dev.scaled, allowed)), default=0.0)
+        t = next(i for i, s in enumerate(dev.scaled) if s > 0)
+        w = dev.worst[t] if t < len(dev.worst) else None
+        if w is None:
+            return Verdict("FAIL", float("inf"), f"{unit} {t + 1}/{n}: differs; this class must agree bitwise")
+        off = "opposite signs" if w.ulp is None else f"{w.ulp:.0f} ulp off"
+        return Verdict("FAIL", float("inf"), f"{unit} {t + 1}/{n}: {w.values()} ({off}; this class must agree "
+                                             "bitwise)", w)
+    allowed = [tol.budget * ((t + 1) if tol.per_step else 1) for t in range(n)]
+    ratios = [s / a for s, a in zip(dev.scaled, allowed)]
+    ratio = max(ratios, default=0.0)
     if not np.isfinite(ratio) or ratio > 1.0:
-        worst = int(np.argmax([s / a for s, a in zip(dev.scaled, allowed)]))
-        return Verdict("FAIL", ratio, f"step {worst + 1}: scaled error {dev.scaled[worst]:.3g} > {allowed[worst]:.3g}")
+        t = next(i for i, r in enumerate(ratios) if not r <= 1.0)
+        w = dev.worst[t] if t < len(dev.worst) else None
+
+        def size(x: float) -> str:
+            return f"{x:.3g}" + (f" = {x / tol.eps:.3g} eps" if tol.eps else "")
+
+        what = f"{w.values()}; " if w is not None else ""
+        return Verdict("FAIL", ratio, f"{unit} {t + 1}/{n}: {what}scaled error {size(dev.scaled[t])} > allowed "
+                                      f"{size(allowed[t])} ({tol.describe()})", w)
     return Verdict("pass", ratio)
 
 

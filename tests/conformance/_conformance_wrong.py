@@ -45,3 +45,68 @@ def replay_wrong(case: Case) -> list[dict[str, np.ndarray]]:
                 params[i] = (pre - theta.dtype.type(c) * (theta - anchor)).astype(theta.dtype)  # WRONG on purpose
         out.append({n: p.copy() for n, p in zip(names, params)})
     return out
+
+
+# Hostile or broken ports, each importable as ``_conformance_wrong:<name>`` for ``--replay``. Apart from the
+# flaw each is named for, they return the reference trajectory, so every other case must still pass.
+
+def _reference(case: Case) -> list[dict[str, np.ndarray]]:
+    from dualopt.conformance.impl_core import replay_reference
+
+    return replay_reference(case)
+
+
+def replay_exit(case: Case) -> list[dict[str, np.ndarray]]:
+    """Ends the process it runs in, on every case."""
+    import sys
+
+    sys.exit(0)
+
+
+def replay_in_place(case: Case) -> list[dict[str, np.ndarray]]:
+    """A correct port that steps the case's own arrays in place (initial ends as the last step's values)."""
+    traj = _reference(case)
+    for name in case.names:
+        case.initial[name][...] = traj[-1][name]
+    for step in case.grads:
+        for g in step.values():
+            if g is not None:
+                g[...] = 0
+    return traj
+
+
+def replay_zeros_cheat(case: Case) -> list[dict[str, np.ndarray]]:
+    """Returns zeros after overwriting ``case.expected`` with zeros."""
+    zeros = [{n: np.zeros_like(a) for n, a in step.items()} for step in case.expected]
+    for step in case.expected:
+        for a in step.values():
+            a[...] = 0
+    return zeros
+
+
+def replay_hang(case: Case) -> list[dict[str, np.ndarray]]:
+    """Hangs on ``adam_none``; correct elsewhere."""
+    import time
+
+    if case.name == "adam_none":
+        time.sleep(3600)
+    return _reference(case)
+
+
+def replay_crash(case: Case) -> list[dict[str, np.ndarray]]:
+    """Kills its own process (no exception, no cleanup) on ``sgd_scratch``; correct elsewhere."""
+    import os
+
+    if case.name == "sgd_scratch":
+        os._exit(3)
+    return _reference(case)
+
+
+def replay_wrong_shape(case: Case) -> list[dict[str, np.ndarray]]:
+    """Returns every tensor flattened."""
+    return [{n: a.reshape(-1) for n, a in step.items()} for step in _reference(case)]
+
+
+def replay_not_arrays(case: Case) -> object:
+    """Returns something that is not a trajectory at all."""
+    return {"steps": "many"}

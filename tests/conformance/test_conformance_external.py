@@ -8,6 +8,7 @@ a plain function must pass.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -117,7 +118,9 @@ def test_cli_core_backends_pass_and_write_the_report(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "== aggregate" in proc.stdout and "== open loop, adam_scratch.float64" in proc.stdout
     assert "dualopt conformance: PASS - 2 implementations" in proc.stdout
-    assert "[open]   core[numpy]: 40 exact" in proc.stderr  # progress goes to stderr
+    # Progress goes to stderr: k/N cases per implementation, and the counts when it is done.
+    done = r"\[open\]   core\[numpy\] \(exact\): 40/40 cases in [0-9.]+ s: 40 exact"
+    assert re.search(done, proc.stderr), proc.stderr
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["conformance.json", "conformance.md",
                                                                       "conformance.png"]
 
