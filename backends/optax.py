@@ -79,7 +79,10 @@ class DualOptState(NamedTuple):
     ----------
     count : int32 array
         Updates applied (skipped updates excluded); the step ``t`` of the next
-        update is ``count + 1`` and a schedule is evaluated at ``count``.
+        update is ``count + 1`` and a schedule is evaluated at ``count``. A
+        negative count (a corrupted checkpoint) is refused where it is concrete
+        (an eager ``update``, :func:`step` or :func:`anchors`); under
+        ``jax.jit`` it is traced and cannot be read without a host sync.
     skipped : int32 array
         Updates skipped by ``nonfinite="skip"``.
     mu : pytree
@@ -232,7 +235,8 @@ def dualopt(
         for cfg, p, a in zip(configs, leaves, given):
             dt = compute_dtype(p.dtype, jnp)
             mu.append(jnp.zeros_like(p, dtype=dt))
-            nu.append(jnp.zeros_like(p, dtype=dt) if cfg.hp.direction == "adam" else jnp.zeros(sgd_nu_shape(p.shape), dt))
+            adam = cfg.hp.direction == "adam"
+            nu.append(jnp.zeros_like(p, dtype=dt) if adam else jnp.zeros(sgd_nu_shape(p.shape), dt))
             key = path_str(cfg.path)
             if cfg.hp.paradigm != "finetune":
                 continue
