@@ -27,7 +27,8 @@ from decoupled_core import compute_dtype, dtype_name, invalid
 from ._optax_config import LeafConfig
 from ._optax_tree import leaf_paths, path_str
 
-__all__ = ["STATE_FIELDS", "check_params", "sgd_nu_shape", "check_state", "anchor_tree", "anchors_by_path"]
+__all__ = ["STATE_FIELDS", "AnchorsStandIn", "check_params", "sgd_nu_shape", "check_state", "anchor_tree",
+           "anchors_by_path"]
 
 #: ``DualOptState``'s fields, in order (the state's format; see ``dualopt.optax.DualOptState``).
 STATE_FIELDS = ("count", "skipped", "mu", "nu", "anchor")
@@ -39,6 +40,16 @@ _MIGRATE = ("a DualOptState with the fields ('count', 'skipped', 'mu', 'nu', 'an
             "layout, whose small finetune anchors were packed into 'packed_anchor'. To migrate, load it with the "
             "dualopt version that saved it, take dualopt.optax.anchors(tx, state, params) as the new 'anchor' field "
             "and drop 'packed_anchor'; or call tx.init on the pretrained params")
+
+
+class AnchorsStandIn:
+    """What ``init`` puts in ``anchor`` for a pytree node without leaves (``optax.tree_map_params``'s stand-in
+    for the params): one leaf standing for every anchor tree, which is not params-shaped and so cannot follow
+    the stand-in's structure. ``tree_map_params`` then hands the real anchors to ``transform_non_params``.
+    ``update`` accepts it where there are no finetune leaves (an empty custom node as params)."""
+
+    def __repr__(self) -> str:
+        return "<the finetune anchors>"
 
 
 def check_params(configs: Sequence[LeafConfig], leaves: Sequence[Any]) -> None:
@@ -131,6 +142,8 @@ def check_state(state: Any, params: Any, configs: Sequence[LeafConfig]) -> list[
                 want, why = sgd_nu_shape(p.shape), " (an empty placeholder: direction='sgd' has no second moment)"
             _check_leaf(f"state.{name}[{path_str(cfg.path)!r}]", x, p, want, why, hp)
     finetune = {path_str(c.path): (c, p) for c, p in zip(configs, leaves) if c.hp.paradigm == "finetune"}
+    if isinstance(state.anchor, AnchorsStandIn) and not finetune:
+        return [None] * len(configs)
     if not isinstance(state.anchor, dict):
         raise invalid("state.anchor", f"<{type(state.anchor).__name__}>",
                       "a dict of the finetune anchors (a DualOptState from this version's init)")

@@ -62,7 +62,7 @@ from decoupled_core import check_anchor, compute_dtype, init_anchor, invalid
 
 from ._optax_config import HP_ARGS, Settings, check_settings, is_schedule, resolve_anchors, resolve_leaves
 from ._optax_step import step_leaves
-from ._optax_state import anchor_tree, check_params, check_state, sgd_nu_shape
+from ._optax_state import AnchorsStandIn, anchor_tree, check_params, check_state, sgd_nu_shape
 from ._optax_tree import Path, leaf_paths, natural_key, natural_layer_index, path_str
 
 __all__ = ["dualopt", "DualOptState", "step", "anchors", "layer_rates", "natural_layer_index", "natural_key",
@@ -114,15 +114,6 @@ class DualOptState(NamedTuple):
     mu: Any
     nu: Any
     anchor: Any
-
-
-class _Anchors:
-    """What ``init`` puts in ``anchor`` for a stand-in without leaves (``optax.tree_map_params``'s params
-    placeholder): one leaf standing for every anchor tree, which is not params-shaped and so cannot follow
-    the placeholder's structure. ``tree_map_params`` then hands the real anchors to ``transform_non_params``."""
-
-    def __repr__(self) -> str:
-        return "<the finetune anchors>"
 
 
 def dualopt(
@@ -261,7 +252,7 @@ def dualopt(
             anchors[key] = (cfg.path, value)
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
         if not leaves and not isinstance(params, (dict, list, tuple)) and params is not None:
-            anchor_field: Any = _Anchors()  # optax.tree_map_params's placeholder (see _Anchors)
+            anchor_field: Any = AnchorsStandIn()  # optax.tree_map_params's placeholder
         else:
             anchor_field = anchor_tree(list(anchors.values()))
         # Distinct buffers everywhere (never one zero shared by two leaves): a state passed

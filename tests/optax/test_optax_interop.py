@@ -69,6 +69,25 @@ def test_tree_map_params_maps_the_moments_and_hands_the_anchors_to_transform_non
     assert tree_equal(same, state)
 
 
+def test_a_leafless_custom_node_as_params_round_trips():
+    """The stand-in ``init`` gives a leafless custom node (what ``tree_map_params`` passes) is a valid state
+    for such params: ``update`` accepts it and returns nothing to update."""
+    import jax
+
+    from dualopt.optax import dualopt
+
+    class Empty:
+        pass
+
+    jax.tree_util.register_pytree_node(Empty, lambda e: ((), None), lambda aux, children: Empty())
+    tx = dualopt(1e-2, paradigm="finetune")
+    params = Empty()
+    state = tx.init(params)
+    assert repr(state.anchor) == "<the finetune anchors>" and jax.tree.leaves(state.anchor) == [state.anchor]
+    updates, new = tx.update(params, state, params)
+    assert isinstance(updates, Empty) and int(new.count) == 1
+
+
 _MESH = """
     import math
     import jax, jax.numpy as jnp, optax
