@@ -15,12 +15,6 @@ the spec's bit for bit (``tests/optax/test_optax_step.py`` compares them with
 the core's functions). The only scalars computed differently are the Adam bias
 corrections, because the step count is traced under ``jax.jit`` (see
 :func:`adam_scalars`).
-
-In a program lowered for the CPU, small Adam leaves skip these operations: the
-C kernels of :mod:`dualopt._optax_native` step them, many per custom call, from
-a table of the same coefficients (:func:`_native_operands`), and one more call
-checks their gradients. :func:`step_leaves` chooses per leaf; whichever runs,
-``ok`` is one flag for all leaves, computed before anything is written.
 """
 
 from __future__ import annotations
@@ -31,16 +25,13 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from decoupled_core import compute_dtype, dtype_name, pull, pull_coefficient
+from decoupled_core import compute_dtype, pull, pull_coefficient
 from decoupled_core._xp import as_coefficient
 from decoupled_core.coefficients import AdamCoefficients
 
-from . import _optax_native as native
 from ._optax_config import LeafConfig
-from ._optax_state import Anchors
 
-__all__ = ["adam_scalars", "x64_enabled", "adam_pre_weight", "sgd_pre_weight", "step_leaves", "xla_leaves",
-           "all_finite"]
+__all__ = ["adam_scalars", "x64_enabled", "adam_pre_weight", "sgd_pre_weight", "step_leaves", "all_finite"]
 
 
 def x64_enabled() -> bool:
@@ -121,99 +112,6 @@ def sgd_pre_weight(theta: Any, grad: Any, buf: Any, ok: Any, *, lr: Any, momentu
     return theta - as_coefficient(lr, buf.dtype, jnp) * direction, buf
 
 
-def step_leaves(configs: Sequence[LeafConfig], params: Sequence[Any], grads: Sequence[Any], mu: Sequence[Any],
-                nu: Sequence[Any], anchors: Anchors, *, lr: Any, t: Any, check: bool,
-                output: str) -> tuple[list, list, list, Any]:
-    """``(out, mu, nu, ok)`` for every leaf; ``t`` counts this step.
-
-    ``out`` is ``new - param`` (``output="updates"``) or the new param
-    (``"params"``), in the param's dtype; mu and nu are in the compute dtype.
-    With ``check``, ``ok`` is a 0-d bool (every gradient finite) and where it is
-    false every moment is the old one and ``out`` is ``-0.0`` (``x + -0.0 == x``
-    bit for bit, also for ``x == -0.0``) or the old param; without it ``ok`` is
-    None. Small Adam leaves take the C kernels of :mod:`dualopt._optax_native`
-    in the program lowered for the CPU, the others the XLA operations of
-    :func:`xla_leaves`; both compute the spec's result.
-    """
-    native_ids = _native_leaves(configs, params, grads, mu, nu) if native.usable() else []
-    everything = range(len(params))
-
-    def xla() -> tuple[list, list, list, Any]:
-        ok = all_finite(grads) if check else None
-        return (*xla_leaves(everything, configs, params, grads, mu, nu, anchors, lr=lr, t=t, ok=ok, output=output),
-                ok)
-
-    if not native_ids:
-        return xla()
-
-    def cpu() -> tuple[list, list, list, Any]:
-        taken = set(native_ids)
-        rest = [i for i in everything if i not in taken]
-        ok = None
-        if check:
-            ok = native.all_finite([grads[i] for i in native_ids])
-            if rest:
-                ok = ok & all_finite([grads[i] for i in rest])
-        out, new_mu, new_nu = (dict(zip(rest, r)) for r in xla_leaves(rest, configs, params, grads, mu, nu, anchors,
-                                                                        lr=lr, t=t, ok=ok, output=output))
-        for ids in _by_dtype(native_ids, params):
-            o, m, v = native.adam([params[i] for i in ids], [grads[i] for i in ids], [mu[i] for i in ids],
-                                  [nu[i] for i in ids], *_native_operands(ids, configs, params, anchors, lr=lr, t=t),
-                                  ok, updates=output == "updates", reference=_native_reference)
-            out.update(zip(ids, o))
-            new_mu.update(zip(ids, m))
-            new_nu.update(zip(ids, v))
-        return [out[i] for i in everything], [new_mu[i] for i in everything], [new_nu[i] for i in everything], ok
-
-    if not any(isinstance(x, jax.core.Tracer) for x in (*params, *grads, *mu, *nu)):
-        return cpu()  # concrete arrays, on this process's only device: the CPU
-    # A traced program may be lowered for another platform (jax.export): only the CPU's gets the kernels.
-    return jax.lax.platform_dependent(cpu=cpu, default=xla)
-
-
-def _native_leaves(configs: Sequence[LeafConfig], params: Sequence[Any], grads: Sequence[Any], mu: Sequence[Any],
-                   nu: Sequence[Any]) -> list[int]:
-    """The leaves the C kernel can step: small Adam leaves whose param, gradient and moments share float32/64."""
-    out = []
-    for i, (cfg, p, g, m, v) in enumerate(zip(configs, params, grads, mu, nu)):
-        dt = jnp.dtype(p.dtype)
-        small = math.prod(p.shape) <= native.NATIVE_MAX_SIZE
-        if (cfg.hp.direction == "adam" and dt in (jnp.float32, jnp.float64) and small
-                and all(jnp.dtype(x.dtype) == dt and tuple(x.shape) == tuple(p.shape) for x in (g, m, v))):
-            out.append(i)
-    return out
-
-
-def _by_dtype(ids: Sequence[int], params: Sequence[Any]) -> list[list[int]]:
-    groups: dict[Any, list[int]] = {}
-    for i in ids:
-        groups.setdefault(jnp.dtype(params[i].dtype), []).append(i)
-    return list(groups.values())
-
-
-def _native_operands(ids: Sequence[int], configs: Sequence[LeafConfig], params: Sequence[Any], anchors: Anchors, *,
-                     lr: Any, t: Any) -> tuple[list, list, list, Any]:
-    """``(coefficients, kinds, offsets, packed)`` of :func:`dualopt._optax_native.adam` for leaves of one dtype."""
-    scalars: dict[Any, AdamCoefficients] = {}
-    coefficients, kinds, offsets = [], [], []
-    dt = jnp.dtype(params[ids[0]].dtype)
-    packed = anchors.packed.get(dtype_name(dt))
-    for i in ids:
-        hp = configs[i].hp
-        sc = _bias_corrections(scalars, hp, lr, t)
-        c = pull_coefficient(lr, configs[i].rate)
-        coefficients.append({"beta1": hp.beta1, "one_minus_beta1": 1.0 - hp.beta1, "beta2": hp.beta2,
-                             "one_minus_beta2": 1.0 - hp.beta2, "eps": hp.eps, "step_size": sc.step_size,
-                             "inv_sqrt_bc2": sc.inv_sqrt_bc2, "c": c})
-        slot = anchors.slots[i]
-        if _no_pull(c):
-            kinds.append(native.PULL_NONE)
-        else:
-            kinds.append(native.PULL_ANCHOR if hp.paradigm == "finetune" else native.PULL_ZERO)
-        offsets.append(slot.offset if slot is not None else 0)
-    return coefficients, kinds, offsets, packed if packed is not None else jnp.zeros((0,), dt)
-
-
 def _bias_corrections(cache: dict, hp: Any, lr: Any, t: Any) -> AdamCoefficients:
     """:func:`adam_scalars` of ``hp``'s betas, computed once per step for every pair of betas in ``cache``."""
     k = (_key(hp.beta1), _key(hp.beta2))
@@ -227,36 +125,23 @@ def _no_pull(c: Any) -> bool:
     return isinstance(c, float) and c == 0.0
 
 
-def _native_reference(layout: tuple, updates: bool, ok32: Any, table: Any, packed: Any, params: tuple, grads: tuple,
-                      mu: tuple, nu: tuple) -> tuple[tuple, tuple, tuple]:
-    """The C kernel's step (:func:`dualopt._optax_native.adam`) with XLA's operations, for its derivative."""
-    ok = ok32 != 0
-    col = {name: j for j, name in enumerate(native.COLUMNS)}
-    out, new_mu, new_nu = [], [], []
-    for (kind, offset), row, p, g, m, v in zip(layout, table, params, grads, mu, nu):
-        pre, m, v = adam_pre_weight(p, g, m, v, ok, beta1=row[col["beta1"]], beta2=row[col["beta2"]],
-                                    eps=row[col["eps"]], step_size=row[col["step_size"]],
-                                    inv_sqrt_bc2=row[col["inv_sqrt_bc2"]])
-        if kind == native.PULL_NONE:
-            new = pre
-        else:
-            a = None
-            if kind == native.PULL_ANCHOR:
-                a = jax.lax.dynamic_slice_in_dim(packed, offset, math.prod(p.shape)).reshape(p.shape)
-            new = pull(pre, a, row[col["c"]], xp=jnp)
-        out.append(jnp.where(ok, new - p, jnp.asarray(-0.0, p.dtype)) if updates else jnp.where(ok, new, p))
-        new_mu.append(m)
-        new_nu.append(v)
-    return tuple(out), tuple(new_mu), tuple(new_nu)
+def step_leaves(configs: Sequence[LeafConfig], params: Sequence[Any], grads: Sequence[Any], mu: Sequence[Any],
+                nu: Sequence[Any], anchors: Sequence[Any], *, lr: Any, t: Any, check: bool,
+                output: str) -> tuple[list, list, list, Any]:
+    """``(out, mu, nu, ok)`` for every leaf; ``t`` counts this step.
 
-
-def xla_leaves(ids: Sequence[int], configs: Sequence[LeafConfig], params: Sequence[Any], grads: Sequence[Any],
-               mu: Sequence[Any], nu: Sequence[Any], anchors: Anchors, *, lr: Any, t: Any, ok: Any,
-               output: str) -> tuple[list, list, list]:
-    """:func:`step_leaves` with XLA's operations, for the leaves ``ids``: ``(out, mu, nu)``."""
+    ``anchors[i]`` is leaf ``i``'s anchor (finetune leaves) or None. ``out`` is
+    ``new - param`` (``output="updates"``) or the new param (``"params"``), in
+    the param's dtype; mu and nu are in the compute dtype. With ``check``,
+    ``ok`` is a 0-d bool (every gradient finite), computed before anything is
+    written, and where it is false every moment is the old one and ``out`` is
+    ``-0.0`` (``x + -0.0 == x`` bit for bit, also for ``x == -0.0``) or the old
+    param; without it ``ok`` is None.
+    """
+    ok = all_finite(grads) if check else None
     scalars: dict[Any, AdamCoefficients] = {}  # one set of bias corrections per (b1, b2)
     out, new_mu, new_nu = [], [], []
-    for i in ids:
+    for i in range(len(params)):
         cfg, p, g, m, v = configs[i], params[i], grads[i], mu[i], nu[i]
         hp = cfg.hp
         dt = compute_dtype(p.dtype, jnp)
@@ -274,13 +159,13 @@ def xla_leaves(ids: Sequence[int], configs: Sequence[LeafConfig], params: Sequen
         if _no_pull(c):
             new_theta = pre_weight
         else:
-            new_theta = pull(pre_weight, anchors.of(i) if hp.paradigm == "finetune" else None, c, xp=jnp)
+            new_theta = pull(pre_weight, anchors[i] if hp.paradigm == "finetune" else None, c, xp=jnp)
         new = jnp.astype(new_theta, p.dtype)
         if output == "updates":
             out.append(new - p if ok is None else jnp.where(ok, new - p, jnp.asarray(-0.0, p.dtype)))
         else:
             out.append(new if ok is None else jnp.where(ok, new, p))
-    return out, new_mu, new_nu
+    return out, new_mu, new_nu, ok
 
 
 def all_finite(grads: Sequence[Any]) -> Any:

@@ -179,6 +179,8 @@ def per_leaf(name: str, value: Any, params: Any, paths: Sequence[Path]) -> list[
     ['finetune', 'finetune', 'scratch']
     """
     n = len(paths)
+    if n == 0:  # nothing to resolve; also optax.tree_map_params's leafless stand-in for the params
+        return []
     if callable(value) and not isinstance(value, jax.Array):
         return [value(p) for p in paths]
     is_none = lambda x: x is None  # noqa: E731

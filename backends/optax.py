@@ -47,12 +47,6 @@ Optax casts injected numbers to the params' dtype, so with float32 params
 in ``static_args`` or use ``hyperparam_dtype=jnp.float64`` (x64 on) for the
 plain transform's exact arithmetic.
 
-On CPU, small Adam leaves are stepped by a C kernel (one XLA custom call for
-many leaves, bitwise the spec; :mod:`dualopt._optax_native`): on a model of
-many small tensors XLA's three kernels per tensor cost more than the
-arithmetic. ``DUALOPT_NATIVE=0`` keeps XLA's operations everywhere; trace a
-program for ``jax.export`` that way.
-
 Only ``jax`` and ``optax`` are imported here (never torch or tensorflow).
 """
 
@@ -68,7 +62,7 @@ from decoupled_core import check_anchor, compute_dtype, init_anchor, invalid
 
 from ._optax_config import HP_ARGS, Settings, check_settings, is_schedule, resolve_anchors, resolve_leaves
 from ._optax_step import step_leaves
-from ._optax_state import anchor_tree, check_state, pack, packed_layout
+from ._optax_state import AnchorsStandIn, anchor_tree, check_params, check_state, sgd_nu_shape
 from ._optax_tree import Path, leaf_paths, natural_key, natural_layer_index, path_str
 
 __all__ = ["dualopt", "DualOptState", "step", "anchors", "layer_rates", "natural_layer_index", "natural_key",
@@ -85,35 +79,34 @@ class DualOptState(NamedTuple):
     ----------
     count : int32 array
         Updates applied (skipped updates excluded); the step ``t`` of the next
-        update is ``count + 1`` and a schedule is evaluated at ``count``.
+        update is ``count + 1`` and a schedule is evaluated at ``count``. A
+        negative count (a corrupted checkpoint) is refused where it is concrete
+        (an eager ``update``, :func:`step` or :func:`anchors`); under
+        ``jax.jit`` it is traced and cannot be read without a host sync.
     skipped : int32 array
         Updates skipped by ``nonfinite="skip"``.
     mu : pytree
         Per leaf: Adam's first moment ``m``, or SGD's momentum buffer ``b``.
     nu : pytree
-        Per leaf: Adam's second moment ``v``; an empty ``(0,)`` array for SGD leaves.
+        Per leaf: Adam's second moment ``v``; for SGD leaves an empty
+        placeholder of the param's rank (shape ``(0, 0)`` for a matrix), so
+        that the param's sharding fits it.
     anchor : dict
-        The anchors of finetune leaves of more than
-        :data:`~dualopt._optax_state.PACK_MAX_SIZE` (65536) elements, each an
-        array of its param's shape, as nested dicts keyed by each entry of the
+        The anchor of every finetune leaf, an array of its param's shape
+        (sharded like its param), as nested dicts keyed by each entry of the
         leaf's key path as a string (for dict params, the params' tree without
         its other leaves: ``state.anchor["backbone"]["encoder"]["kernel"]``;
-        ``{}`` when there are none). A restored state may also key them flat by
-        :func:`path_str` (``"backbone/encoder/kernel"``): leaves are matched by
-        path.
-    packed_anchor : dict
-        The anchors of the smaller finetune leaves, packed in flatten order into
-        one 1-D array per compute dtype (``{"float32": array}``; ``{}`` when
-        there are none). :func:`anchors` gives every anchor by path.
+        ``{}`` when there are none). A restored state may also key them flat
+        by :func:`path_str` (``"backbone/encoder/kernel"``): leaves are matched
+        by path. :func:`anchors` gives them for any params structure.
 
     ``mu`` and ``nu`` have the params' structure; every array has the compute
     dtype (float32 for float16/bfloat16 params, else the param's dtype).
-    Scratch and ``"none"`` leaves have no anchor. Every array of a state is one
+    Scratch and ``"none"`` leaves have no anchor: every array of a state is one
     more input and output buffer of a jitted step, which on a model of many
-    small leaves costs more than its bytes: an empty placeholder per scratch
-    leaf cost a third of an AdamW step, and an anchor array per small finetune
-    leaf made finetune 1.4x scratch on 2000 tensors of 32x32
-    (``benchmarks/README.md``); hence the packing.
+    small leaves costs more than its bytes (``benchmarks/README.md``).
+    ``optax.tree_map_params`` maps ``f`` over ``mu`` and ``nu``; the anchors
+    are not params-shaped and go to its ``transform_non_params``.
     """
 
     count: Any
@@ -121,11 +114,6 @@ class DualOptState(NamedTuple):
     mu: Any
     nu: Any
     anchor: Any
-    packed_anchor: Any
-
-
-def _empty(dtype: Any) -> Any:
-    return jnp.zeros((0,), dtype)
 
 
 def dualopt(
@@ -216,9 +204,9 @@ def dualopt(
     >>> layer_rates(tx, params)  # rho_l per leaf; layers_2 sits between layers_0 and layers_10
     {'backbone/layers_0/w': 0.5, 'backbone/layers_10/w': 0.0, 'backbone/layers_2/w': 0.25, 'head/w': 0.1}
     >>> state = tx.init(params)
-    >>> found = anchors(tx, state, params)  # finetune leaves only (small ones are packed in the state)
-    >>> found["backbone"]["layers_2"]["w"].tolist(), "head" in found, state.packed_anchor["float32"].shape
-    ([1.0, 1.0], False, (6,))
+    >>> found = anchors(tx, state, params)  # finetune leaves only
+    >>> found["backbone"]["layers_2"]["w"].tolist(), "head" in found, state.anchor["backbone"]["layers_2"]["w"].shape
+    ([1.0, 1.0], False, (2,))
     """
     hyper = {"direction": direction, "b1": b1, "b2": b2, "eps": eps, "momentum": momentum, "nesterov": nesterov,
              "paradigm": paradigm, "weight_decay": weight_decay, "rollback_max": rollback_max,
@@ -232,13 +220,14 @@ def dualopt(
     def init_fn(params: Any) -> DualOptState:
         configs, paths = resolve_leaves(settings, params)
         leaves, treedef = jax.tree_util.tree_flatten(params)
+        check_params(configs, leaves)
         given = resolve_anchors(anchor, params, paths)
-        slots, _ = packed_layout(configs, leaves)
-        mu, nu, anchors, packed = [], [], {}, {}  # anchors: path string -> (path, anchor)
-        for cfg, p, a, slot in zip(configs, leaves, given, slots):
+        mu, nu, anchors = [], [], {}  # anchors: path string -> (path, anchor)
+        for cfg, p, a in zip(configs, leaves, given):
             dt = compute_dtype(p.dtype, jnp)
             mu.append(jnp.zeros_like(p, dtype=dt))
-            nu.append(jnp.zeros_like(p, dtype=dt) if cfg.hp.direction == "adam" else _empty(dt))
+            adam = cfg.hp.direction == "adam"
+            nu.append(jnp.zeros_like(p, dtype=dt) if adam else jnp.zeros(sgd_nu_shape(p.shape), dt))
             key = path_str(cfg.path)
             if cfg.hp.paradigm != "finetune":
                 continue
@@ -260,15 +249,16 @@ def dualopt(
                 check_anchor(f"anchor[{key!r}]", tuple(jnp.shape(a)), getattr(a, "dtype", dt),
                              tuple(p.shape), p.dtype)
                 value = init_anchor(jnp.asarray(a, dtype=dt), xp=jnp)
-            anchors[key] = (cfg.path, value) if slot is None else None
-            if slot is not None:
-                packed.setdefault(slot.key, []).append(value)
+            anchors[key] = (cfg.path, value)
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
+        if not leaves and not isinstance(params, (dict, list, tuple)) and params is not None:
+            anchor_field: Any = AnchorsStandIn()  # optax.tree_map_params's placeholder
+        else:
+            anchor_field = anchor_tree(list(anchors.values()))
         # Distinct buffers everywhere (never one zero shared by two leaves): a state passed
         # through jax.jit(..., donate_argnums=...) must not donate the same buffer twice.
         return DualOptState(count=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32), mu=unflat(mu),
-                            nu=unflat(nu), anchor=anchor_tree([a for a in anchors.values() if a is not None]),
-                            packed_anchor={k: pack(v) for k, v in packed.items()})
+                            nu=unflat(nu), anchor=anchor_field)
 
     def apply_fn(updates: Any, state: DualOptState, params: Any, output: str) -> tuple[Any, DualOptState]:
         """``(updates or new params, new state)``."""
@@ -291,7 +281,7 @@ def dualopt(
             count, skipped = t, state.skipped
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
         new_state = DualOptState(count=count, skipped=skipped, mu=unflat(new_mu), nu=unflat(new_nu),
-                                 anchor=state.anchor, packed_anchor=state.packed_anchor)
+                                 anchor=state.anchor)
         return unflat(out), new_state
 
     def update_fn(updates: Any, state: DualOptState, params: Any = None, **extra_args: Any) -> tuple[Any, DualOptState]:
@@ -332,7 +322,7 @@ def step(tx: optax.GradientTransformation, grads: Any, state: DualOptState, para
 
 
 def anchors(tx: optax.GradientTransformation, state: DualOptState, params: Any) -> dict[str, Any]:
-    """Every finetune leaf's anchor, packed or not, as nested dicts keyed by each key-path entry as a string.
+    """Every finetune leaf's anchor, as nested dicts keyed by each key-path entry as a string.
 
     For dict params this is the params' tree without its non-finetune leaves;
     each anchor has its param's shape and the compute dtype. Raises like
@@ -349,7 +339,7 @@ def anchors(tx: optax.GradientTransformation, state: DualOptState, params: Any) 
     """
     configs, _ = resolve_leaves(_settings_of(tx), params)
     found = check_state(state, params, configs)
-    return anchor_tree([(c.path, found.of(i)) for i, c in enumerate(configs) if c.hp.paradigm == "finetune"])
+    return anchor_tree([(c.path, a) for c, a in zip(configs, found) if a is not None])
 
 
 def _settings_of(tx: Any) -> Settings:

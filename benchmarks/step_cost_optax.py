@@ -39,11 +39,7 @@ Reference rows:
 
 DualOpt runs in scratch mode (every leaf pulled toward 0, no anchor) and in
 finetune mode (backbone pulled toward its anchors, head scratch), each with
-``nonfinite="skip"`` (the default) and ``"propagate"`` (no check). By default
-leaves of at most 65536 elements take DualOpt's C kernels on CPU
-(``dualopt._optax_native``); the ``, XLA only`` rows trace the same transform
-inside ``dualopt._optax_native.disabled()``, so that every leaf takes XLA's
-operations, and show what the kernels change.
+``nonfinite="skip"`` (the default) and ``"propagate"`` (no check).
 
 Columns: median / p10 / p90 wall-clock milliseconds per step (the repeats of
 every process pooled); the ratio to ``optax.adamw`` (the bar: in each process
@@ -56,9 +52,8 @@ compiled step reads and writes per parameter element
 (``compiled.cost_analysis()``; noise-free, so it shows what the ratio should be
 on a memory-bound machine; on CPU the DualOpt "skip" rows count 4 bytes more
 than a finite step moves: the operands of the ``lax.cond`` whose exact fallback
-runs only when a gradient's sum is not finite) and its ratio, ``-`` where the
-step calls the C kernels (XLA does not count what a custom call moves); compile
-time (tracing included).
+runs only when a gradient's sum is not finite) and its ratio; compile time
+(tracing included).
 
 Parameter sets (float32):
 
@@ -78,7 +73,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import statistics
@@ -150,14 +144,10 @@ def variants(params: dict[str, Any]) -> dict[str, Callable[[], Any]]:
         out[f"dualopt scratch {policy}"] = lambda p=policy: dualopt(1e-3, layer_index="module", nonfinite=p)
         out[f"dualopt finetune {policy}"] = lambda p=policy: dualopt(1e-3, paradigm=finetune, layer_index="module",
                                                                      nonfinite=p)
-    for mode in ("scratch", "finetune"):
-        out[f"dualopt {mode} skip{XLA_ONLY}"] = out[f"dualopt {mode} skip"]
     out[CONTROL] = out["optax.adamw"]
     return out
 
 
-#: Suffix of the variants traced without DualOpt's C kernels.
-XLA_ONLY = ", XLA only"
 #: A second optax.adamw, last in the list: the noise between identical programs.
 CONTROL = "optax.adamw (control)"
 
@@ -184,8 +174,6 @@ def bench_set(set_name: str, repeats: int, warmup: int, order: int = 0, orders: 
     import jax.numpy as jnp
     import optax
 
-    from dualopt._optax_native import disabled
-
     host = make_params(set_name)
     elements = sum(p.size for p in jax.tree.leaves(host))
     grads = jax.tree.map(lambda p: jnp.asarray(np.float32(1e-3) * p + np.float32(1e-4)), host)
@@ -202,11 +190,8 @@ def bench_set(set_name: str, repeats: int, warmup: int, order: int = 0, orders: 
             return optax.apply_updates(p, u), s
 
         t0 = time.perf_counter()
-        with disabled() if name.endswith(XLA_ONLY) else contextlib.nullcontext():
-            fn = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
-        native = "dualopt_xla_" in fn.as_text()
-        info[name] = {"compile_s": time.perf_counter() - t0,
-                      "bytes_per_element": float("nan") if native else bytes_accessed(fn) / elements}
+        fn = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+        info[name] = {"compile_s": time.perf_counter() - t0, "bytes_per_element": bytes_accessed(fn) / elements}
         runs[name] = [fn, params, state]
     times: Times = {n: [] for n in makers}
     names = list(makers)

@@ -1,18 +1,11 @@
 """Optax implementations for the conformance suite.
 
 - ``optax dualopt (jit)``: :func:`dualopt.optax.dualopt` in the ordinary Optax loop
-  (``tx.update`` + ``optax.apply_updates``) compiled with ``jax.jit``. On the
-  CPU its small Adam tensors (every case's) take the C kernels of
-  ``dualopt._optax_native`` where they build.
+  (``tx.update`` + ``optax.apply_updates``) compiled with ``jax.jit``.
 - ``optax dualopt (eager)``: the same loop without ``jax.jit``.
-- ``optax dualopt (jit, XLA only)``: the jitted loop traced inside
-  ``dualopt._optax_native.disabled()``: XLA's operations for every tensor, as
-  on a GPU or a sharded CPU program.
-- ``optax dualopt step() (C kernel)``: :func:`dualopt.optax.step` (the new
-  params themselves, no ``params + (new - params)`` round trip) under
-  ``jax.jit``, on the cases whose every tensor takes the C kernel (Adam), which
-  it must reproduce bit for bit (class ``exact``); it refuses to run where the
-  kernel does not load.
+- ``optax dualopt step() (jit)``: :func:`dualopt.optax.step` (the new params
+  themselves, no ``params + (new - params)`` round trip) under ``jax.jit``:
+  the other public entry point, which the loop rows do not call.
 - ``optax.adam``: Optax's own Adam, closed loop in mode ``"none"`` only (the
   degenerate comparison).
 
@@ -36,10 +29,9 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -47,9 +39,9 @@ from decoupled_core import HyperParams
 from dualopt.spec.vectors import Case
 
 from .problem import LAYER_INDEX, NAMES, Problem, group_hyperparams
-from .protocol import Implementation, Trajectory, c_kernel_unavailable, case_id
+from .protocol import Implementation, Trajectory, case_id
 
-__all__ = ["OptaxDualOpt", "OptaxKernelStep", "OptaxAdam", "implementations", "dualopt_kwargs", "case_transform",
+__all__ = ["OptaxDualOpt", "OptaxStep", "OptaxAdam", "implementations", "dualopt_kwargs", "case_transform",
            "replay_case", "train_closed_loop"]
 
 # HyperParams field -> dualopt.optax argument
@@ -205,29 +197,14 @@ def _dualopt_for_problem(problem: Problem) -> Callable[[str], Any]:
     return make
 
 
-@contextlib.contextmanager
-def _kernels(on: bool) -> Iterator[None]:
-    """Trace as the defaults do (``on``), or inside ``dualopt._optax_native.disabled()``."""
-    if on:
-        yield
-        return
-    from dualopt._optax_native import disabled
-
-    with disabled():
-        yield
-
-
 @dataclasses.dataclass
 class OptaxDualOpt:
-    """:func:`dualopt.optax.dualopt` in the ordinary Optax loop, with or without ``jax.jit`` (and the C kernels)."""
+    """:func:`dualopt.optax.dualopt` in the ordinary Optax loop, with or without ``jax.jit``."""
 
     jit: bool = True
-    kernels: bool = True
 
     def __post_init__(self) -> None:
         self.name = "optax dualopt (jit)" if self.jit else "optax dualopt (eager)"
-        if not self.kernels:
-            self.name = "optax dualopt (jit, XLA only)" if self.jit else "optax dualopt (eager, XLA only)"
         self.framework = "optax"
         # Tolerance class (conformance/tolerances.py): XLA fuses under jit, and in both modes the
         # update is returned as new - params and re-added by optax.apply_updates, which may
@@ -241,52 +218,34 @@ class OptaxDualOpt:
         return "missing_grads" not in case.features
 
     def replay_cases(self, cases: Sequence[Case]) -> dict[str, Trajectory]:
-        with _kernels(self.kernels):
-            return {case_id(c): replay_case(c, jit=self.jit) for c in cases if self.supports(c)}
+        return {case_id(c): replay_case(c, jit=self.jit) for c in cases if self.supports(c)}
 
     def train(self, problem: Problem, modes: Sequence[str]) -> dict[str, Trajectory]:
         if not self.jit:
             raise NotImplementedError(f"{self.name} has no closed loop (the jitted variant has one)")
         make = _dualopt_for_problem(problem)
-        with _kernels(self.kernels):
-            return {mode: train_closed_loop(problem, make, mode) for mode in modes}
+        return {mode: train_closed_loop(problem, make, mode) for mode in modes}
 
 
-class OptaxKernelStep:
-    """:func:`dualopt.optax.step` under ``jax.jit`` with the C kernels: the spec's result, bit for bit."""
+class OptaxStep:
+    """:func:`dualopt.optax.step` under ``jax.jit``: the new params without the updates' round trip."""
 
-    name = "optax dualopt step() (C kernel)"
+    name = "optax dualopt step() (jit)"
     framework = "optax"
-    numerics = "exact"
+    numerics = "xla-jit"  # XLA fuses under jit; bias corrections computed on the device
 
     def unavailable(self) -> str | None:
-        return _missing() or c_kernel_unavailable()
+        return _missing()
 
     def supports(self, case: Case) -> bool:
-        """Cases whose every tensor takes the kernel: Adam, float32/float64, a gradient at every step."""
-        from dualopt._optax_native import NATIVE_MAX_SIZE
-
-        return ("missing_grads" not in case.features and all(case.hp(n).direction == "adam" for n in case.names)
-                and all(np.asarray(case.initial[n]).size <= NATIVE_MAX_SIZE for n in case.names))
+        return "missing_grads" not in case.features
 
     def replay_cases(self, cases: Sequence[Case]) -> dict[str, Trajectory]:
-        _require_kernels()
         return {case_id(c): replay_case(c, jit=True, direct=True) for c in cases if self.supports(c)}
 
     def train(self, problem: Problem, modes: Sequence[str]) -> dict[str, Trajectory]:
-        _require_kernels()
         make = _dualopt_for_problem(problem)
         return {mode: train_closed_loop(problem, make, mode, direct=True) for mode in modes}
-
-
-def _require_kernels() -> None:
-    from dualopt._optax_native import native_status, usable
-
-    status = native_status()
-    if not status["enabled"]:
-        raise RuntimeError(f"the C kernel did not load: {status['reason']}")
-    if not usable():
-        raise RuntimeError("the C kernels need JAX's CPU backend with a single device")
 
 
 @dataclasses.dataclass
@@ -322,5 +281,4 @@ class OptaxAdam:
 
 def implementations() -> list[Implementation]:
     """The Optax implementations; each reports itself unavailable when jax or optax is missing."""
-    return [OptaxDualOpt(jit=True), OptaxDualOpt(jit=False), OptaxDualOpt(jit=True, kernels=False), OptaxKernelStep(),
-            OptaxAdam()]
+    return [OptaxDualOpt(jit=True), OptaxDualOpt(jit=False), OptaxStep(), OptaxAdam()]

@@ -26,9 +26,8 @@ Jobs
 
 Answers per job: the trajectories of both runs (float64 numpy, the problem's
 names) and, for the sharded run, the sharding of every parameter and state
-leaf after ``init`` and after the last step. The problem's tensors are all
-small, so their anchors are packed (``state.packed_anchor``), one replicated
-array; a per-leaf anchor entry would be sharded like its param.
+leaf after ``init`` and after the last step (every finetune leaf's anchor is
+an array of its own in ``state.anchor``, sharded like its param).
 """
 
 from __future__ import annotations
@@ -105,9 +104,6 @@ def main(src: str, dst: str) -> None:
             out[name] = entry
         out["count"] = {"devices": len(state.count.sharding.device_set),
                         "replicated": state.count.sharding.is_fully_replicated}
-        out["packed_anchor"] = {k: {"shape": tuple(v.shape), "devices": len(v.sharding.device_set),
-                                    "replicated": v.sharding.is_fully_replicated}
-                                for k, v in state.packed_anchor.items()}
         return out
 
     def by_path(tree: Any) -> dict[str, np.ndarray]:
@@ -148,7 +144,7 @@ def main(src: str, dst: str) -> None:
             trajectory.append(numpy_params(params))
         answer.update(trajectory=trajectory, layout=layout(params, state) if sharded else None,
                       count=int(state.count), skipped=int(state.skipped),
-                      state={f: by_path(getattr(state, f)) for f in ("mu", "nu", "anchor", "packed_anchor")})
+                      state={f: by_path(getattr(state, f)) for f in ("mu", "nu", "anchor")})
         return answer
 
     def run_train(job: dict[str, Any], sharded: bool) -> dict[str, Any]:

@@ -9,11 +9,8 @@ runs every job twice, unsharded on one device and sharded (kernels
   gradients (one step poisoned with a NaN). The update is elementwise; its
   only cross-device reduction is the boolean finiteness flag, so the sharded
   run must give the unsharded run's **bits**, and the moments must stay
-  sharded like the parameters without any annotation. The problem's tensors
-  are small, so their anchors are packed into one array
-  (``state.packed_anchor``), replicated on the mesh (an anchor of its own, for
-  a tensor of more than 65536 elements, is sharded like its param:
-  ``tests/optax/test_optax_state.py``).
+  sharded like the parameters without any annotation, and so must every
+  finetune anchor (``state.anchor``).
 - ``train``: the conformance closed loop (``jax.grad`` inside the jitted step,
   input rows split over ``"data"``). The gradient's batch sums are computed
   per device and all-reduced, a different summation order from one device:
@@ -58,12 +55,13 @@ def _check_layout(layout: dict, direction: str) -> None:
         real = ["mu"] + (["nu"] if direction == "adam" else [])
         for field in real:
             assert e[field]["like_param"] and e[field]["devices"] == 4, (name, field, e[field])
-        assert e["anchor"] is None, name  # small finetune leaves: packed, no entry of their own
-        if direction == "sgd":
-            assert e["nu"]["shape"] == (0,), name  # an empty placeholder, nothing to shard
+        if name in FINETUNE:
+            assert e["anchor"]["like_param"] and e["anchor"]["devices"] == 4, (name, e["anchor"])
+        else:
+            assert e["anchor"] is None, name  # the scratch head has no anchor
+        if direction == "sgd":  # an empty placeholder of the param's rank, nothing to shard
+            assert e["nu"]["shape"] == (0,) * len(make_problem().weights[name].shape), name
     assert layout["count"] == {"devices": 4, "replicated": True}
-    size = sum(int(np.prod(make_problem().weights[n].shape)) for n in FINETUNE)
-    assert layout["packed_anchor"] == {"float64": {"shape": (size,), "devices": 4, "replicated": True}}
 
 
 @pytest.mark.parametrize("job", ["update-adam", "update-sgd"])
@@ -72,11 +70,11 @@ def test_sharded_update_is_bitwise_the_unsharded_update(runs: dict, job: str) ->
     assert len(sharded["trajectory"]) == UPDATE_STEPS
     for t, (a, b) in enumerate(zip(sharded["trajectory"], single["trajectory"])):
         assert all(np.array_equal(a[n], b[n]) for n in NAMES), f"step {t + 1} differs"
-    for field in ("mu", "nu", "anchor", "packed_anchor"):
+    for field in ("mu", "nu", "anchor"):
         assert sharded["state"][field].keys() == single["state"][field].keys(), field
         assert all(np.array_equal(sharded["state"][field][n], single["state"][field][n])
                    for n in single["state"][field]), field
-    assert single["state"]["anchor"] == {} and list(single["state"]["packed_anchor"]) == ["float64"]
+    assert sorted(single["state"]["anchor"]) == sorted(FINETUNE)
     assert (sharded["count"], sharded["skipped"]) == (single["count"], single["skipped"]) == (UPDATE_STEPS - 1, 1)
 
 
@@ -87,10 +85,10 @@ def test_state_is_sharded_like_the_params_after_init_and_after_jitted_steps(runs
     _check_layout(sharded["layout"], direction)
     init = sharded["layout_init"]  # eager tx.init(params): placeholders may sit on one device, the rest follows
     for name in NAMES:
-        for field in ("mu", "nu"):
-            if init[name][field] is not None and init[name][field]["shape"] != (0,):
+        for field in ("mu", "nu", "anchor"):
+            if init[name][field] is not None and 0 not in init[name][field]["shape"]:
                 assert init[name][field]["like_param"], (name, field, init[name][field])
-    assert init["packed_anchor"]["float64"]["replicated"] and init["packed_anchor"]["float64"]["devices"] == 4
+    assert all(init[name]["anchor"] is not None for name in FINETUNE)
 
 
 def test_sharded_training_matches_one_device_within_the_closed_loop_budget(runs: dict) -> None:

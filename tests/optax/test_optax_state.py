@@ -49,47 +49,34 @@ def _jit_step(tx, donate=False):
 
 
 def test_state_layout():
-    """Small finetune leaves keep their anchors packed in flatten order, one 1-D array per dtype; large ones
-    (more than PACK_MAX_SIZE elements) keep an array of their own; scratch leaves have none."""
+    """Every finetune leaf keeps its anchor, a copy of the param, in ``state.anchor`` nested by key path;
+    scratch leaves have none; an SGD leaf's ``nu`` is an empty placeholder of its param's rank."""
     import jax
 
-    from dualopt._optax_state import PACK_MAX_SIZE
     from dualopt.optax import DualOptState, anchors, dualopt
 
-    params = _params()
-    tx = dualopt(1e-2, **MIXED)
-    state = tx.init(params)
-    assert isinstance(state, DualOptState)
-    assert state.count.dtype == np.int32 and state.skipped.dtype == np.int32
-    k = ("Dense_0", "kernel")
-    assert state.mu[k[0]][k[1]].shape == params[k[0]][k[1]].shape
-    assert state.nu["Dense_1"]["kernel"].shape == (0,)  # SGD leaf: no second moment
-    assert state.anchor == {} and list(state.packed_anchor) == ["float64"]
-    finetune = [params[m][n] for m in ("Dense_0", "Dense_1") for n in ("bias", "kernel")]  # flatten order
-    np.testing.assert_array_equal(state.packed_anchor["float64"], np.concatenate([np.ravel(x) for x in finetune]))
-    got = anchors(tx, state, params)  # the scratch Dense_2 has no anchor
-    assert sorted(got) == ["Dense_0", "Dense_1"] and sorted(got["Dense_1"]) == ["bias", "kernel"]
-    np.testing.assert_array_equal(got["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
-    assert len(jax.tree.leaves(state)) == 2 + 6 + 6 + 1
-
-    big = _big_params()
-    tx = dualopt(1e-2, paradigm={"Dense_0": "finetune", "Dense_1": "finetune", "Dense_2": "scratch"})
-    state = tx.init(big)
-    assert big["Dense_0"]["kernel"].size > PACK_MAX_SIZE >= big["Dense_0"]["bias"].size
-    assert sorted(state.anchor) == ["Dense_0", "Dense_1"] and list(state.anchor["Dense_1"]) == ["kernel"]
-    np.testing.assert_array_equal(state.anchor["Dense_0"]["kernel"], big["Dense_0"]["kernel"])
-    # the anchor is a copy, not the params' buffer
-    assert state.anchor["Dense_0"]["kernel"] is not big["Dense_0"]["kernel"]
-    np.testing.assert_array_equal(state.packed_anchor["float64"],
-                                  np.concatenate([big["Dense_0"]["bias"], big["Dense_1"]["bias"]]))
-    got = anchors(tx, state, big)
-    for m in ("Dense_0", "Dense_1"):
-        for n in ("bias", "kernel"):
-            np.testing.assert_array_equal(got[m][n], big[m][n])
+    assert DualOptState._fields == ("count", "skipped", "mu", "nu", "anchor")
+    for params in (_params(), _big_params()):
+        tx = dualopt(1e-2, **MIXED)
+        state = tx.init(params)
+        assert isinstance(state, DualOptState)
+        assert state.count.dtype == np.int32 and state.skipped.dtype == np.int32
+        assert state.mu["Dense_0"]["kernel"].shape == params["Dense_0"]["kernel"].shape
+        assert state.nu["Dense_1"]["kernel"].shape == (0, 0)  # SGD leaf: no second moment
+        assert state.nu["Dense_1"]["bias"].shape == (0,)
+        assert sorted(state.anchor) == ["Dense_0", "Dense_1"] and sorted(state.anchor["Dense_1"]) == ["bias", "kernel"]
+        for m in ("Dense_0", "Dense_1"):
+            for n in ("bias", "kernel"):
+                np.testing.assert_array_equal(state.anchor[m][n], params[m][n])
+                assert state.anchor[m][n] is not params[m][n]  # a copy, not the params' buffer
+        got = anchors(tx, state, params)  # the scratch Dense_2 has no anchor
+        assert jax.tree.structure(got) == jax.tree.structure(state.anchor)
+        assert all(a is b for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state.anchor)))
+        assert len(jax.tree.leaves(state)) == 2 + 6 + 6 + 4
 
 
 def _big_params():
-    """Dense_0 and Dense_1 kernels larger than PACK_MAX_SIZE (anchors of their own), the biases small."""
+    """Dense_0 and Dense_1 kernels of 67600 elements, the biases small."""
     import jax
 
     return jax.tree.map(jax.numpy.asarray, mlp_params(3, sizes=(260, 260, 260, 3)))
@@ -97,8 +84,7 @@ def _big_params():
 
 def test_anchors_are_matched_by_path_nested_or_flat():
     """A restore without a template that keys the anchors flat by path string (``"Dense_0/kernel"``) steps
-    exactly like the nested layout ``init`` makes; a missing, extra or misshaped anchor is refused by name,
-    and so is a packed array of another length, dtype or key."""
+    exactly like the nested layout ``init`` makes; a missing, extra or misshaped anchor is refused by name."""
     import jax
 
     from decoupled_core import HyperparameterError
@@ -109,7 +95,7 @@ def test_anchors_are_matched_by_path_nested_or_flat():
     state = tx.init(params)
     flat = {path_str(tuple(getattr(e, "key") for e in kp)): x
             for kp, x in jax.tree_util.tree_flatten_with_path(state.anchor)[0]}
-    assert sorted(flat) == ["Dense_0/kernel", "Dense_1/kernel"]
+    assert sorted(flat) == ["Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel"]
     g = _grads(0, params)
     want, _ = tx.update(g, state, params)
     got, new = tx.update(g, state._replace(anchor=flat), params)
@@ -126,20 +112,34 @@ def test_anchors_are_matched_by_path_nested_or_flat():
         with pytest.raises(HyperparameterError) as info:
             tx.update(g, state._replace(anchor=anchor), params)
         assert message in str(info.value), (name, str(info.value))
-    packed = state.packed_anchor["float64"]
-    bad_packed = {
-        "length": ({"float64": packed[1:]}, "state.packed_anchor['float64']='<array of shape (519,) and dtype "
-                                             "float64>' is invalid: expected a dict of 1-D arrays keyed by dtype "
-                                             "('float64': 520 elements)"),
-        "dtype": ({"float64": packed.astype(np.float32)}, "state.packed_anchor['float64']="),
-        "key": ({"float32": packed}, """state.packed_anchor="<dict with the key 'float32'>" is invalid"""),
-        "missing": ({}, """state.packed_anchor="<dict without the key 'float64'>" is invalid"""),
-        "type": ([packed], "state.packed_anchor='<list>' is invalid"),
-    }
-    for name, (value, message) in bad_packed.items():
+
+
+def test_state_of_the_packed_layout_is_refused_with_how_to_migrate():
+    """A state of the earlier layout (a sixth field ``packed_anchor`` holding the small finetune anchors) is
+    refused by name with how to migrate, eagerly and under jit; restored into today's fields without it, the
+    missing anchors are named. Before, the packed layout was today's and no such check existed."""
+    from collections import namedtuple
+
+    import jax
+
+    from decoupled_core import HyperparameterError
+    from dualopt.optax import dualopt
+
+    params = _params()
+    tx = dualopt(1e-2, **MIXED)
+    state = tx.init(params)
+    Old = namedtuple("DualOptState", ("count", "skipped", "mu", "nu", "anchor", "packed_anchor"))
+    old = Old(state.count, state.skipped, state.mu, state.nu, {}, {"float64": jax.numpy.zeros(40)})
+    g = _grads(0, params)
+    for update in (tx.update, jax.jit(tx.update)):
         with pytest.raises(HyperparameterError) as info:
-            tx.update(g, state._replace(packed_anchor=value), params)
-        assert message in str(info.value), (name, str(info.value))
+            update(g, old, params)
+        msg = str(info.value)
+        assert msg.startswith("state.packed_anchor='<present>' is invalid: expected a DualOptState with the fields "
+                              "('count', 'skipped', 'mu', 'nu', 'anchor')"), msg
+        assert "take dualopt.optax.anchors(tx, state, params) as the new 'anchor' field" in msg, msg
+    with pytest.raises(HyperparameterError, match="without the finetune param 'Dense_0/bias'.*'packed_anchor'"):
+        tx.update(g, state._replace(anchor={}), params)
 
 
 def test_two_finetune_leaves_with_one_path_string_are_refused():
@@ -188,7 +188,7 @@ def test_dtypes_and_low_precision_match_core(dtype):
     tx = dualopt(1e-2, **MIXED)
     state = tx.init(params)
     compute = jnp.float32
-    for leaf in jax.tree.leaves((state.mu, state.nu, state.anchor, state.packed_anchor)):
+    for leaf in jax.tree.leaves((state.mu, state.nu, state.anchor)):
         assert leaf.dtype == compute
     jstep = _jit_step(tx)
     p, s = params, state
@@ -197,7 +197,7 @@ def test_dtypes_and_low_precision_match_core(dtype):
     for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)):
         assert a.dtype == dt
         assert not np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    for leaf in jax.tree.leaves((s.mu, s.nu, s.anchor, s.packed_anchor)):
+    for leaf in jax.tree.leaves((s.mu, s.nu, s.anchor)):
         assert leaf.dtype == compute
 
     paths = leaf_paths(params)
@@ -303,10 +303,9 @@ def test_shardings_are_kept():
             return a.sharding.is_equivalent_to(b.sharding, a.ndim)
         for tree in (state.mu, state.nu):
             assert all(jax.tree.leaves(jax.tree.map(same, tree, params))), tree
-        big = params["Dense_2"]["kernel"]  # more than PACK_MAX_SIZE elements: an anchor of its own
-        assert same(state.anchor["Dense_2"]["kernel"], big)
-        packed = state.packed_anchor["float32"]  # the small finetune leaves' anchors, in flatten order
-        assert packed.shape == (6 + 24,) and packed.sharding.is_fully_replicated, packed.sharding  # Dense_0
+        for m in ("Dense_0", "Dense_2"):  # finetune: every anchor sharded like its param
+            assert all(jax.tree.leaves(jax.tree.map(same, state.anchor[m], params[m]))), m
+        assert "Dense_1" not in state.anchor
         abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params)
         shapes = jax.eval_shape(tx.init, abstract)
         assert shapes.mu["Dense_0"]["kernel"].sharding.spec == P("x", None), shapes.mu["Dense_0"]["kernel"].sharding
@@ -317,7 +316,8 @@ def test_shardings_are_kept():
         p, s = step(params, state, jax.tree.map(jnp.ones_like, params))
         assert all(jax.tree.leaves(jax.tree.map(same, p, params)))
         assert all(jax.tree.leaves(jax.tree.map(same, s.mu, params)))
-        assert same(s.anchor["Dense_2"]["kernel"], big) and s.packed_anchor["float32"].sharding.is_fully_replicated
+        assert all(jax.tree.leaves(jax.tree.map(same, s.anchor["Dense_0"], params["Dense_0"])))
+        assert same(s.anchor["Dense_2"]["kernel"], params["Dense_2"]["kernel"])
         print("OK", len(jax.devices()))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
@@ -372,7 +372,7 @@ def test_float32_stays_float32_without_x64():
             u, _ = jax.jit(tx.update)(g, s, p)
             assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(u))
             p, s = jstep(p, s, g)
-        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((p, s.mu, s.nu, s.anchor, s.packed_anchor)))
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((p, s.mu, s.nu, s.anchor)))
         assert s.count.dtype == jnp.int32 and s.skipped.dtype == jnp.int32 and int(s.count) == 5
 
         paths = leaf_paths(params)

@@ -142,7 +142,7 @@ def _bytes(compiled):
 
 
 def test_compiled_traffic_is_adamws_plus_the_extra_reads():
-    """float32, x64 off, 4 x 256^2, XLA's kernels only: optax.adamw moves 40 bytes per element on XLA:CPU
+    """float32, x64 off, 4 x 256^2: optax.adamw moves 40 bytes per element on XLA:CPU
     (m, v and the params in three loops). DualOpt moves the same with ``nonfinite="propagate"``, 4 more for
     the finite check (one read of the gradients; cost_analysis counts 4 more, the operands of the lax.cond
     whose exact fallback runs only when a gradient's sum is not finite) and 4 more per finetune element (the
@@ -152,10 +152,9 @@ def test_compiled_traffic_is_adamws_plus_the_extra_reads():
     import jax.numpy as jnp
     import optax
 
-    from dualopt._optax_native import disabled
     from dualopt.optax import dualopt
 
-    with jax.enable_x64(False), disabled():
+    with jax.enable_x64(False):
         params = {f"layers_{i}": {"kernel": jnp.ones((256, 256), jnp.float32)} for i in range(4)}
         n = 4 * 256 * 256
         per_elt = lambda tx: _bytes(_compiled(tx, params)) / n  # noqa: E731

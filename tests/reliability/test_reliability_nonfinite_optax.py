@@ -95,7 +95,7 @@ def _same_tree(a: Any, b: Any) -> bool:
 
 def _kept(state: Any) -> tuple:
     """Everything a skipped call must leave alone (all of the state but the skip counter)."""
-    return state.count, state.mu, state.nu, state.anchor, state.packed_anchor
+    return state.count, state.mu, state.nu, state.anchor
 
 
 def _runner(tx: Any, how: str) -> Any:
@@ -156,7 +156,7 @@ def test_bad_calls_change_nothing_and_training_resumes_exactly(direction, dtype,
     assert int(final.count) == N_CLEAN and int(final.skipped) == 4
     # the spec's state dtypes survived the skips: float32 moments/anchors for bfloat16 params
     want = jnp.float32 if dtype == jnp.bfloat16 else dtype
-    assert {x.dtype for x in jax.tree.leaves((final.mu, final.anchor, final.packed_anchor))} == {jnp.dtype(want)}
+    assert {x.dtype for x in jax.tree.leaves((final.mu, final.anchor))} == {jnp.dtype(want)}
     assert {x.dtype for x in jax.tree.leaves(with_bad[-1][0])} == {jnp.dtype(dtype)}
 
 

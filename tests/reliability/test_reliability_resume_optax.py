@@ -79,7 +79,7 @@ def resumed(cfg: job.Config, at: int, path: Path, *, with_template: bool = True)
 def test_resume_at_any_step_is_bitwise(cfg, tmp_path):
     want = uninterrupted(cfg)
     assert int(want["state/skipped"]) == 1 and int(want["state/count"]) == job.N_STEPS - 1
-    has_anchor = any(k.startswith(("state/anchor/", "state/packed_anchor/")) and want[k].size for k in want)
+    has_anchor = any(k.startswith("state/anchor/") and want[k].size for k in want)
     assert has_anchor == (cfg.mode != "scratch")
     for at in job.RESUME_AT:
         assert_same(resumed(cfg, at, tmp_path / f"at{at}.npz"), want)
@@ -149,7 +149,7 @@ BAD_STATES = {
                      ["state.mu['backbone/Dense_1/bias']", "shape (5,)", "expected shape (8,)"]),
     "missing layer": (_without_layer, ["state.mu=", "without the param 'backbone/Dense_10/bias'"]),
     "other paradigms": (lambda tmp: _saved_state(tmp, job.Config("scratch")),
-                        ["state.packed_anchor=", "without the key 'float32'", "anchors of the finetune leaves"]),
+                        ["state.anchor=", "without the finetune param 'backbone/Dense_0/bias'"]),
     "other direction": (lambda tmp: _saved_state(tmp, job.Config("mixed", "sgd")),
                         ["state.nu['backbone/Dense_0/bias']", "shape (0,)", "direction='adam'"]),
     "state cast to bfloat16": (_cast_state, ["state.mu['backbone/Dense_0/bias']", "dtype bfloat16", "dtype float32"]),
