@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 __all__ = ["NATIVE_DIR", "TIMEOUT_ENV", "DEFAULT_TIMEOUT", "compile_flags", "disabled", "unavailable",
-           "cache_dir", "build", "load", "Library"]
+           "cache_dir", "load", "Library"]
 
 NATIVE_DIR = Path(__file__).with_name("native")
 #: The environment variable with the build timeout in seconds, and its default.
@@ -318,25 +318,21 @@ def _key(source: Path, cmd: Sequence[str], identity: Sequence[str]) -> str:
     return hashlib.sha256(b"\0\0".join(parts)).hexdigest()[:16]
 
 
-def load(source: Path, flags: Sequence[str], check: Callable[[ctypes.CDLL], None], *,
-         includes: Sequence[Path] = ()) -> tuple[ctypes.CDLL, Path, str]:
+def load(source: Path, flags: Sequence[str], check: Callable[[ctypes.CDLL], None]) -> tuple[ctypes.CDLL, Path, str]:
     """The library built from ``source`` with ``flags``, loaded: ``(lib, path, note)``; raises OSError.
 
     ``check(lib)`` raises OSError or AttributeError where a loaded library is not
     the expected one (e.g. its ABI function is missing or answers another
     number). A cached file under the final name is used only if it passes the
-    rules and ``check``; otherwise it is rebuilt. ``includes`` are include
-    directories whose headers (``*.h``) enter the cache key, like ``native/``'s.
+    rules and ``check``; otherwise it is rebuilt.
     ``note`` says which cache candidates were skipped and which file was replaced, and why.
     """
     name = os.environ.get("CC", "cc")
     command, resolved, version = _compiler(name)
-    include_flags = [f"-I{d}" for d in includes]
-    headers = [h.read_bytes().decode("latin-1") for d in [NATIVE_DIR, *includes] for h in sorted(Path(d).rglob("*.h"))]
     notes: list[str] = []
     directory = cache_dir(notes)
     notes = [f"skipped {n}" for n in notes]
-    target = directory / f"{source.stem}-{_key(source, [*flags, *include_flags], [resolved, version, *headers])}.so"
+    target = directory / f"{source.stem}-{_key(source, flags, [resolved, version])}.so"
     if os.path.lexists(target):
         try:
             return _open(str(target), check), target, "; ".join(notes)
@@ -345,7 +341,7 @@ def load(source: Path, flags: Sequence[str], check: Callable[[ctypes.CDLL], None
     fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".tmp.so", dir=directory)
     os.close(fd)
     try:
-        rc, out = _run([command, *flags, *include_flags, str(source), "-o", tmp, "-lm"])
+        rc, out = _run([command, *flags, str(source), "-o", tmp, "-lm"])
         if rc != 0:
             raise OSError(f"{name} failed (exit status {rc}): {out.strip()[:500]}")
         os.chmod(tmp, 0o755)  # the linker's umask may have left it group-writable
@@ -358,15 +354,6 @@ def load(source: Path, flags: Sequence[str], check: Callable[[ctypes.CDLL], None
         if os.path.lexists(tmp):
             os.unlink(tmp)
     return lib, target, "; ".join(notes)
-
-
-def build(source: Path, flags: Sequence[str], *, includes: Sequence[Path] = ()) -> Path:
-    """The path of the checked shared library built from ``source`` (cached); raises OSError.
-
-    For callers that ``dlopen`` the file themselves; it was loaded here once to
-    check it (a non-empty file of this user that ``dlopen`` accepts).
-    """
-    return load(source, flags, lambda lib: None, includes=includes)[1]
 
 
 class Library:
