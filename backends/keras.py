@@ -640,7 +640,7 @@ class DualOpt(keras.optimizers.Optimizer):
             return [c if n is None else n for n, c in zip(new, current)]
 
         for variable, value in zip(touched, jax.lax.cond(finite, applied, lambda: current)):
-            variable.assign(value)
+            self.assign(variable, value)
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """One variable's step: :func:`decoupled_core.step_tensor` on ``keras.ops``."""
