@@ -156,8 +156,8 @@ def check_keys_match(name: str, mapping: Mapping[str, Any], paths: Sequence[str]
         close = difflib.get_close_matches(str(key).strip("/"), sorted(runs), n=3)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
         shown = list(paths[:20]) + (["..."] if len(paths) > 20 else [])
-        raise HyperparameterError(f"{name} key {key!r} matches no variable: {hint}Keys match whole path segments of the "
-                         f"variable paths {shown}.")
+        raise HyperparameterError(f"{name} key {key!r} matches no variable: {hint}Keys match whole path "
+                                  f"segments of the variable paths {shown}.")
 
 
 def check_layer_index_spec(layer_index: Any) -> None:
