@@ -17,12 +17,13 @@ length, the one listed first wins.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable, Mapping, Sequence
 
-from decoupled_core import PARADIGMS, accepted, check_layer_count, check_layer_key, invalid
+from decoupled_core import PARADIGMS, HyperparameterError, accepted, check_layer_count, check_layer_key, invalid
 
 __all__ = ["variable_path", "matching_key", "resolve_paradigms", "resolve_layer_keys", "check_paradigm_spec",
-           "check_layer_index_spec", "LAYER_PER_KERAS_LAYER", "PARADIGM_ALSO_ACCEPTED"]
+           "check_layer_index_spec", "check_keys_match", "LAYER_PER_KERAS_LAYER", "PARADIGM_ALSO_ACCEPTED"]
 
 #: ``layer_index="layer"``: variables of one Keras layer share a key.
 LAYER_PER_KERAS_LAYER = "layer"
@@ -113,6 +114,8 @@ def resolve_paradigms(paradigm: Any, default_paradigm: str, variables: Sequence[
     check_paradigm_spec(paradigm, default_paradigm)
     if isinstance(paradigm, str):
         return [paradigm] * len(variables)
+    if isinstance(paradigm, Mapping):
+        check_keys_match("paradigm", paradigm, [variable_path(v) for v in variables])
     out = []
     for v in variables:
         path = variable_path(v)
@@ -126,6 +129,35 @@ def resolve_paradigms(paradigm: Any, default_paradigm: str, variables: Sequence[
                 raise invalid(f"paradigm({path!r})", p, f"one of {PARADIGMS} or None")
         out.append(p)
     return out
+
+
+def check_keys_match(name: str, mapping: Mapping[str, Any], paths: Sequence[str]) -> None:
+    """Refuse a key of ``mapping`` that matches none of ``paths``: a typo would otherwise go unnoticed.
+
+    With ``paradigm={"haed": "scratch"}`` the new head would silently get
+    ``default_paradigm`` (finetune: pulled back to its random initialisation).
+    The error names the key, the closest layer names / paths, and the paths.
+
+    Examples
+    --------
+    >>> check_keys_match("paradigm", {"head": "scratch"}, ["m/head/kernel"])
+    >>> try:
+    ...     check_keys_match("paradigm", {"haed": "scratch"}, ["m/head/kernel", "m/body/kernel"])
+    ... except ValueError as e:
+    ...     print(e)
+    paradigm key 'haed' matches no variable: did you mean 'head' or 'm/head'? Keys match whole path segments of the variable paths ['m/head/kernel', 'm/body/kernel'].
+    """
+    for key in mapping:
+        if any(matching_key([key], p) for p in paths):
+            continue
+        # Candidates: every run of whole segments, the forms a key may take.
+        runs = {"/".join(seg[i:j]) for seg in (p.split("/") for p in paths)
+                for i in range(len(seg)) for j in range(i + 1, len(seg) + 1)}
+        close = difflib.get_close_matches(str(key).strip("/"), sorted(runs), n=3)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        shown = list(paths[:20]) + (["..."] if len(paths) > 20 else [])
+        raise HyperparameterError(f"{name} key {key!r} matches no variable: {hint}Keys match whole path "
+                                  f"segments of the variable paths {shown}.")
 
 
 def check_layer_index_spec(layer_index: Any) -> None:
@@ -180,6 +212,7 @@ def resolve_layer_keys(layer_index: Any, variables: Sequence[Any]) -> list[int] 
         owners: dict[str, int] = {}
         return [owners.setdefault(p.rsplit("/", 1)[0] if "/" in p else p, len(owners)) for p in paths]
     if isinstance(layer_index, Mapping):
+        check_keys_match("layer_index", layer_index, paths)
         keys = []
         for p in paths:
             k = matching_key(list(layer_index), p)

@@ -51,9 +51,22 @@ initializer that copies the variable once (read eagerly under
 ``tf.init_scope``, so that XLA, ``jit_compile=True``, can lift it), never by an
 ``assign`` in ``build()`` that would become part of every step. The tests check
 on every backend and compile mode that the anchors are still the pre-fit
-weights after several steps. ``anchor`` is not part of
-``get_config()``: anchors are optimizer variables and travel in ``.keras``
-files.
+weights after several steps. A model built lazily (no ``keras.Input``) on
+TensorFlow creates its variables in that same trace, with no value yet: their
+anchors are copied from them at the first ``apply`` (``iterations == 0``,
+before any update), i.e. they are again the weights at build. ``anchor`` is
+not part of ``get_config()``: anchors are optimizer variables and travel in
+``.keras`` files.
+
+Resuming with ``load_weights``
+------------------------------
+``compile`` -> ``load_weights`` -> ``fit`` loads the weights file before the
+optimizer is built; Keras's own optimizers then drop its state with a warning.
+DualOpt keeps it and, when it is built, checks it against its layout and
+restores every variable (``iterations``, ``t``, ``skipped``, moments, anchors),
+so the run continues bit for bit; a state of another layout (Keras's Adam,
+other paradigms) is refused then. To start a new run from a weights file
+(anchors taken from its weights), load it before ``compile``.
 
 Weight decay
 ------------
@@ -80,7 +93,17 @@ not averaged in as Keras's zero-initialised average. With a constant learning
 rate a run with skipped calls equals, bit for bit, the run without them.
 ``nonfinite="propagate"`` makes no check: NaN/Inf flow into the variables and
 state. The check is a ``cond`` inside the compiled step (``jax.lax.cond`` on
-jax, ``ops.cond`` on tensorflow, a host-side branch on torch).
+jax, ``ops.cond`` on tensorflow, a host-side branch on torch). Under a
+``tf.distribute`` strategy it is taken on the all-reduced gradients and each
+variable's update runs under its own ``cond`` (``merge_call``, which Keras's
+update enters, must not run inside one).
+
+Sparse gradients
+----------------
+``tf.IndexedSlices`` (``Embedding`` layers on TensorFlow) are densified after
+Keras's clipping: the rule is dense, so every row's moments decay and every
+row is pulled, as for any other gradient. A variable passed twice in one
+``var_list`` is refused (Keras's own optimizers step it twice).
 
 Precision of the scalars
 ------------------------
@@ -135,8 +158,9 @@ raises an error naming the first offending variable.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -190,6 +214,11 @@ class _Runtime:
 
     context: _StepContext | None = None
     skips_before: Any = None
+    #: Optimizer state that load_weights() gave this DualOpt before it was built (load_own_variables),
+    #: by position; build() checks it against its layout and creates its variables from it.
+    deferred_state: list[np.ndarray] | None = None
+    #: While build() restores ``deferred_state``: add_variable takes each new variable's value from it.
+    restoring: list[np.ndarray] | None = None
 
 
 def _is_schedule(lr: Any) -> bool:
@@ -237,7 +266,8 @@ class DualOpt(keras.optimizers.Optimizer):
     Parameters
     ----------
     learning_rate : float or keras.optimizers.schedules.LearningRateSchedule
-        eta_t. A schedule is evaluated at ``iterations`` (batches seen).
+        eta_t. A schedule is evaluated at ``iterations`` (batches seen); its
+        value at step 0 must be a finite float >= 0.
     direction : {"adam", "sgd"}
     beta_1, beta_2, epsilon : float
         Adam's moment decays and epsilon (``direction="adam"``).
@@ -272,7 +302,9 @@ class DualOpt(keras.optimizers.Optimizer):
         Keras base optimizer options: ``clipnorm``, ``clipvalue``,
         ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
         ``ema_overwrite_frequency``, ``loss_scale_factor``,
-        ``gradient_accumulation_steps``, ``name``.
+        ``gradient_accumulation_steps``, ``name`` (default: Keras's automatic
+        unique name, ``dual_opt``, ``dual_opt_1``, ..., as for its own
+        optimizers; slot paths start with it).
 
     Examples
     --------
@@ -292,7 +324,7 @@ class DualOpt(keras.optimizers.Optimizer):
                  default_paradigm: str = "scratch", weight_decay: float = 1e-2, rollback_max: float | None = None,
                  rollback_min: float = 0.0, rollback_power: float = 1.0, layer_index: Any = None,
                  anchor: Mapping[str, Any] | Sequence[Any] | None = None, nonfinite: str = "skip",
-                 name: str = "dualopt", **kwargs: Any) -> None:
+                 name: str | None = None, **kwargs: Any) -> None:
         given_lr = learning_rate  # messages quote the value as the user wrote it (np.float64(-0.001))
         if isinstance(learning_rate, (int, np.integer, np.floating)) and not isinstance(learning_rate, bool):
             learning_rate = float(learning_rate)
@@ -302,6 +334,10 @@ class DualOpt(keras.optimizers.Optimizer):
         candidates = check_paradigm_spec(paradigm, default_paradigm)
         check_layer_index_spec(layer_index)
         lr0 = _initial_lr(learning_rate)
+        if schedule and not (np.isfinite(lr0) and lr0 >= 0):
+            # A negative eta is gradient ascent and a NaN one poisons every weight (optax refuses both).
+            raise invalid("learning_rate", f"<{type(given_lr).__name__} whose value at step 0 is {lr0!r}>",
+                          "a schedule whose value at step 0 is a finite float >= 0")
         base = HyperParams(direction=direction, beta1=beta_1, beta2=beta_2, eps=epsilon, momentum=momentum,
                            nesterov=nesterov, weight_decay=weight_decay, rollback_max=rollback_max,
                            rollback_min=rollback_min, rollback_power=rollback_power)
@@ -313,8 +349,8 @@ class DualOpt(keras.optimizers.Optimizer):
             validate(base.replace(paradigm="finetune", rollback_max=rollback_max), lr=None if schedule else lr0,
                      nonfinite=nonfinite, names=_NAMES, also_accepted=_ALSO)
         # Keras's own decay is not DualOpt's pull: the base class gets None and never decays.
-        super().__init__(learning_rate=learning_rate, weight_decay=None, name=name, **kwargs)
-        self._learning_rate_in_float64(learning_rate)
+        with _float64_learning_rate(schedule):
+            super().__init__(learning_rate=learning_rate, weight_decay=None, name=name, **kwargs)
         self.weight_decay = float(weight_decay)
         self.direction = direction
         self.beta_1 = float(beta_1)
@@ -334,30 +370,7 @@ class DualOpt(keras.optimizers.Optimizer):
         # The torch backend's multi-tensor path (tests switch it off to compare with the generic path).
         self._use_fast_path = True
         self._facts: list[_VariableFacts] = []
-
-    def _learning_rate_in_float64(self, value: Any) -> None:
-        """Hold a float learning rate in a float64 variable (same name and slot position).
-
-        Keras's base class creates it in ``floatx()``: with the default float32,
-        a float64 model (``dtype="float64"`` layers) would step with eta rounded
-        to float32 (~1e-8 relative). The spec's eta is a float64 scalar; each
-        variable's step casts it once to its compute dtype, so a float32 model
-        sees the same bits as before. jax without ``jax_enable_x64`` cannot
-        hold float64 and keeps floatx.
-        """
-        old = self._learning_rate
-        if not isinstance(old, keras.Variable) or keras.backend.standardize_dtype(old.dtype) == "float64":
-            return
-        if keras.backend.backend() == "jax":
-            import jax
-
-            if not jax.config.jax_enable_x64:
-                return
-        with keras.name_scope(self.name, caller=self):
-            new = keras.Variable(float(value), name="learning_rate", dtype="float64",
-                                 trainable=False, aggregation="only_first_replica")
-        self._tracker.replace_tracked_value("variables", old, new)  # same position in self.variables
-        self._learning_rate = new  # already tracked: not appended again
+        self._pending_anchors: tuple[int, ...] = ()  # indices of anchors taken at the first apply (build)
 
     # ------------------------------------------------------------------ build
     def _hyperparams(self, paradigm: str) -> HyperParams:
@@ -371,6 +384,7 @@ class DualOpt(keras.optimizers.Optimizer):
         if self.built:
             return
         var_list = list(var_list)
+        _refuse_duplicates(self, var_list)
         for v in var_list:
             name = keras.backend.standardize_dtype(v.dtype)
             if name not in ("float16", "bfloat16", "float32", "float64"):
@@ -384,10 +398,24 @@ class DualOpt(keras.optimizers.Optimizer):
             # Only reachable with learning_rate == 0 at construction: the default needs a positive rate.
             resolve_rollback_max(None, 0.0, names=_NAMES)
         anchors = self._explicit_anchors(var_list, paradigms)
+        codes = np.array([4 * l + _PARADIGM_CODE[p] for p, (l, _) in zip(paradigms, numbering)], dtype="int32")
+        restoring = self._runtime.deferred_state
+        if restoring is not None:
+            self._check_deferred_state(restoring, var_list, paradigms, numbering, codes)
+            self._runtime.deferred_state = None
+            self._restore_existing(restoring)
+        self._runtime.restoring = restoring
+        try:
+            self._create_variables(var_list, paradigms, numbering, hps, anchors, codes, restored=restoring is not None)
+        finally:
+            self._runtime.restoring = None
+        self.built = True
+
+    def _create_variables(self, var_list: list[Any], paradigms: list[str], numbering: list[tuple[int, int]],
+                          hps: dict[str, HyperParams], anchors: list[Any], codes: np.ndarray, restored: bool) -> None:
         super().build(var_list)  # EMA averages, gradient accumulators, variable indices
         self._step_count = self.add_variable((), initializer="zeros", dtype="int", name="step")
         self._skipped = self.add_variable((), initializer="zeros", dtype="int", name="skipped")
-        codes = np.array([4 * l + _PARADIGM_CODE[p] for p, (l, _) in zip(paradigms, numbering)], dtype="int32")
         self._layout = self.add_variable((len(var_list),), initializer=_constant(codes), dtype="int32",
                                          name="layout")
         slots = []
@@ -396,16 +424,70 @@ class DualOpt(keras.optimizers.Optimizer):
             roles = ("m", "v") if self.direction == "adam" else ("momentum",)
             slots.append(tuple(self._slot(v, role, dt) for role in roles))
         facts = []
+        pending = []
         for i, (v, p, (l, n)) in enumerate(zip(var_list, paradigms, numbering)):
             dt = compute_dtype(keras.backend.standardize_dtype(v.dtype), KERAS_XP)
             anchor = None
             if p == "finetune":
-                source = anchors[i] if anchors[i] is not None else v
-                anchor = self._slot(v, "anchor", dt, initializer=_copy_of(source, dt))
+                if anchors[i] is None and not restored and _initialized_in_this_trace(v):
+                    # A model built lazily on TensorFlow (no keras.Input) creates its variables in
+                    # the same trace as this build; they get their values when the traced step
+                    # first runs, so there is nothing to copy yet (reading gives shape (0,)), and
+                    # an initializer reading them cannot be lifted out of an XLA step. The anchor
+                    # is taken from them at the first apply instead (_take_pending_anchors).
+                    anchor = self._slot(v, "anchor", dt)
+                    pending.append(i)
+                else:
+                    source = anchors[i] if anchors[i] is not None else v
+                    anchor = self._slot(v, "anchor", dt, initializer=_copy_of(source, dt))
             facts.append(_VariableFacts(variable_path(v), p, l, n, float(pull_rate(p, l, n, hps[p])), hps[p], dt,
                                         slots[i], anchor))
         self._facts = facts
-        self.built = True
+        self._pending_anchors = tuple(pending)
+
+    def add_variable(self, shape: Any, initializer: Any = "zeros", dtype: Any = None, aggregation: str = "none",
+                     layout: Any = None, name: str | None = None) -> Any:
+        """Keras's ``add_variable``; while build() restores a deferred state, the value comes from it."""
+        restoring = self._runtime.restoring
+        if restoring is not None:
+            # An initializer, not an assign: on TensorFlow build() runs while the step is traced.
+            initializer = _constant(restoring[len(self._variables)])
+        return super().add_variable(shape, initializer=initializer, dtype=dtype, aggregation=aggregation,
+                                    layout=layout, name=name)
+
+    def _layout_positions(self, var_list: list[Any], paradigms: list[str]) -> tuple[list[tuple], int]:
+        """The shape of every optimizer variable build() creates, in order, and the position of ``layout``."""
+        shapes = [tuple(v.shape) for v in self.variables]  # iterations, learning_rate (created in __init__)
+        own = [tuple(v.shape) for v in var_list]
+        shapes += own * (bool(self.use_ema) + bool(self.gradient_accumulation_steps))
+        layout = len(shapes) + 2
+        shapes += [(), (), (len(var_list),)]
+        shapes += [s for s in own for _ in range(2 if self.direction == "adam" else 1)]
+        shapes += [s for s, p in zip(own, paradigms) if p == "finetune"]
+        return shapes, layout
+
+    def _check_deferred_state(self, state: list[np.ndarray], var_list: list[Any], paradigms: list[str],
+                              numbering: list[tuple[int, int]], codes: np.ndarray) -> None:
+        shapes, position = self._layout_positions(var_list, paradigms)
+        paths = [variable_path(v) for v in var_list]
+        how = ("; load_weights() gave this DualOpt that state before it was built. To resume, build it with the "
+               "same model and settings; to start a new run from the loaded weights (anchors taken from them), "
+               "load the weights before compile()")
+        _check_layout([np.shape(a) for a in state], lambda i: state[i], shapes, position, codes, paths, paradigms,
+                      [l for l, _ in numbering], how)
+
+    def _restore_existing(self, state: list[np.ndarray]) -> None:
+        """Assign the deferred values of the variables that exist before build (iterations, learning_rate)."""
+        existing = self.variables
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            with tf.init_scope():  # eagerly, once: build may run while the train step is traced
+                for v, a in zip(existing, state):
+                    v.assign(a)
+            return
+        for v, a in zip(existing, state):
+            v.assign(a)
 
     def _slot(self, variable: Any, role: str, dtype: str, initializer: Any = "zeros") -> Any:
         if dtype == keras.backend.standardize_dtype(variable.dtype):
@@ -449,6 +531,16 @@ class DualOpt(keras.optimizers.Optimizer):
                       "paradigm 'none', e.g. DualOpt(paradigm={'bias': 'none'})")
 
     def _backend_update_step(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            # Embedding layers give tf.IndexedSlices. The rule is dense (every row's moments
+            # decay, every row is pulled), as for any other gradient, so densify once here, after
+            # Keras's clipping (which handles IndexedSlices) and before the non-finite check.
+            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+            if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context() is False:
+                self._distributed_update(grads, trainable_variables, learning_rate)
+                return
         if keras.backend.backend() == "torch":
             import torch
 
@@ -478,6 +570,45 @@ class DualOpt(keras.optimizers.Optimizer):
             self._advance_counters(ctx)
         finally:
             self._runtime.context = None
+
+    def _distributed_update(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
+        """The update under a ``tf.distribute`` strategy, called in a replica context.
+
+        Keras's TensorFlow optimizer all-reduces the gradients and then enters
+        ``merge_call`` to update every mirrored variable; ``merge_call`` must
+        not run inside a ``cond``, so the non-finite check cannot wrap the
+        whole update as it does without a strategy. The check is taken here on
+        the all-reduced gradients (a NaN on one replica reaches all of them),
+        and each variable's own update runs under that ``cond`` inside
+        ``extended.update``, where no replica synchronises.
+        """
+        import tensorflow as tf
+
+        variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+        pairs = self._all_reduce_sum_gradients(list(zip(grads, variables)))
+        finite = all_finite([g for g, _ in pairs], xp=KERAS_XP) if self.nonfinite == "skip" else None
+        ctx = _StepContext(self, learning_rate, finite)
+        self._runtime.context = ctx
+        try:
+            tf.__internal__.distribute.interim.maybe_merge_call(
+                self._distributed_apply, self._distribution_strategy, pairs, learning_rate,
+                ops.convert_to_tensor(True) if finite is None else finite)
+            self._advance_counters(ctx)
+        finally:
+            self._runtime.context = None
+
+    def _distributed_apply(self, distribution: Any, pairs: list[tuple[Any, Any]], learning_rate: Any,
+                           finite: Any) -> None:
+        check = self.nonfinite == "skip"
+
+        def apply(variable: Any, gradient: Any, lr: Any, ok: Any) -> None:
+            if check:
+                ops.cond(ok, lambda: self.update_step(gradient, variable, lr), lambda: None)
+            else:
+                self.update_step(gradient, variable, lr)
+
+        for gradient, variable in pairs:
+            distribution.extended.update(variable, apply, args=(gradient, learning_rate, finite), group=False)
 
     def _jax_cond_update(self, finite: Any, update: Callable[[], None], trainable_variables: list[Any]) -> None:
         """``update()`` under ``jax.lax.cond(finite, ...)``, written functionally.
@@ -509,7 +640,7 @@ class DualOpt(keras.optimizers.Optimizer):
             return [c if n is None else n for n, c in zip(new, current)]
 
         for variable, value in zip(touched, jax.lax.cond(finite, applied, lambda: current)):
-            variable.assign(value)
+            self.assign(variable, value)
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """One variable's step: :func:`decoupled_core.step_tensor` on ``keras.ops``."""
@@ -541,12 +672,29 @@ class DualOpt(keras.optimizers.Optimizer):
     # applies that first update comes later, so "first" is "no apply accepted yet"
     # (iterations - skipped == 0): else a skipped first batch would leave 0.9 * zeros in the average.
     def _backend_apply_gradients(self, grads: Any, trainable_variables: Any) -> None:
+        _refuse_duplicates(self, trainable_variables)
+        if self._pending_anchors:
+            self._take_pending_anchors()
         if self.use_ema and self.nonfinite == "skip":
             self._runtime.skips_before = ops.copy(ops.convert_to_tensor(self._skipped))
         try:
             super()._backend_apply_gradients(grads, trainable_variables)
         finally:
             self._runtime.skips_before = None
+
+    def _take_pending_anchors(self) -> None:
+        """Copy lazily created variables into their anchors while ``iterations == 0`` (build).
+
+        Before the first apply no update has touched a variable (an update
+        needs an apply; gradient accumulation and skipped calls change no
+        weight either), so the copy is the value the variable had at build.
+        Later calls keep the anchor: a select, run only for these anchors.
+        """
+        first = ops.equal(ops.convert_to_tensor(self.iterations), 0)
+        for i in self._pending_anchors:
+            anchor = self._facts[i].anchor
+            source = ops.cast(ops.convert_to_tensor(self._trainable_variables[i]), anchor.dtype)
+            self.assign(anchor, ops.where(first, source, ops.convert_to_tensor(anchor)))
 
     def _update_model_variables_moving_average(self, trainable_variables: Any) -> None:
         before = self._runtime.skips_before
@@ -578,27 +726,26 @@ class DualOpt(keras.optimizers.Optimizer):
         return {f.path: f.anchor for f in self._facts if f.anchor is not None}
 
     def load_own_variables(self, store: Any) -> None:
-        """Restore by position (module docstring), refusing a state of another layout."""
+        """Restore by position (module docstring), refusing a state of another layout.
+
+        Before build (``compile`` -> ``load_weights`` -> ``fit``, where Keras's
+        own optimizers drop the state with a warning), the state is kept and
+        build() restores it (step, moments, anchors, iterations), after
+        checking it against its layout.
+        """
+        count = len(store.keys())
         if not self.built:
-            return super().load_own_variables(store)
+            if count == len(self.variables):  # a state saved before build: iterations (and learning_rate)
+                return super().load_own_variables(store)
+            self._runtime.deferred_state = [np.array(store[str(i)]) for i in range(count)]
+            return
         variables = self.variables
-        if len(store.keys()) != len(variables):
-            raise invalid("optimizer state", f"<{len(store.keys())} variables>",
-                          f"the {len(variables)} variables of this DualOpt's layout (same model, paradigms, "
-                          "direction, use_ema and gradient_accumulation_steps)")
+        paths = [f.path for f in self._facts]
         position = next(i for i, v in enumerate(variables) if v is self._layout)
-        saved = np.asarray(store[str(position)])
-        ours = ops.convert_to_numpy(self._layout)
-        if saved.shape != ours.shape or not np.array_equal(saved, ours):
-            i = int(np.argmax(saved != ours)) if saved.shape == ours.shape else 0
-            f = self._facts[i]
-            raise invalid(f"optimizer state for {f.path!r}", _describe_code(saved.reshape(-1)[i]) if saved.size else
-                          "<empty>", f"{f.paradigm} layer {f.layer} as in this DualOpt")
-        for i, v in enumerate(variables):
-            shape = tuple(np.shape(store[str(i)]))
-            if shape != tuple(v.shape):
-                raise invalid(f"optimizer state entry {i} ({v.path})", f"<array of shape {shape}>",
-                              f"shape {tuple(v.shape)}")
+        _check_layout([np.shape(store[str(i)]) for i in range(count)], lambda i: np.asarray(store[str(i)]),
+                      [tuple(v.shape) for v in variables], position, ops.convert_to_numpy(self._layout), paths,
+                      [f.paradigm for f in self._facts], [f.layer for f in self._facts], "",
+                      names=[v.path for v in variables])
         super().load_own_variables(store)
 
     def get_config(self) -> dict[str, Any]:
@@ -630,6 +777,68 @@ class DualOpt(keras.optimizers.Optimizer):
         return super().from_config(config, custom_objects=custom_objects)
 
 
+@contextlib.contextmanager
+def _float64_learning_rate(schedule: bool) -> Iterator[None]:
+    """Make the base class create a float learning rate's variable in float64.
+
+    Keras's base class creates it in ``floatx()``: with the default float32, a
+    float64 model (``dtype="float64"`` layers) would step with eta rounded to
+    float32 (~1e-8 relative). The spec's eta is a float64 scalar; each
+    variable's step casts it once to its compute dtype, so a float32 model sees
+    the same bits. ``floatx`` is switched for the base class's ``__init__``
+    only: replacing the variable afterwards mutated Keras's variable list in
+    place, which ``tf.train.Checkpoint`` refuses to save. jax without
+    ``jax_enable_x64`` cannot hold float64 and keeps floatx.
+    """
+    previous = keras.config.floatx()
+    if schedule or previous == "float64":
+        yield
+        return
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            yield
+            return
+    keras.config.set_floatx("float64")
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(previous)
+
+
+def _refuse_duplicates(opt: "DualOpt", variables: Sequence[Any]) -> None:
+    """Refuse a variable listed twice: it would be stepped twice per call with one set of slots.
+
+    Keras's own optimizers (Adam, SGD in 3.15) accept it silently and do exactly that.
+    """
+    seen: dict[Any, int] = {}
+    for i, v in enumerate(variables):
+        j = seen.setdefault(opt._var_key(v), i)
+        if j != i:
+            raise invalid("var_list", f"<{len(variables)} variables>", f"each variable once; "
+                          f"{variable_path(v)!r} is at positions {j} and {i}")
+
+
+def _check_layout(saved_shapes: list[tuple], saved: Callable[[int], np.ndarray], shapes: list[tuple], position: int,
+                  codes: np.ndarray, paths: list[str], paradigms: list[str], layers: list[int], how: str,
+                  names: list[str] | None = None) -> None:
+    """Refuse a saved optimizer state whose count, layout entry or shapes differ from this DualOpt's."""
+    if len(saved_shapes) != len(shapes):
+        raise invalid("optimizer state", f"<{len(saved_shapes)} variables>",
+                      f"the {len(shapes)} variables of this DualOpt's layout (same model, paradigms, "
+                      f"direction, use_ema and gradient_accumulation_steps){how}")
+    layout = np.asarray(saved(position))
+    if layout.shape != codes.shape or not np.array_equal(layout, codes):
+        i = int(np.argmax(layout != codes)) if layout.shape == codes.shape else 0
+        raise invalid(f"optimizer state for {paths[i]!r}", _describe_code(layout.reshape(-1)[i]) if layout.size else
+                      "<empty>", f"{paradigms[i]} layer {layers[i]} as in this DualOpt{how}")
+    for i, (got, want) in enumerate(zip(saved_shapes, shapes)):
+        if tuple(got) != tuple(want):
+            entry = f"optimizer state entry {i}" + (f" ({names[i]})" if names else "")
+            raise invalid(entry, f"<array of shape {tuple(got)}>", f"shape {tuple(want)}{how}")
+
+
 def _describe_code(code: Any) -> str:
     code = int(code)
     names = {v: k for k, v in _PARADIGM_CODE.items()}
@@ -641,6 +850,19 @@ def _constant(values: np.ndarray) -> Callable[..., Any]:
         return ops.convert_to_tensor(values, dtype=dtype)
 
     return initializer
+
+
+def _initialized_in_this_trace(variable: Any) -> bool:
+    """True for a TensorFlow variable created in the ``tf.function`` being traced and not yet initialised."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    value = variable.value if isinstance(variable, keras.Variable) else variable
+    if not isinstance(value, tf.Variable) or tf.executing_eagerly():
+        return False
+    with tf.init_scope():
+        return not bool(value.is_initialized())
 
 
 def _copy_of(source: Any, dtype: str) -> Callable[..., Any]:

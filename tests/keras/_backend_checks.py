@@ -31,9 +31,17 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from typing import Any, Callable
 
 import numpy as np
+
+if os.environ.get("KERAS_BACKEND") == "tensorflow":
+    # Two logical CPU devices for the MirroredStrategy check (only possible before TensorFlow starts).
+    import tensorflow as tf
+
+    tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                               [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import keras  # noqa: E402  (backend chosen by KERAS_BACKEND)
 from keras import ops
@@ -373,6 +381,7 @@ def save_load_continue() -> dict[str, Any]:
                                                                                          opt_b.variables))
     return {"loaded_optimizer": loaded_type, "weights": diff(weights_of(loaded), weights_of(straight)),
             "optimizer_state_equal": state_equal, "n_optimizer_variables": len(opt_b.variables),
+            "optimizer_name": opt_b.name, "saved_optimizer_name": first.optimizer.name,
             "slot_names": [v.path for v in opt_b.variables]}
 
 
@@ -800,7 +809,7 @@ def float64_model_float32_floatx() -> dict[str, Any]:
                 small.learning_rate = 0.013 * (step + 1)
                 small.apply([rng.standard_normal(tuple(v.shape)).astype(np.float32) for v in vs], vs)
             bits.append((held, [np.array(ops.convert_to_numpy(v)) for v in vs + small.variables[2:]],
-                         [v.path for v in small.variables]))
+                         [v.path.removeprefix(f"{small.name}/") for v in small.variables]))
     finally:
         keras.config.set_floatx("float64")
     out.update({"float32_model_lr_dtypes": [b[0] for b in bits], "float32_model_slots": [b[2] for b in bits],
@@ -867,6 +876,20 @@ def errors() -> dict[str, Any]:
             out[key] = None
         except ValueError as e:
             out[key] = str(e)
+    model_variables = make_model(initial_weights()).trainable_variables
+    out["paradigm_typo"] = _message(lambda: DualOpt(paradigm={"haed": "scratch"}, default_paradigm="finetune")
+                                    .build(model_variables))
+    out["layer_index_typo"] = _message(lambda: DualOpt(layer_index={"a": 0, "b": 1, "bb": 2}).build(vs))
+    for key, value in (("schedule_negative", -0.01), ("schedule_nan", float("nan"))):
+        schedule = keras.optimizers.schedules.PiecewiseConstantDecay([5], [value, 0.01])
+        out[key] = _message(lambda: DualOpt(learning_rate=schedule))
+    out["callable_lr_negative"] = _message(lambda: DualOpt(learning_rate=lambda: -0.5))
+    out["duplicate_build"] = _message(lambda: DualOpt().build([vs[0], vs[1], vs[0]]))
+    twice = DualOpt(learning_rate=0.1)
+    twice.build(vs)
+    before = np.array(ops.convert_to_numpy(vs[0]))
+    out["duplicate_apply"] = _message(lambda: twice.apply([np.ones((2, 2)), np.ones((2, 2))], [vs[0], vs[0]]))
+    out["duplicate_apply_left_variable"] = bool(np.array_equal(ops.convert_to_numpy(vs[0]), before))
     try:
         DualOpt().exclude_from_weight_decay(var_names=["bias"])
         out["exclude_from_weight_decay"] = None
@@ -883,6 +906,217 @@ def errors() -> dict[str, Any]:
         out["load_other_layout"] = None
     except ValueError as e:
         out["load_other_layout"] = str(e)
+    return out
+
+
+def _message(fn: Callable[[], Any]) -> str | None:
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@check
+def sparse_gradients() -> dict[str, Any]:
+    """tf.IndexedSlices (Embedding layers on TensorFlow), alone and after each of Keras's clippings.
+
+    Three applies of IndexedSlices (with a repeated row) must give the same
+    bits as the same gradients densified (the rule is dense), for adam and
+    sgd. On every backend a model with an Embedding layer fits.
+    """
+    out: dict[str, Any] = {}
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        rng = np.random.default_rng(40)
+        table = rng.standard_normal((6, 3))
+        grads = [tf.IndexedSlices(tf.constant(rng.standard_normal((3, 3))), tf.constant([4, 1, 4]),
+                                  tf.constant([6, 3])) for _ in range(3)]
+        for direction in ("adam", "sgd"):
+            for clip in ({}, {"clipnorm": 0.5}, {"global_clipnorm": 0.5}, {"clipvalue": 0.2}):
+                # Keras clips IndexedSlices by their rows (a repeated row counts twice in the norm), so
+                # the dense run gets the gradients Keras's clipping gave, densified, and no clipping.
+                clipped = [tf.convert_to_tensor(dualopt(**clip)._clip_gradients([g])[0]) for g in grads]
+                got = []
+                for dense in (False, True):
+                    w = keras.Variable(table.copy(), name="table")
+                    opt = dualopt(learning_rate=0.1, direction=direction, paradigm="finetune", rollback_max=2.0,
+                                  **({} if dense else clip))
+                    for g, c in zip(grads, clipped):
+                        opt.apply([c if dense else g], [w])
+                    got.append(np.array(ops.convert_to_numpy(w)))
+                key = f"{direction}{''.join(f'.{k}' for k in clip)}"
+                out[key] = {"bitwise": bool(np.array_equal(*got)), "moved": float(np.max(np.abs(got[0] - table)))}
+    rng = np.random.default_rng(41)
+    model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(10, 4, name="emb"),
+                              keras.layers.Flatten(), keras.layers.Dense(1, name="head")])
+    opt = dualopt(learning_rate=0.01, paradigm={"head": "scratch"}, default_paradigm="finetune", clipnorm=1.0)
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(rng.integers(0, 10, (16, 3)), rng.standard_normal((16, 1)), batch_size=8, epochs=2, verbose=0)
+    out["embedding_fit"] = {"step_count": int(ops.convert_to_numpy(opt.step_count)),
+                            "finite": bool(all(np.isfinite(w).all() for w in weights_of(model)))}
+    return out
+
+
+@check
+def lazy_model_anchors() -> dict[str, Any]:
+    """A model built lazily (no keras.Input) in every compile mode: anchors are its initial weights.
+
+    On TensorFlow its variables are created while the train step is traced,
+    with no value yet when the optimizer is built. One Dense layer with the
+    exact-gradient loss: the weights must match the core replaying the same
+    gradients from the same anchors.
+    """
+    w0 = initial_weights(42)
+    init = {"kernel": w0["backbone_0/kernel"], "bias": w0["backbone_0/bias"]}
+    xs, t = data(43)
+    epochs = 2
+    grads = [g[:2] for g in exact_grads(xs, t, epochs)]
+    hp = HyperParams(paradigm="finetune", rollback_max=20.0)
+    ref = ReferenceOptimizer([init["kernel"].copy(), init["bias"].copy()], [hp, hp], base_lr=LR, xp=np)
+    for g in grads:
+        ref.step(g, LR)
+    variants = {"default": {}, "no_jit": {"jit_compile": False}, "eager": {"run_eagerly": True}}
+    if BACKEND != "torch":
+        variants["xla"] = {"jit_compile": True}
+    out = {}
+    for key, kw in variants.items():
+        layer = keras.layers.Dense(OUT, name="lazy", kernel_initializer=keras.initializers.Constant(init["kernel"]),
+                                   bias_initializer=keras.initializers.Constant(init["bias"]))
+        model = keras.Sequential([layer])
+        opt = dualopt(learning_rate=LR, paradigm="finetune", rollback_max=20.0)
+        model.compile(optimizer=opt, loss=linear_loss, **kw)
+        model.fit(xs[0], t, batch_size=B, epochs=epochs, shuffle=False, verbose=0)
+        anchors = [np.array(ops.convert_to_numpy(a)) for a in opt.anchors().values()]
+        out[key] = {"anchor_shapes": [list(a.shape) for a in anchors],
+                    "anchors_equal_initial": len(anchors) == 2 and all(
+                        np.array_equal(a, b) for a, b in zip(anchors, (init["kernel"], init["bias"]))),
+                    "step_count": int(ops.convert_to_numpy(opt.step_count)),
+                    "weights": diff(weights_of(model), ref.params)}
+    return out
+
+
+@check
+def mirrored_strategy() -> dict[str, Any]:
+    """tf.distribute.MirroredStrategy over two logical CPUs, default nonfinite="skip", a NaN on one replica.
+
+    The batch of 8 is split 4 + 4; the NaN row is in the first replica's
+    half of batch 1 of every epoch. The all-reduced gradients are exact (sums
+    of small integers over powers of two), so the weights must match the core
+    skipping those batches.
+    """
+    if BACKEND != "tensorflow":
+        return {"not_applicable": "tf.distribute is TensorFlow's"}
+    import tensorflow as tf
+
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    w0 = initial_weights(44)
+    xs, t = data(45, nan_batch=1)
+    epochs = 2
+    strategy = tf.distribute.MirroredStrategy(devices)
+    with strategy.scope():
+        model = make_model(w0)
+        opt = dualopt(learning_rate=LR, paradigm={"head": "scratch"}, default_paradigm="finetune",
+                      rollback_max=4.0, weight_decay=0.5)
+        model.compile(optimizer=opt, loss=linear_loss)
+    model.fit(xs, t, batch_size=B, epochs=epochs, shuffle=False, verbose=0)
+    grads = exact_grads(xs, t, epochs)
+    ref, traj = reference(w0, mixed_hps(weight_decay=0.5, rollback_max=4.0), grads, [LR] * len(grads))
+    return {"replicas": strategy.num_replicas_in_sync, "weights": diff(weights_of(model), traj[-1]),
+            "skipped": int(ops.convert_to_numpy(opt.skipped)), "expected_skipped": ref.skipped,
+            "step_count": int(ops.convert_to_numpy(opt.step_count)), "iterations": int(ops.convert_to_numpy(
+                opt.iterations))}
+
+
+@check
+def tf_checkpoint() -> dict[str, Any]:
+    """tf.train.Checkpoint save and restore of the optimizer (float learning rate, float32 session)."""
+    if BACKEND != "tensorflow":
+        return {"not_applicable": "tf.train.Checkpoint is TensorFlow's"}
+    import tensorflow as tf
+
+    out = {}
+    keras.config.set_floatx("float32")
+    try:
+        for key, lr in (("float", 0.01), ("schedule", keras.optimizers.schedules.ExponentialDecay(0.01, 10, 0.9))):
+            rng = np.random.default_rng(46)
+            w = keras.Variable(rng.standard_normal(3).astype("float32"), name="w")
+            opt = dualopt(learning_rate=lr, paradigm="finetune")
+            for _ in range(3):
+                opt.apply([rng.standard_normal(3).astype("float32")], [w])
+            with tempfile.TemporaryDirectory() as tmp:
+                path = tf.train.Checkpoint(optimizer=opt).save(os.path.join(tmp, "ckpt"))
+                again = dualopt(learning_rate=lr, paradigm="finetune")
+                again.build([w])
+                tf.train.Checkpoint(optimizer=again).restore(path).assert_consumed()
+            out[key] = {"n_variables": len(opt.variables), "restored_equal": len(opt.variables) == len(
+                again.variables) and all(np.array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+                                        for a, b in zip(opt.variables, again.variables)),
+                        "step_count": int(ops.convert_to_numpy(again.step_count))}
+    finally:
+        keras.config.set_floatx("float64")
+    return out
+
+
+@check
+def optimizer_names() -> dict[str, Any]:
+    """Default names are Keras's automatic unique names, as for Keras's own optimizers."""
+    from dualopt.keras import DualOpt
+
+    a, b = DualOpt(), DualOpt()
+    named = DualOpt(name="backbone_opt")
+    adam = keras.optimizers.Adam()
+    return {"default_names": [a.name, b.name], "given": named.name,
+            "from_config": DualOpt.from_config(a.get_config()).name, "keras_adam": adam.name}
+
+
+@check
+def load_weights_resume() -> dict[str, Any]:
+    """compile -> load_weights -> fit (Keras's standard resume) == the uninterrupted run, bit for bit.
+
+    The weights file was saved after 2 of 4 epochs; the new optimizer is not
+    built when the file is loaded. Also: a file holding Keras Adam's state is
+    refused when the optimizer is built, with a message saying what to do.
+    """
+    w0 = initial_weights(47)
+    xs, t = data(48)
+
+    def make_opt() -> Any:
+        return dualopt(learning_rate=LR, paradigm={"head": "scratch"}, default_paradigm="finetune",
+                       rollback_max=4.0, weight_decay=0.5)
+
+    straight = make_model(w0)
+    fit(straight, make_opt(), xs, t, 4)
+    first = make_model(w0)
+    fit(first, make_opt(), xs, t, 2)
+    adam_model = make_model(w0)
+    adam_model.compile(optimizer=keras.optimizers.Adam(LR), loss=linear_loss)
+    adam_model.fit(xs, t, batch_size=B, epochs=1, shuffle=False, verbose=0)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.weights.h5")
+        first.save_weights(path)
+        resumed = make_model(initial_weights(49))  # other weights: load_weights must replace them
+        resumed.compile(optimizer=make_opt(), loss=linear_loss)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resumed.load_weights(path)
+        out["warnings"] = [str(w.message) for w in caught]
+        out["built_after_load"] = bool(resumed.optimizer.built)
+        resumed.fit(xs, t, batch_size=B, epochs=2, shuffle=False, verbose=0)
+        adam_path = os.path.join(tmp, "adam.weights.h5")
+        adam_model.save_weights(adam_path)
+        other = make_model(w0)
+        other.compile(optimizer=make_opt(), loss=linear_loss)
+        other.load_weights(adam_path)
+        out["adam_state"] = _message(lambda: other.fit(xs, t, batch_size=B, epochs=1, shuffle=False, verbose=0))
+    opt_a, opt_b = straight.optimizer, resumed.optimizer
+    out["weights"] = diff(weights_of(resumed), weights_of(straight))
+    out["optimizer_state_equal"] = len(opt_a.variables) == len(opt_b.variables) and all(
+        np.array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b)) for a, b in zip(opt_a.variables,
+                                                                                         opt_b.variables))
+    out["step_count"] = int(ops.convert_to_numpy(opt_b.step_count))
     return out
 
 

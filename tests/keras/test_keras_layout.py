@@ -69,3 +69,17 @@ def test_layer_key_errors():
         check_layer_index_spec("block")
     with pytest.raises(HyperparameterError, match=r"layer_index\('sequential/backbone/conv/kernel'\)=True"):
         resolve_layer_keys(lambda v: True, SEQ)
+
+
+def test_a_mapping_key_matching_no_variable_is_refused_with_close_matches():
+    # Issue 19 R12: {"haed": "scratch"} was ignored, so the head got default_paradigm.
+    with pytest.raises(HyperparameterError, match=r"paradigm key 'haed' matches no variable: did you mean 'head'\? "
+                                                  r".*'sequential/head/kernel'"):
+        resolve_paradigms({"haed": "scratch"}, "finetune", SEQ)
+    with pytest.raises(HyperparameterError, match=r"paradigm key 'xyz' matches no variable: Keys match"):
+        resolve_paradigms({"head": "scratch", "xyz": "none"}, "finetune", SEQ)
+    with pytest.raises(HyperparameterError, match=r"layer_index key 'conv/kernal' matches no variable: did you mean "
+                                                  r"'conv/kernel'"):
+        resolve_layer_keys({"backbone": 0, "head": 1, "conv/kernal": 2}, SEQ)
+    # Keys that match are fine, however many variables each matches.
+    assert resolve_layer_keys({"backbone": 0, "head": 1}, SEQ) == [0, 0, 1, 1]

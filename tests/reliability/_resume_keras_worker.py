@@ -121,7 +121,8 @@ def snapshot(m: Any) -> dict[str, np.ndarray]:
     """Model weights and every optimizer variable (iterations, step, skipped, layout, moments, anchors)."""
     out = {f"weight/{v.path}": np.array(ops.convert_to_numpy(v)) for v in m.weights}
     for i, v in enumerate(m.optimizer.variables):
-        out[f"optimizer/{i}/{v.path}"] = np.array(ops.convert_to_numpy(v))
+        # Relative to the optimizer's name: each DualOpt gets Keras's automatic unique name.
+        out[f"optimizer/{i}/{v.path.removeprefix(m.optimizer.name + '/')}"] = np.array(ops.convert_to_numpy(v))
     return out
 
 
@@ -268,17 +269,24 @@ def refused_states() -> dict[str, Any]:
     out["BackupAndRestore other paradigms"] = {
         "message": _message(lambda: fit(model("mixed", "adam"), EPOCHS,
                                         callbacks=[keras.callbacks.BackupAndRestore(backup)]))}
-    # load_weights before the optimizer is built: Keras skips the optimizer state with a warning.
+    # load_weights before the optimizer is built (compile -> load_weights -> fit): DualOpt keeps the
+    # state and restores it when it is built; one of another layout is refused then.
     src = model("mixed", "adam")
-    src.optimizer.build(src.trainable_variables)
+    train_batches(src, 0, 3)
     path = os.path.join(d, "unbuilt.weights.h5")
     src.save_weights(path)
     target = model("mixed", "adam")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         target.load_weights(path)
-    out["load_weights before build"] = {"warnings": [str(w.message) for w in caught],
-                                        "optimizer_built": bool(target.optimizer.built)}
+    built = bool(target.optimizer.built)
+    target.optimizer.build(target.trainable_variables)
+    out["load_weights before build"] = {"warnings": [str(w.message) for w in caught], "optimizer_built": built,
+                                        "differing": differences(snapshot(target), snapshot(src))}
+    other = model("mixed", "sgd")
+    other.load_weights(path)
+    out["load_weights before build, other direction"] = {
+        "message": _message(lambda: other.optimizer.build(other.trainable_variables))}
     return out
 
 
