@@ -144,7 +144,8 @@ def check_state(state: Any, params: Any, configs: Sequence[LeafConfig]) -> list[
     finetune = {path_str(c.path): (c, p) for c, p in zip(configs, leaves) if c.hp.paradigm == "finetune"}
     if isinstance(state.anchor, AnchorsStandIn) and not finetune:
         return [None] * len(configs)
-    if not isinstance(state.anchor, dict):
+    bare = len(configs) == 1 and configs[0].path == () and hasattr(state.anchor, "shape")  # see anchor_tree
+    if not isinstance(state.anchor, dict) and not bare:
         raise invalid("state.anchor", f"<{type(state.anchor).__name__}>",
                       "a dict of the finetune anchors (a DualOptState from this version's init)")
     by_path = anchors_by_path(state.anchor)
@@ -170,8 +171,10 @@ def _check_leaf(name: str, x: Any, p: Any, want: tuple, why: str, hp: Any) -> No
                       "state saved for another model or with other settings?)")
 
 
-def anchor_tree(anchors: Sequence[tuple[Any, Any]]) -> dict[str, Any]:
+def anchor_tree(anchors: Sequence[tuple[Any, Any]]) -> Any:
     """``[(path, x), ...]`` -> nested dicts keyed by each path entry as a string: ``DualOptState.anchor``.
+
+    Params that are one bare array (path ``()``) get that array itself, not a dict.
 
     Examples
     --------
@@ -180,6 +183,8 @@ def anchor_tree(anchors: Sequence[tuple[Any, Any]]) -> dict[str, Any]:
     """
     tree: dict[str, Any] = {}
     for path, value in anchors:
+        if not path:  # the params are one bare array: its anchor is that array, keyed by the empty path
+            return value
         node = tree
         for part in path[:-1]:
             node = node.setdefault(str(part), {})
