@@ -470,28 +470,36 @@ def test_state_dict_pre_and_post_hooks() -> None:
 
 
 def test_load_state_dict_pre_and_post_hooks() -> None:
-    """A pre-hook's changes reach the loaded state; a post-hook sees DualOpt's finished load."""
+    """A pre-hook's changes (groups and state) are what is loaded; a post-hook sees DualOpt's finished load."""
     params = model_params()
+    params[1] = torch.nn.Parameter(params[1].detach().to(torch.bfloat16))
     opt = DualOpt(params, lr=0.01)
-    train(opt, params, 2)
+    opt.zero_grad()
+    loss_fn([params[0], params[1].double()]).backward()
+    opt.step()
     sd = opt.state_dict()
     fresh = DualOpt(clone(params), lr=0.01)
-    seen = {}
+    seen: dict[str, Any] = {}
 
     def pre(o: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
         state_dict = copy.deepcopy(state_dict)
         state_dict["param_groups"][0]["lr"] = 0.005
+        for st in state_dict["state"].values():
+            st["exp_avg"] = st["exp_avg"] * 2
         return state_dict
 
     def post(o: Any) -> None:
         seen["lr"] = o.param_groups[0]["lr"]
-        seen["state"] = len(o.state)
+        seen["dtypes"] = [o.state[p]["exp_avg"].dtype for p in o.param_groups[0]["params"]]
 
     fresh.register_load_state_dict_pre_hook(pre)
     fresh.register_load_state_dict_post_hook(post)
     fresh.load_state_dict(sd)
     assert fresh.param_groups[0]["lr"] == 0.005
-    assert seen == {"lr": 0.005, "state": 2}
+    for p, q in zip(params, fresh.param_groups[0]["params"]):
+        torch.testing.assert_close(fresh.state[q]["exp_avg"], 2 * opt.state[p]["exp_avg"], rtol=0, atol=0)
+    # DualOpt keeps float32 moments for a bf16 param; the post-hook runs after that is restored.
+    assert seen == {"lr": 0.005, "dtypes": [torch.float64, torch.float32]}
 
 
 # ------------------------------------------------------------------------------- torch's own database
