@@ -26,7 +26,8 @@ import pytest
 
 HERE = Path(__file__).parent
 #: Cases that must pass for every direction and paradigm.
-GENERIC = ("alias_test::test_optimizers_accept_extra_args", "alias_test::test_optimizers_can_be_wrapped_in_inject_hyperparams",
+GENERIC = ("alias_test::test_optimizers_accept_extra_args",
+           "alias_test::test_optimizers_can_be_wrapped_in_inject_hyperparams",
            "alias_test::test_preserve_dtype", "alias_test::test_gradient_accumulation",
            "alias_test::test_state_shape_dtype_shard_stability", "float64_test::test_mixed_dtype_input_outputs",
            "sharding_test::test_state_sharding_type_init_match_update",
