@@ -19,6 +19,7 @@ A per-leaf setting (``paradigm``, ``weight_decay``, ``layer_index``...) may be
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Hashable, Sequence
 
 import jax
@@ -67,8 +68,15 @@ def leaf_paths(tree: Any) -> list[Path]:
     >>> leaf_paths({"b": [np.zeros(1)], "a": {"kernel": np.zeros(1)}})
     [('a', 'kernel'), ('b', 0)]
     """
-    with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
+    with_path, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)
     return [tuple(_plain_key(e) for e in path) for path, _ in with_path]
+
+
+def _is_variable(x: Any) -> bool:
+    # nnx.Optimizer calls init with nnx.Variable leaves and update with their plain arrays; a Variable's
+    # own key ("value") must not become part of the path, or the anchors saved at init match nothing later.
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(x, nnx.Variable)
 
 
 def path_str(path: Path, sep: str = "/") -> str:
