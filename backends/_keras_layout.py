@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from decoupled_core import PARADIGMS, HyperparameterError, accepted, check_layer_count, check_layer_key, invalid
 
-__all__ = ["variable_path", "matching_key", "resolve_paradigms", "resolve_layer_keys", "check_paradigm_spec",
+__all__ = ["check_saved_counts", "variable_path", "matching_key", "resolve_paradigms", "resolve_layer_keys", "check_paradigm_spec",
            "check_layer_index_spec", "check_keys_match", "LAYER_PER_KERAS_LAYER", "PARADIGM_ALSO_ACCEPTED"]
 
 #: ``layer_index="layer"``: variables of one Keras layer share a key.
@@ -226,3 +226,28 @@ def resolve_layer_keys(layer_index: Any, variables: Sequence[Any]) -> list[int] 
         check_layer_count("layer_index", len(layer_index), len(variables))
         return [int(k) for k in layer_index]
     return [_check_key(f"layer_index({p!r})", layer_index(v)) for v, p in zip(variables, paths)]
+
+
+def check_saved_counts(entries: Sequence[Any], names: Sequence[str], positions: Sequence[int] | None = None) -> None:
+    """Refuse a saved optimizer state whose integer counters (iterations, step, skipped) are negative.
+
+    A negative step count makes the next bias correction ``1 - beta**t`` exceed 1
+    or change sign, and every weight becomes NaN/Inf on the next finite step
+    (torch and optax refuse it too). ``entries`` are saved arrays, ``names`` the
+    variables they restore and ``positions`` their entry numbers in the file
+    (default: 0, 1, ...).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_saved_counts([np.int64(3), np.zeros(2)], ["iteration", "m"])
+    >>> check_saved_counts([np.int64(-1)], ["dual_opt/step"])
+    Traceback (most recent call last):
+    ...
+    decoupled_core.hyperparams.HyperparameterError: optimizer state entry 0 (dual_opt/step)=-1 is invalid: expected a non-negative count (the file is corrupt or was edited).
+    """
+    for i, entry, name in zip(positions if positions is not None else range(len(entries)), entries, names):
+        kind = getattr(getattr(entry, "dtype", None), "kind", "")
+        if getattr(entry, "ndim", None) == 0 and kind in "iu" and kind and int(entry) < 0:
+            raise invalid(f"optimizer state entry {i} ({name})", int(entry),
+                          "a non-negative count (the file is corrupt or was edited)")

@@ -169,8 +169,8 @@ from keras import ops
 from decoupled_core import (AdamState, HyperParams, SGDState, accepted, all_finite, check_anchor, compute_dtype,
                             invalid, number_layers, pull_rate, resolve_rollback_max, step_tensor, validate)
 
-from ._keras_layout import (PARADIGM_ALSO_ACCEPTED, check_layer_index_spec, check_paradigm_spec, resolve_layer_keys,
-                            resolve_paradigms, variable_path)
+from ._keras_layout import (PARADIGM_ALSO_ACCEPTED, check_layer_index_spec, check_paradigm_spec, check_saved_counts,
+                            resolve_layer_keys, resolve_paradigms, variable_path)
 from ._keras_xp import KERAS_XP
 
 __all__ = ["DualOpt"]
@@ -837,6 +837,9 @@ def _check_layout(saved_shapes: list[tuple], saved: Callable[[int], np.ndarray],
         if tuple(got) != tuple(want):
             entry = f"optimizer state entry {i}" + (f" ({names[i]})" if names else "")
             raise invalid(entry, f"<array of shape {tuple(got)}>", f"shape {tuple(want)}{how}")
+    scalars = [i for i, got in enumerate(saved_shapes) if tuple(got) == ()]  # the counters
+    check_saved_counts([np.asarray(saved(i)) for i in scalars], [names[i] if names else str(i) for i in scalars],
+                       positions=scalars)
 
 
 def _describe_code(code: Any) -> str:

@@ -83,3 +83,49 @@ def test_a_mapping_key_matching_no_variable_is_refused_with_close_matches():
         resolve_layer_keys({"backbone": 0, "head": 1, "conv/kernal": 2}, SEQ)
     # Keys that match are fine, however many variables each matches.
     assert resolve_layer_keys({"backbone": 0, "head": 1}, SEQ) == [0, 0, 1, 1]
+
+
+_NEGATIVE_STEP = r"""
+import os, sys, zipfile, h5py, numpy as np
+os.environ["KERAS_BACKEND"] = "jax"
+import keras
+import dualopt.keras
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+model.compile(optimizer=dualopt.keras.DualOpt(1e-2, default_paradigm="finetune"), loss="mse")
+x, y = np.ones((4, 3)), np.zeros((4, 2))
+model.fit(x, y, epochs=1, verbose=0)
+model.save("ok.keras")
+with zipfile.ZipFile("ok.keras") as src, zipfile.ZipFile("bad.keras", "w") as dst:
+    for item in src.infolist():
+        data = src.read(item.filename)
+        if item.filename == "model.weights.h5":
+            with open("w.h5", "wb") as f:
+                f.write(data)
+            with h5py.File("w.h5", "r+") as f:
+                group = f["optimizer/vars"]
+                for k in group:
+                    if group[k].shape == () and group[k][()] == 1:  # iterations and DualOpt's step
+                        group[k][()] = -5
+            data = open("w.h5", "rb").read()
+        dst.writestr(item, data)
+keras.models.load_model("ok.keras")  # the untouched file loads
+try:
+    keras.models.load_model("bad.keras")
+except ValueError as exc:  # Keras wraps the optimizer's HyperparameterError in its own ValueError
+    print("REFUSED", exc)
+    sys.exit(0)
+print("LOADED")
+sys.exit(1)
+"""
+
+
+def test_a_negative_count_in_a_keras_file_is_refused(tmp_path):
+    """Issue 19 R7: a .keras file whose step count was made negative loaded, and the next step gave NaN/Inf."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _NEGATIVE_STEP], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "is invalid: expected a non-negative count" in proc.stdout
