@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             env["KERAS_BACKEND"] = fw.removeprefix("keras-")
         t0 = time.perf_counter()
         argv_w = [sys.executable, HERE, "--worker", fw, "--repeats", str(repeats), *(["--tiny"] if args.tiny else [])]
-        proc = subprocess.run(argv_w, env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(HERE)))
+        proc = subprocess.run(argv_w, env=env, capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.dirname(HERE)))
         if proc.returncode != 0:
             print(f"\n{fw}: worker failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
             failed += 1

@@ -29,9 +29,10 @@ SCRIPT = textwrap.dedent('''
     keras.config.set_floatx("float32")
 
     def model():
-        return keras.Sequential([keras.Input((64,)), keras.layers.Dense(64, name="a"), keras.layers.Dense(64, name="b")])
+        return keras.Sequential([keras.Input((64,)), keras.layers.Dense(64, name="a"),
+                                 keras.layers.Dense(64, name="b")])
 
-    def jitted(opt, variables):
+    def jitted(opt):
         def step(ov, g, tv):
             new_tv, new_ov = opt.stateless_apply(ov, g, tv)
             return new_ov, new_tv
@@ -45,7 +46,7 @@ SCRIPT = textwrap.dedent('''
         opt.build(tv)
         ov = [v.value for v in opt.variables]
         grads = [jnp.asarray(g) for g in grads_np]
-        fn = jitted(opt, tv)
+        fn = jitted(opt)
         new_ov, new_tv = fn(ov, grads, [v.value for v in tv])
         for v, x in zip(opt.variables, new_ov):
             v.assign(x)
