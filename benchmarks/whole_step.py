@@ -162,7 +162,7 @@ def flax_steps(cfg: dict[str, int]) -> tuple[dict[str, Step], int]:
                 h = getattr(self, f"block_{i}")(h)
             return self.head(self.norm(h).mean(axis=1))
 
-    graphdef, params, rest = nnx.split(Encoder(nnx.Rngs(0)), nnx.Param, ...)
+    graphdef, params, rest = nnx.split(Encoder(nnx.Rngs(0)), nnx.Param, ...)  # type: ignore[misc]
     x_np, y_np = batch(cfg)
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
 
