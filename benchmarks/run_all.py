@@ -10,6 +10,8 @@ Parts, in order (``--only`` picks some):
 
 - ``floor``: ``floor_memory.py`` (step cost vs hand-written OLOR, bandwidth floor, state memory)
 - ``torch``, ``optax``, ``keras``: the per-adapter ``step_cost_<fw>.py`` scripts, when present
+- ``whole``: ``whole_step.py`` (a whole training step of a 22 M-parameter encoder, default mode vs AdamW,
+  in torch, Flax/optax and Keras on jax)
 - ``finetune``: ``quality/finetune.py`` (fine-tuning and forgetting)
 - ``scratch``: ``quality/scratch.py`` (from-scratch weight-decay sweep)
 
@@ -36,7 +38,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("floor", "torch", "optax", "keras", "finetune", "scratch")
+PARTS = ("floor", "torch", "optax", "keras", "whole", "finetune", "scratch")
 
 
 def command(part: str, tiny: bool, out: Path) -> list[str] | None:
@@ -44,6 +46,8 @@ def command(part: str, tiny: bool, out: Path) -> list[str] | None:
     t = ["--tiny"] if tiny else []
     if part == "floor":
         return [sys.executable, str(HERE / "floor_memory.py"), *t, "--out", str(out / "floor_memory.json")]
+    if part == "whole":
+        return [sys.executable, str(HERE / "whole_step.py"), *t]
     if part in ("finetune", "scratch"):
         return [sys.executable, str(HERE / "quality" / f"{part}.py"), *t, "--out", str(out / "quality")]
     script = HERE / f"step_cost_{part}.py"

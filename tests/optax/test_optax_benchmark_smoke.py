@@ -42,3 +42,6 @@ def test_tiny_run_prints_every_row():
                 assert float(cols[7]) == want, (variant, cols[7])
         if variant.startswith("dualopt"):
             assert cols[10].startswith("<=")
+            # issue 21's contract: skip priced against the guarded route, propagate against optax.adamw
+            ref = "apply_if_finite(adamw))" if variant.endswith("skip") else "optax.adamw)"
+            assert cols[-1] == ref and cols[-4] == "cpu", cols
