@@ -808,11 +808,11 @@ def _float64_learning_rate(schedule: bool) -> Iterator[None]:
 
 
 def _all_finite(grads: Sequence[Any]) -> Any:
-    """The core's ``all_finite``; inside a jitted jax step, the optax adapter's exact check instead.
+    """The core's ``all_finite``; inside a jitted jax step, the jax adapters' exact check instead.
 
     XLA:CPU compiles ``all(isfinite(g))`` into a pass that writes a boolean
     array the size of ``g`` and a window reduction over it: 6.4 ms on
-    8x1024^2 against 2.0 ms for the optax adapter's ``sum(g)`` check (exact,
+    8x1024^2 against 2.0 ms for the jax adapters' ``sum(g)`` check (exact,
     with the one-pass fallback when a sum is not finite), and that difference
     was most of Keras-on-jax's ``nonfinite="skip"`` overhead over AdamW
     (benchmarks/README.md, "Keras on jax").
@@ -822,7 +822,7 @@ def _all_finite(grads: Sequence[Any]) -> Any:
 
         present = [g for g in grads if g is not None]
         if present and any(isinstance(g, jax.core.Tracer) for g in present):
-            from ._optax_step import all_finite as traced_all_finite
+            from ._jax_checks import all_finite as traced_all_finite
 
             return traced_all_finite(present)
     return all_finite(grads, xp=KERAS_XP)

@@ -95,7 +95,7 @@ def test_all_finite_is_the_cores(jit, variant):
     import jax
     import jax.numpy as jnp
 
-    import dualopt._optax_step as step
+    import dualopt._jax_checks as step
 
     fn = getattr(step, variant)
     fn = jax.jit(fn) if jit else fn
