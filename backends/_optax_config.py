@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import jax
 
 from decoupled_core import (HyperParams, accepted, check_layer_count, check_layer_key, invalid, number_layers, pull_rate,
-                            resolve_rollback_max, validate)
+                            resolve_rollback_max, validate,
+                            warn_finetune_weight_decay)
 
 from ._optax_tree import Path, layer_keys, module_order_of, leaf_paths, path_str, per_leaf
 
@@ -155,10 +156,23 @@ def resolve_leaves(settings: Settings, params: Any, warn: bool = False) -> tuple
                 raise type(e)(f"{e} (parameter {path_str(path)!r})") from None
             raise
         hps.append(hp)
+    if warn:
+        _warn_zero_decay(hps, _is_single(settings.hyper["weight_decay"]))
     keys = _checked_layer_keys(settings.layer_index, params, paths, [hp.paradigm for hp in hps], warn)
     layout = number_layers([hp.paradigm for hp in hps], keys)
     leaves = [LeafConfig(hp, pull_rate(hp.paradigm, l, L, hp), path) for hp, (l, L), path in zip(hps, layout, paths)]
     return leaves, paths
+
+
+def _warn_zero_decay(hps: Sequence[HyperParams], single: bool) -> None:
+    """The shared warning when weight_decay=0 reaches finetune leaves in the belief that it turns their pull off.
+
+    A per-leaf setting of 0 on a finetune leaf always warns; a single 0 only
+    when no leaf is scratch (else it is the scratch leaves' lambda).
+    """
+    zero = [hp for hp in hps if hp.paradigm == "finetune" and concrete_float(hp.weight_decay) == 0.0]
+    if zero and (not single or not any(hp.paradigm == "scratch" for hp in hps)):
+        warn_finetune_weight_decay(where="finetune leaves", stacklevel=5)
 
 
 def _checked_layer_keys(layer_index: Any, params: Any, paths: Sequence[Path], paradigms: Sequence[str],
