@@ -372,13 +372,13 @@ def _settings_of(tx: Any) -> Settings:
 
 
 def _collect_settings(fn: Any, found: list, seen: set, depth: int) -> None:
+    settings = getattr(fn, "_dualopt_settings", None)
+    if settings is not None:  # counted at every occurrence: a chain holding one transform twice has two
+        found.append(settings)
+        return
     if fn is None or id(fn) in seen or depth > 8:
         return
     seen.add(id(fn))
-    settings = getattr(fn, "_dualopt_settings", None)
-    if settings is not None:
-        found.append(settings)
-        return
     if hasattr(fn, "init") and callable(getattr(fn, "init")):  # a GradientTransformation in a closure
         _collect_settings(fn.init, found, seen, depth + 1)
         return

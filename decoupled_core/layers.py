@@ -214,8 +214,8 @@ def canonical_order(paths: Sequence[tuple], module_order: Sequence[tuple] | None
     offset. A tree of named arrays does not record definition order; it is read
     from the names: sibling modules are ordered by the number their name
     carries (``layers_2`` before ``layers_10``; a list position is its number).
-    That is the definition order only when the numbers are distinct among the
-    siblings, so any other set of siblings (``encoder`` next to ``head``, or
+    That is the definition order only when the siblings share one name and
+    differ in their numbers, so any other set of siblings (``encoder`` next to ``head``, or
     Flax's per-type counters ``Conv_0`` next to ``BatchNorm_0``) is ordered
     naturally by name and reported as ambiguous, as are two tensors of one
     module whose roles are unknown.
@@ -294,7 +294,9 @@ def _collect_ambiguities(paths: Sequence[tuple], out: list[str]) -> None:
         if len(kids) < 2:
             continue
         numbers = [_module_number(k) for k in kids]
-        if None in numbers or len(set(numbers)) != len(numbers):
+        prefixes = {_NUMBERED.match(str(k)).group(1) if not isinstance(k, int) and _NUMBERED.match(str(k)) else ""
+                    for k in kids}
+        if None in numbers or len(set(numbers)) != len(numbers) or len(prefixes) > 1:
             where = "/".join(str(c) for c in parent) or "the root"
             names = ", ".join(repr(str(k)) for k in sorted(kids, key=natural_sort_key))
             out.append(f"modules {names} under {where} carry no distinct definition numbers")
