@@ -23,19 +23,24 @@ with depth) and the anchor captured by ``init`` for ``"finetune"`` (weight
 rollback, ``rho_l`` shrinks with depth); ``"none"`` has no pull.
 
 Layer numbering. JAX flattens dicts in sorted key order (``Dense_10`` before
-``Dense_2``), so depth is never taken from flatten order. By default every leaf
-is its own layer and leaves are ordered by the *natural* order of their key
-paths (digit runs compared as numbers: ``layers_2 < layers_10``;
-:func:`natural_key`). ``layer_index="module"`` makes the leaves of one module
+``Dense_2``, ``bias`` before ``kernel``), so depth is never taken from flatten
+order. By default every leaf is its own layer, in the canonical order of spec
+section 3 that torch and Keras also follow (:func:`decoupled_core.canonical_order`):
+modules in definition order, read from the numbers their names carry
+(``layers_2 < layers_10``, Flax ``Dense_N`` / ``nn.Sequential``'s ``layers_N``,
+list positions), and within a module the kernel / weight / scale before other
+leaves and the bias / offset last. Where the names do not give the definition
+order (``encoder`` beside ``head``, linen's per-type ``Conv_0`` beside
+``BatchNorm_0``) and the leaves share a paradigm, ``init`` and
+:func:`layer_rates` warn (:class:`decoupled_core.LayerOrderWarning`); give the
+order as ``layer_index=["Conv_0", "BatchNorm_0", "Conv_1"]`` (module paths in
+definition order). ``layer_index="module"`` makes the leaves of one module
 (a Flax ``Dense_3``'s ``kernel`` and ``bias``) share a layer
 (:func:`natural_layer_index`); any other numbering can be given as a pytree of
 ints or a function of the key path. Within each paradigm the distinct layer
-keys are sorted: ``l`` is a key's rank and ``L`` their count. Natural order is
-depth order only where the names number the layers (Flax ``Dense_N`` /
-``layers_N``, Haiku ``linear_N``, list positions); between differently named
-modules it is alphabetical (a ViT's ``encoder_norm`` sorts before
-``encoderblock_0``), so check :func:`layer_rates` and pass ``layer_index``
-where that is not the depth you mean.
+keys are sorted: ``l`` is a key's rank and ``L`` their count.
+:func:`layer_rates` and :func:`anchors` also take an ``optax.chain`` or
+``optax.inject_hyperparams`` transform holding the DualOpt transform.
 
 With ``optax.inject_hyperparams``: pass every function-valued argument
 (``paradigm``, ``layer_index``, a per-path rate) through ``static_args``
