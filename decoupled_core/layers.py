@@ -301,7 +301,8 @@ def _collect_ambiguities(paths: Sequence[tuple], out: list[str]) -> None:
             names = ", ".join(repr(str(k)) for k in sorted(kids, key=natural_sort_key))
             out.append(f"modules {names} under {where} carry no distinct definition numbers")
     for parent, names in leaves.items():
-        unknown = [n for n in names if role_rank(n) == 1]
+        # List positions are an order of their own; only names without a known role are a guess.
+        unknown = [n for n in names if role_rank(n) == 1 and not (isinstance(n, int) and not isinstance(n, bool))]
         if len(unknown) > 1:
             where = "/".join(str(c) for c in parent) or "the root"
             listed = ", ".join(repr(str(n)) for n in sorted(unknown, key=natural_sort_key))

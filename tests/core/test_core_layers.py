@@ -171,7 +171,15 @@ def test_canonical_order_takes_an_explicit_module_order():
     paths = [("BatchNorm_0", "bias"), ("BatchNorm_0", "scale"), ("Conv_0", "bias"), ("Conv_0", "kernel")]
     keys, ambiguous = canonical_order(paths, module_order=[("Conv_0",), ("BatchNorm_0",)])
     assert keys == [3, 2, 1, 0] and ambiguous == []
+
     with pytest.raises(HyperparameterError, match="covers every tensor"):
         canonical_order(paths, module_order=[("Conv_0",)])
     with pytest.raises(HyperparameterError, match="distinct module paths"):
         canonical_order(paths, module_order=[("Conv_0",), ("Conv_0",)])
+
+
+def test_canonical_order_of_a_flat_list_is_its_positions():
+    from decoupled_core import canonical_order
+
+    assert canonical_order([(i,) for i in (0, 1, 10, 2)]) == ([0, 1, 3, 2], [])
+    assert canonical_order([("layers", 1, "w"), ("layers", 0, "w")]) == ([1, 0], [])
