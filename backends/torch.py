@@ -269,7 +269,6 @@ class DualOpt(torch.optim.Optimizer):
 
         Only parameters with ``requires_grad=True`` are optimised.
 
-
         Examples
         --------
         >>> import torch
