@@ -36,7 +36,10 @@ and ``"head/bias"`` matches only the bias; the longest matching key wins.
 ``layer_index`` numbers the layers of each paradigm (spec section 3). The
 default makes every variable its own layer in ``var_list`` order, i.e.
 ``model.trainable_variables`` order for ``fit``: the first trainable variable is
-the shallowest. ``layer_index="layer"`` gives all variables of one Keras layer
+the shallowest. That is the canonical order of spec section 3 (layers in
+definition order, kernel / gamma before bias / beta), so the same model gets
+the same rates as in torch and Optax; :meth:`DualOpt.layer_rates` shows them
+after build. ``layer_index="layer"`` gives all variables of one Keras layer
 one key; a sequence gives one key per variable; a mapping gives keys by layer
 name / path; a callable ``f(variable) -> int`` computes them.
 
