@@ -69,7 +69,20 @@ def leaf_paths(tree: Any) -> list[Path]:
     [('a', 'kernel'), ('b', 0)]
     """
     with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [tuple(_plain_key(e) for e in path) for path, _ in with_path]
+    return [tuple(_plain_key(e) for e in _without_variable_value(path)) for path, _ in with_path]
+
+
+def _without_variable_value(path: tuple) -> tuple:
+    """Drop the ``.value`` attribute a Flax NNX ``Variable`` adds to its leaf's path.
+
+    ``nnx.state(model, nnx.Param)`` flattens to ``(..., "kernel", "value")``
+    (flax 0.12), while the same params reach ``update`` as plain arrays at
+    ``(..., "kernel")``; without this, anchors taken at ``init`` are not found
+    at ``update``, and the tensor's role would be read from ``"value"``.
+    """
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        return path[:-1]
+    return path
 
 
 def path_str(path: Path, sep: str = "/") -> str:

@@ -117,3 +117,22 @@ def test_zero_weight_decay_on_finetune_leaves_warns():
     with warnings.catch_warnings():  # a single 0 with scratch leaves is their lambda: no warning
         warnings.simplefilter("error")
         dualopt(1e-3, paradigm={"Dense_0": "finetune", "Dense_1": "scratch"}, weight_decay=0.0).init(params)
+
+
+def test_flax_nnx_state_numbers_like_torch_without_a_warning():
+    """Old code: nnx.state(...) leaves end in the Variable's 'value' attribute (flax 0.12), so the roles were
+    unknown and the order was bias first; anchors taken at init were not found at update
+    (tests/integrations/test_flax_nnx.py failed the same way)."""
+    nnx = pytest.importorskip("flax.nnx")
+    torch = pytest.importorskip("torch")
+    from dualopt.torch import DualOpt
+
+    model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.LayerNorm(4, rngs=nnx.Rngs(0)),
+                           nnx.Linear(4, 2, rngs=nnx.Rngs(0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rates = layer_rates(dualopt(1e-3, paradigm="finetune"), nnx.state(model, nnx.Param))
+    got = [rates[p] for p in ("layers/0/kernel", "layers/0/bias", "layers/1/scale", "layers/1/bias",
+                              "layers/2/kernel", "layers/2/bias")]
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    assert got == list(DualOpt(net.named_parameters(), lr=1e-3, paradigm="finetune").layer_rates().values())
