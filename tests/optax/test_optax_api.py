@@ -61,7 +61,7 @@ def test_default_numbering_is_natural_not_sorted():
     order = sorted(leaf, key=leaf.get)  # spec section 3: kernel before bias within a module
     assert order == ["Dense_0/kernel", "Dense_0/bias", "Dense_1/kernel", "Dense_1/bias", "Dense_2/kernel",
                      "Dense_2/bias", "Dense_10/kernel", "Dense_10/bias"]
-    assert leaf["Dense_10/kernel"] == 0.8
+    assert leaf["Dense_10/bias"] == 0.8  # the deepest tensor: the last module's bias
 
 
 def test_finetune_rates_and_explicit_layer_index():
