@@ -172,7 +172,7 @@ def _warn_zero_decay(hps: Sequence[HyperParams], single: bool) -> None:
     """
     zero = [hp for hp in hps if hp.paradigm == "finetune" and concrete_float(hp.weight_decay) == 0.0]
     if zero and (not single or not any(hp.paradigm == "scratch" for hp in hps)):
-        warn_finetune_weight_decay(where="finetune leaves", stacklevel=5)
+        warn_finetune_weight_decay(where="finetune leaves", stacklevel=4)
 
 
 def _checked_layer_keys(layer_index: Any, params: Any, paths: Sequence[Path], paradigms: Sequence[str],

@@ -244,7 +244,7 @@ def canonical_keys(paths: Sequence[Path], paradigms: Sequence[str] | None = None
                 "bias) is read from the key paths, and here they do not give it: " + "; ".join(found)
                 + ". The layers were numbered by natural name order. Pass layer_index=[module paths in definition "
                 "order] (e.g. ['Conv_0', 'BatchNorm_0', 'Conv_1']), or a pytree / function of layer keys; "
-                "check the result with dualopt.optax.layer_rates.", LayerOrderWarning, stacklevel=4)
+                "check the result with dualopt.optax.layer_rates.", LayerOrderWarning, stacklevel=6)
     return keys
 
 
