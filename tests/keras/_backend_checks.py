@@ -400,10 +400,7 @@ def learning_rate_schedules() -> dict[str, Any]:
                       weight_decay=0.5)
         fit(model, opt, xs, t, epochs)
         lrs = [float(ops.convert_to_numpy(sched(i))) for i in range(len(grads))]
-        # eta_0 (spec section 2): the peak the schedule names (ExponentialDecay's initial_learning_rate, exact),
-        # else its value at step 0 (PiecewiseConstantDecay, in floatx).
-        peak = getattr(sched, "initial_learning_rate", None)
-        rollback_max = 0.01 / (float(peak) if peak is not None else float(ops.convert_to_numpy(sched(0))))
+        rollback_max = 0.01 / float(ops.convert_to_numpy(sched(0)))
         ref, traj = reference(w0, mixed_hps(weight_decay=0.5, rollback_max=rollback_max), grads, lrs, base_lr=lrs[0])
         out[name] = {"weights": diff(weights_of(model), traj[-1]), "rollback_max": opt.rollback_max,
                      "expected_rollback_max": rollback_max, "lrs": lrs[:8]}
