@@ -240,13 +240,13 @@ def _initial_lr(lr: Any) -> float:
 def _eta_0(lr: Any) -> float:
     """eta_0 of spec section 2: a schedule's peak where Keras's schedule says it, else its value at step 0.
 
-    Keras's built-in schedules name their peak: ``warmup_target`` when they
-    warm up (``CosineDecay(0.0, warmup_target=...)``), else
-    ``initial_learning_rate``; torch's group ``lr`` and optax's
-    ``base_learning_rate`` are the same number.
+    Keras's warming-up schedules name their peak, ``warmup_target``
+    (``CosineDecay(0.0, warmup_target=...)``); torch's group ``lr`` and
+    optax's ``base_learning_rate`` are the same number.
     """
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        for attr in ("warmup_target", "initial_learning_rate"):
+        # Only a warm-up's target: without one, the value at step 0 is the peak, in the schedule's own dtype.
+        for attr in ("warmup_target",):
             value = getattr(lr, attr, None)
             if value is not None and not callable(value):
                 try:
@@ -311,8 +311,7 @@ class DualOpt(keras.optimizers.Optimizer):
     rollback_max, rollback_min, rollback_power : float
         kappa_max (None: ``0.01 / eta_0``, resolved now and stored), kappa_min,
         p. eta_0 (spec section 2) is ``base_learning_rate`` when given, else the
-        float, else the schedule's peak where a Keras schedule names it
-        (``warmup_target``, else ``initial_learning_rate``), else ``schedule(0)``.
+        float, else a warm-up schedule's ``warmup_target``, else ``schedule(0)``.
     layer_index : None, "layer", sequence of int, mapping or callable
         Layer keys (module docstring). Default: one layer per variable in
         ``var_list`` order.
