@@ -18,9 +18,10 @@ from typing import Any, Sequence
 import jax
 
 from decoupled_core import (HyperParams, accepted, check_layer_count, check_layer_key, invalid, number_layers, pull_rate,
-                            resolve_rollback_max, validate)
+                            resolve_rollback_max, validate,
+                            warn_finetune_weight_decay)
 
-from ._optax_tree import Path, layer_keys, leaf_paths, path_str, per_leaf
+from ._optax_tree import Path, layer_keys, module_order_of, leaf_paths, path_str, per_leaf
 
 __all__ = ["PUBLIC_NAMES", "ALSO_ACCEPTED", "HP_ARGS", "Settings", "LeafConfig", "resolve_leaves", "check_settings",
            "resolve_anchors", "concrete_float", "base_lr_of", "is_schedule"]
@@ -76,6 +77,7 @@ class Settings:
     layer_index: Any
     anchor: Any
     nonfinite: str
+    base_learning_rate: Any = None  # eta_0 of a schedule (spec section 2); None: the number or schedule(0)
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,23 @@ def _validate_once(hp: HyperParams, lr: float | None, nonfinite: str, seen: set)
     validate(hp.replace(**concrete), lr=lr, nonfinite=nonfinite, names=PUBLIC_NAMES, also_accepted=ALSO_ACCEPTED)
 
 
-def _resolve_rollback(hp: HyperParams, learning_rate: Any, base_lr: float | None) -> HyperParams:
+def eta_0(settings: Settings) -> float | None:
+    """eta_0 of spec section 2: ``base_learning_rate`` when given, else the number or ``schedule(0)``."""
+    if settings.base_learning_rate is not None:
+        return float(settings.base_learning_rate)
+    return base_lr_of(settings.learning_rate)
+
+
+def _resolve_rollback(hp: HyperParams, learning_rate: Any, base_lr: float | None,
+                      explicit_base: Any = None) -> HyperParams:
     if hp.paradigm != "finetune" or hp.rollback_max is not None:
         return hp
+    if is_schedule(learning_rate) and explicit_base is None and base_lr == 0.0:
+        raise invalid(
+            "rollback_max", None,
+            "an explicit value, or base_learning_rate=<the schedule's peak learning rate>: the default "
+            "rollback_max is 0.01/eta_0, eta_0 is the schedule's base (peak) rate, and a plain schedule "
+            "that starts at 0 (warmup) does not say what it is")
     if not (isinstance(learning_rate, (int, float)) or callable(learning_rate)) or base_lr is None:
         raise invalid(
             "rollback_max", None,
@@ -118,39 +134,57 @@ def _resolve_rollback(hp: HyperParams, learning_rate: Any, base_lr: float | None
     return hp.replace(rollback_max=resolve_rollback_max(None, base_lr, names=PUBLIC_NAMES))
 
 
-def resolve_leaves(settings: Settings, params: Any) -> tuple[list[LeafConfig], list[Path]]:
-    """One :class:`LeafConfig` per leaf of ``params`` (flatten order), validated where concrete."""
+def resolve_leaves(settings: Settings, params: Any, warn: bool = False) -> tuple[list[LeafConfig], list[Path]]:
+    """One :class:`LeafConfig` per leaf of ``params`` (flatten order), validated where concrete.
+
+    ``warn``: report an ambiguous default layer order (done by ``init`` and ``layer_rates``, not every update).
+    """
     paths = leaf_paths(params)
     columns = {HP_ARGS[k]: per_leaf(k, v, params, paths) for k, v in settings.hyper.items()}
-    base_lr = base_lr_of(settings.learning_rate)
-    lr_for_checks = base_lr
+    # A schedule's rate is bounded at run time (clipping, spec section 4.2), not checked against eta_0.
+    lr_for_checks = None if is_schedule(settings.learning_rate) else base_lr_of(settings.learning_rate)
+    base_lr = eta_0(settings)
     seen: set = set()
     hps = []
     for i, path in enumerate(paths):
         hp = HyperParams(**{name: col[i] for name, col in columns.items()})
         try:
             _validate_once(hp, lr_for_checks, settings.nonfinite, seen)
-            hp = _resolve_rollback(hp, settings.learning_rate, base_lr)
+            hp = _resolve_rollback(hp, settings.learning_rate, base_lr, settings.base_learning_rate)
         except ValueError as e:
             if len(paths) > 1 and any(not _is_single(v) for v in settings.hyper.values()):
                 raise type(e)(f"{e} (parameter {path_str(path)!r})") from None
             raise
         hps.append(hp)
-    keys = _checked_layer_keys(settings.layer_index, params, paths)
+    if warn:
+        _warn_zero_decay(hps, _is_single(settings.hyper["weight_decay"]))
+    keys = _checked_layer_keys(settings.layer_index, params, paths, [hp.paradigm for hp in hps], warn)
     layout = number_layers([hp.paradigm for hp in hps], keys)
     leaves = [LeafConfig(hp, pull_rate(hp.paradigm, l, L, hp), path) for hp, (l, L), path in zip(hps, layout, paths)]
     return leaves, paths
 
 
-def _checked_layer_keys(layer_index: Any, params: Any, paths: Sequence[Path]) -> list[int]:
+def _warn_zero_decay(hps: Sequence[HyperParams], single: bool) -> None:
+    """The shared warning when weight_decay=0 reaches finetune leaves in the belief that it turns their pull off.
+
+    A per-leaf setting of 0 on a finetune leaf always warns; a single 0 only
+    when no leaf is scratch (else it is the scratch leaves' lambda).
+    """
+    zero = [hp for hp in hps if hp.paradigm == "finetune" and concrete_float(hp.weight_decay) == 0.0]
+    if zero and (not single or not any(hp.paradigm == "scratch" for hp in hps)):
+        warn_finetune_weight_decay(where="finetune leaves", stacklevel=4)
+
+
+def _checked_layer_keys(layer_index: Any, params: Any, paths: Sequence[Path], paradigms: Sequence[str],
+                        warn: bool) -> list[int]:
     """:func:`layer_keys`, with explicit keys checked first by the core so that errors are in its words.
 
     A flat list of keys for a flat list of arrays is the torch-like spelling; a
     length mismatch there is the core's "one layer index per parameter tensor"
     (any other structure mismatch keeps the prefix-pytree message).
     """
-    if layer_index is None or isinstance(layer_index, str):
-        return layer_keys(layer_index, params, paths)
+    if layer_index is None or isinstance(layer_index, str) or module_order_of(layer_index) is not None:
+        return layer_keys(layer_index, params, paths, paradigms, warn)
     is_leaf = jax.tree_util.treedef_is_leaf
     if (isinstance(layer_index, (list, tuple)) and isinstance(params, (list, tuple))
             and all(is_leaf(jax.tree_util.tree_structure(p)) for p in params)):
@@ -160,7 +194,7 @@ def _checked_layer_keys(layer_index: Any, params: Any, paths: Sequence[Path]) ->
         explicit = per_leaf("layer_index", layer_index, params, paths)
     for path, k in zip(paths, explicit):
         check_layer_key(f"layer_index[{path_str(path)!r}]", k)
-    return layer_keys(layer_index, params, paths)
+    return layer_keys(layer_index, params, paths, paradigms, warn)
 
 
 def _is_single(v: Any) -> bool:
@@ -179,12 +213,17 @@ def check_settings(settings: Settings) -> None:
         raise invalid("learning_rate", lr if not callable(lr) else f"<schedule with schedule(0)={base!r}>",
                       accepted("lr", ALSO_ACCEPTED["lr"]) if not callable(lr)
                       else "a schedule with a finite schedule(0) >= 0")
+    b0 = settings.base_learning_rate
+    if b0 is not None:
+        value = concrete_float(b0)
+        if value is None or not (math.isfinite(value) and value > 0):
+            raise invalid("base_learning_rate", b0, "None or a finite float > 0 (eta_0: a schedule's peak rate)")
     single = {HP_ARGS[k]: v for k, v in settings.hyper.items() if _is_single(v)}
     if len(single) == len(HP_ARGS):
         hp = HyperParams(**single)
-        _validate_once(hp, base, settings.nonfinite, set())
+        _validate_once(hp, None if is_schedule(lr) else base, settings.nonfinite, set())
         if hp.paradigm == "finetune":
-            _resolve_rollback(hp, lr, base)
+            _resolve_rollback(hp, lr, eta_0(settings), b0)
     elif settings.nonfinite not in ("skip", "propagate"):
         validate(HyperParams(), nonfinite=settings.nonfinite, names=PUBLIC_NAMES, also_accepted=ALSO_ACCEPTED)
 

@@ -18,13 +18,14 @@ A per-leaf setting (``paradigm``, ``weight_decay``, ``layer_index``...) may be
 
 from __future__ import annotations
 
-import re
 import sys
 from typing import Any, Hashable, Sequence
 
 import jax
 
-from decoupled_core import invalid
+import warnings
+
+from decoupled_core import LayerOrderWarning, canonical_order, invalid, natural_sort_key
 
 __all__ = [
     "Path",
@@ -33,13 +34,13 @@ __all__ = [
     "natural_key",
     "natural_layer_index",
     "layer_keys",
+    "canonical_keys",
+    "module_order_of",
     "per_leaf",
 ]
 
 Path = tuple[Hashable, ...]
 """A leaf's key path as plain keys: ``("params", "Dense_0", "kernel")`` or ``("layers", 3, "w")``."""
-
-_DIGITS = re.compile(r"(\d+)")
 
 
 class _Box:
@@ -102,19 +103,7 @@ def natural_key(path: Path) -> tuple:
     >>> sorted(["Dense_10", "Dense_2", "Dense_1"], key=lambda k: natural_key((k,)))
     ['Dense_1', 'Dense_2', 'Dense_10']
     """
-    out = []
-    for k in path:
-        if isinstance(k, int) and not isinstance(k, bool):
-            out.append(((0, k, str(k)),))
-            continue
-        tokens = []
-        for i, part in enumerate(_DIGITS.split(str(k))):
-            if i % 2:  # a digit run
-                tokens.append((0, int(part), part))
-            elif part:
-                tokens.append((1, part))
-        out.append(tuple(tokens))
-    return tuple(out)
+    return tuple(natural_sort_key(k) for k in path)
 
 
 def _module_of(path: Path, granularity: str | int) -> Path:
@@ -213,18 +202,66 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def layer_keys(layer_index: Any, params: Any, paths: Sequence[Path]) -> list[int]:
+def module_order_of(layer_index: Any) -> list[tuple[str, ...]] | None:
+    """A ``layer_index`` given as module paths in definition order, as tuples of strings; else ``None``.
+
+    ``["Conv_0", "BatchNorm_0", "Conv_1"]`` or ``[("encoder", "layers_0"), "head"]``
+    (a string is split on ``/``).
+    """
+    if not isinstance(layer_index, (list, tuple)) or not layer_index:
+        return None
+    if not all(isinstance(m, str) or (isinstance(m, tuple) and m and all(isinstance(c, (str, int)) for c in m))
+               for m in layer_index):
+        return None
+    return [tuple(m.split("/")) if isinstance(m, str) else tuple(str(c) for c in m) for m in layer_index]
+
+
+def canonical_keys(paths: Sequence[Path], paradigms: Sequence[str] | None = None,
+                   module_order: Sequence[tuple[str, ...]] | None = None, warn: bool = False) -> list[int]:
+    """Each leaf's default layer key: :func:`decoupled_core.canonical_order` of its key path.
+
+    With ``warn``, the sibling modules whose order the names do not give are
+    reported in a :class:`decoupled_core.LayerOrderWarning`, for the leaves of
+    each pulled paradigm separately (siblings in different paradigms never
+    share a numbering, so their order does not matter).
+    """
+    text = [tuple(str(c) for c in p) if module_order is not None else p for p in paths]
+    keys, _ = canonical_order(text, module_order)
+    if warn and module_order is None:
+        found: list[str] = []
+        for paradigm in ("finetune", "scratch"):
+            subset = [p for p, q in zip(paths, paradigms or ["scratch"] * len(paths)) if q == paradigm]
+            if len(subset) > 1:
+                found += [a for a in canonical_order(subset)[1] if a not in found]
+        if found:
+            warnings.warn(
+                "dualopt: the default layer order (spec section 3: modules in definition order, weight before "
+                "bias) is read from the key paths, and here they do not give it: " + "; ".join(found)
+                + ". The layers were numbered by natural name order. Pass layer_index=[module paths in definition "
+                "order] (e.g. ['Conv_0', 'BatchNorm_0', 'Conv_1']), or a pytree / function of layer keys; "
+                "check the result with dualopt.optax.layer_rates.", LayerOrderWarning, stacklevel=6)
+    return keys
+
+
+def layer_keys(layer_index: Any, params: Any, paths: Sequence[Path], paradigms: Sequence[str] | None = None,
+               warn: bool = False) -> list[int]:
     """Each leaf's layer key from the ``layer_index`` argument of :func:`dualopt.optax.dualopt`.
 
-    ``None`` or ``"leaf"``: every leaf its own layer in natural key-path order;
-    ``"module"``: see :func:`natural_layer_index`; otherwise a per-leaf setting
-    of non-negative ints (single int, prefix pytree or function of the path).
+    ``None`` or ``"leaf"``: every leaf its own layer in the canonical order
+    (:func:`canonical_keys`); a list of module paths: the same, modules in the
+    listed order; ``"module"``: see :func:`natural_layer_index`; otherwise a
+    per-leaf setting of non-negative ints (single int, prefix pytree or
+    function of the path).
     """
-    if layer_index is None or (isinstance(layer_index, str) and layer_index in ("leaf", "module")):
-        return _natural_numbers(paths, "leaf" if layer_index is None else layer_index)
+    order = module_order_of(layer_index)
+    if layer_index is None or layer_index == "leaf" or order is not None:
+        return canonical_keys(paths, paradigms, order, warn)
+    if isinstance(layer_index, str) and layer_index == "module":
+        return _natural_numbers(paths, layer_index)
     if isinstance(layer_index, str):
         raise invalid("layer_index", layer_index,
-                      "None, 'leaf', 'module', an int, a pytree of ints or a function of the key path")
+                      "None, 'leaf', 'module', a list of module paths, an int, a pytree of ints or a function of "
+                      "the key path")
     keys = per_leaf("layer_index", layer_index, params, paths)
     out = []
     for path, k in zip(paths, keys):

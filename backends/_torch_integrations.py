@@ -162,7 +162,7 @@ def no_pull_param_groups(model: torch.nn.Module, head: str | Sequence[str] | Non
     --------
     >>> import torch
     >>> from dualopt.torch import DualOpt
-    >>> from dualopt._torch_integrations import no_pull_param_groups
+    >>> from dualopt.torch import no_pull_param_groups
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
     >>> groups = no_pull_param_groups(net, head="2")
     >>> for g in groups:

@@ -36,7 +36,10 @@ and ``"head/bias"`` matches only the bias; the longest matching key wins.
 ``layer_index`` numbers the layers of each paradigm (spec section 3). The
 default makes every variable its own layer in ``var_list`` order, i.e.
 ``model.trainable_variables`` order for ``fit``: the first trainable variable is
-the shallowest. ``layer_index="layer"`` gives all variables of one Keras layer
+the shallowest. That is the canonical order of spec section 3 (layers in
+definition order, kernel / gamma before bias / beta), so the same model gets
+the same rates as in torch and Optax; :meth:`DualOpt.layer_rates` shows them
+after build. ``layer_index="layer"`` gives all variables of one Keras layer
 one key; a sequence gives one key per variable; a mapping gives keys by layer
 name / path; a callable ``f(variable) -> int`` computes them.
 
@@ -167,7 +170,8 @@ import numpy as np
 from keras import ops
 
 from decoupled_core import (AdamState, HyperParams, SGDState, accepted, all_finite, check_anchor, compute_dtype,
-                            invalid, number_layers, pull_rate, resolve_rollback_max, step_tensor, validate)
+                            invalid, number_layers, pull_rate, resolve_rollback_max, step_tensor, validate,
+                            warn_finetune_weight_decay)
 
 from ._keras_layout import (PARADIGM_ALSO_ACCEPTED, check_layer_index_spec, check_paradigm_spec, check_saved_counts,
                             resolve_layer_keys, resolve_paradigms, variable_path)
@@ -233,6 +237,25 @@ def _initial_lr(lr: Any) -> float:
     return float(lr)
 
 
+def _eta_0(lr: Any) -> float:
+    """eta_0 of spec section 2: a schedule's peak where Keras's schedule says it, else its value at step 0.
+
+    Keras's warming-up schedules name their peak, ``warmup_target``
+    (``CosineDecay(0.0, warmup_target=...)``); torch's group ``lr`` and
+    optax's ``base_learning_rate`` are the same number.
+    """
+    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+        # Only a warm-up's target: without one, the value at step 0 is the peak, in the schedule's own dtype.
+        for attr in ("warmup_target",):
+            value = getattr(lr, attr, None)
+            if value is not None and not callable(value):
+                try:
+                    return float(ops.convert_to_numpy(value))
+                except (TypeError, ValueError):
+                    continue
+    return _initial_lr(lr)
+
+
 def _serialize_spec(spec: Any) -> Any:
     if callable(spec) and not isinstance(spec, (str, Mapping)):
         return {_CALLABLE: keras.saving.serialize_keras_object(spec)}
@@ -286,8 +309,9 @@ class DualOpt(keras.optimizers.Optimizer):
         lambda, the scratch paradigm's deepest-layer rate. Not Keras's weight
         decay, which is disabled (``weight_decay=None`` goes to the base class).
     rollback_max, rollback_min, rollback_power : float
-        kappa_max (None: ``0.01 / learning_rate``, resolved now from the float
-        or from ``schedule(0)`` and stored), kappa_min, p.
+        kappa_max (None: ``0.01 / eta_0``, resolved now and stored), kappa_min,
+        p. eta_0 (spec section 2) is ``base_learning_rate`` when given, else the
+        float, else a warm-up schedule's ``warmup_target``, else ``schedule(0)``.
     layer_index : None, "layer", sequence of int, mapping or callable
         Layer keys (module docstring). Default: one layer per variable in
         ``var_list`` order.
@@ -298,6 +322,8 @@ class DualOpt(keras.optimizers.Optimizer):
         ``"skip"``: an apply call with any NaN/Inf gradient changes no variable,
         moment, anchor, ``t`` or EMA average and increments ``skipped``
         (``iterations`` still counts the batch). ``"propagate"``: no check.
+    base_learning_rate : float, optional
+        eta_0 of a schedule (its peak rate) for the default ``rollback_max``.
     **kwargs
         Keras base optimizer options: ``clipnorm``, ``clipvalue``,
         ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
@@ -324,7 +350,7 @@ class DualOpt(keras.optimizers.Optimizer):
                  default_paradigm: str = "scratch", weight_decay: float = 1e-2, rollback_max: float | None = None,
                  rollback_min: float = 0.0, rollback_power: float = 1.0, layer_index: Any = None,
                  anchor: Mapping[str, Any] | Sequence[Any] | None = None, nonfinite: str = "skip",
-                 name: str | None = None, **kwargs: Any) -> None:
+                 name: str | None = None, base_learning_rate: float | None = None, **kwargs: Any) -> None:
         given_lr = learning_rate  # messages quote the value as the user wrote it (np.float64(-0.001))
         if isinstance(learning_rate, (int, np.integer, np.floating)) and not isinstance(learning_rate, bool):
             learning_rate = float(learning_rate)
@@ -344,10 +370,20 @@ class DualOpt(keras.optimizers.Optimizer):
         for p in candidates:
             validate(base.replace(paradigm=p), lr=None if schedule else given_lr, nonfinite=nonfinite, names=_NAMES,
                      also_accepted=_ALSO)
-        if rollback_max is None and "finetune" in candidates and lr0 > 0:
-            rollback_max = resolve_rollback_max(None, lr0, names=_NAMES)
+        if base_learning_rate is not None:
+            if isinstance(base_learning_rate, bool) or not (isinstance(base_learning_rate, (int, float, np.number))
+                                                            and np.isfinite(base_learning_rate)
+                                                            and base_learning_rate > 0):
+                raise invalid("base_learning_rate", base_learning_rate,
+                              "None or a finite float > 0 (eta_0: a schedule's peak rate)")
+            base_learning_rate = float(base_learning_rate)
+        eta0 = base_learning_rate if base_learning_rate is not None else (_eta_0(learning_rate) if schedule else lr0)
+        if rollback_max is None and "finetune" in candidates and eta0 > 0:
+            rollback_max = resolve_rollback_max(None, eta0, names=_NAMES)
             validate(base.replace(paradigm="finetune", rollback_max=rollback_max), lr=None if schedule else lr0,
                      nonfinite=nonfinite, names=_NAMES, also_accepted=_ALSO)
+        if weight_decay == 0 and "finetune" in candidates and "scratch" not in candidates:
+            warn_finetune_weight_decay(where="a finetune optimizer", stacklevel=2)
         # Keras's own decay is not DualOpt's pull: the base class gets None and never decays.
         with _float64_learning_rate(schedule):
             super().__init__(learning_rate=learning_rate, weight_decay=None, name=name, **kwargs)
@@ -365,6 +401,7 @@ class DualOpt(keras.optimizers.Optimizer):
         self.rollback_power = float(rollback_power)
         self.layer_index = layer_index
         self.nonfinite = nonfinite
+        self.base_learning_rate = base_learning_rate
         self._anchor_values = anchor
         self._runtime = _Runtime()
         # The torch backend's multi-tensor path (tests switch it off to compare with the generic path).
@@ -395,7 +432,12 @@ class DualOpt(keras.optimizers.Optimizer):
         numbering = number_layers(paradigms, keys, name="layer_index")
         hps = {p: self._hyperparams(p) for p in set(paradigms)}
         if "finetune" in hps and self.rollback_max is None:
-            # Only reachable with learning_rate == 0 at construction: the default needs a positive rate.
+            # Only reachable with eta_0 == 0 at construction: the default needs a positive rate.
+            if _is_schedule(self._learning_rate):
+                raise invalid("rollback_max", None,
+                              "an explicit value, or base_learning_rate=<the schedule's peak learning rate>: the "
+                              "default rollback_max is 0.01/eta_0, and this schedule starts at 0 without naming "
+                              "its peak (warmup_target / initial_learning_rate)")
             resolve_rollback_max(None, 0.0, names=_NAMES)
         anchors = self._explicit_anchors(var_list, paradigms)
         codes = np.array([4 * l + _PARADIGM_CODE[p] for p, (l, _) in zip(paradigms, numbering)], dtype="int32")
@@ -765,8 +807,31 @@ class DualOpt(keras.optimizers.Optimizer):
             "rollback_power": self.rollback_power,
             "layer_index": _serialize_spec(self.layer_index),
             "nonfinite": self.nonfinite,
+            "base_learning_rate": self.base_learning_rate,
         })
         return config
+
+    def layer_rates(self) -> dict[str, float]:
+        """The pull rate rho of every variable, by variable path (``{"dense/kernel": rate}``), after build.
+
+        The same form as :meth:`dualopt.torch.DualOpt.layer_rates` and
+        :func:`dualopt.optax.layer_rates`; the pull coefficient of a step is
+        ``min(learning_rate * rho, 1)``. Build first (``opt.build(model.trainable_variables)``,
+        or one training step): the numbering needs the variables.
+
+        Examples
+        --------
+        >>> import numpy as np, keras
+        >>> w, b = keras.Variable(np.ones((2, 2)), name="kernel"), keras.Variable(np.zeros(2), name="bias")
+        >>> opt = DualOpt(learning_rate=1e-3, paradigm="finetune", rollback_max=10.0)
+        >>> opt.build([w, b])
+        >>> opt.layer_rates()
+        {'kernel': 10.0, 'bias': 0.0}
+        """
+        if not self.built:
+            raise ValueError("layer_rates() needs the variables: call opt.build(model.trainable_variables) first "
+                             "(model.compile does not build the optimizer; fit or one train step does)")
+        return {f.path: f.rate for f in self._facts}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> "DualOpt":

@@ -23,19 +23,24 @@ with depth) and the anchor captured by ``init`` for ``"finetune"`` (weight
 rollback, ``rho_l`` shrinks with depth); ``"none"`` has no pull.
 
 Layer numbering. JAX flattens dicts in sorted key order (``Dense_10`` before
-``Dense_2``), so depth is never taken from flatten order. By default every leaf
-is its own layer and leaves are ordered by the *natural* order of their key
-paths (digit runs compared as numbers: ``layers_2 < layers_10``;
-:func:`natural_key`). ``layer_index="module"`` makes the leaves of one module
+``Dense_2``, ``bias`` before ``kernel``), so depth is never taken from flatten
+order. By default every leaf is its own layer, in the canonical order of spec
+section 3 that torch and Keras also follow (:func:`decoupled_core.canonical_order`):
+modules in definition order, read from the numbers their names carry
+(``layers_2 < layers_10``, Flax ``Dense_N`` / ``nn.Sequential``'s ``layers_N``,
+list positions), and within a module the kernel / weight / scale before other
+leaves and the bias / offset last. Where the names do not give the definition
+order (``encoder`` beside ``head``, linen's per-type ``Conv_0`` beside
+``BatchNorm_0``) and the leaves share a paradigm, ``init`` and
+:func:`layer_rates` warn (:class:`decoupled_core.LayerOrderWarning`); give the
+order as ``layer_index=["Conv_0", "BatchNorm_0", "Conv_1"]`` (module paths in
+definition order). ``layer_index="module"`` makes the leaves of one module
 (a Flax ``Dense_3``'s ``kernel`` and ``bias``) share a layer
 (:func:`natural_layer_index`); any other numbering can be given as a pytree of
 ints or a function of the key path. Within each paradigm the distinct layer
-keys are sorted: ``l`` is a key's rank and ``L`` their count. Natural order is
-depth order only where the names number the layers (Flax ``Dense_N`` /
-``layers_N``, Haiku ``linear_N``, list positions); between differently named
-modules it is alphabetical (a ViT's ``encoder_norm`` sorts before
-``encoderblock_0``), so check :func:`layer_rates` and pass ``layer_index``
-where that is not the depth you mean.
+keys are sorted: ``l`` is a key's rank and ``L`` their count.
+:func:`layer_rates` and :func:`anchors` also take an ``optax.chain`` or
+``optax.inject_hyperparams`` transform holding the DualOpt transform.
 
 With ``optax.inject_hyperparams``: pass every function-valued argument
 (``paradigm``, ``layer_index``, a per-path rate) through ``static_args``
@@ -133,6 +138,7 @@ def dualopt(
     layer_index: Any = None,
     anchor: Any = None,
     nonfinite: str = "skip",
+    base_learning_rate: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """DualOpt as an Optax transform whose updates are ``new_params - params``.
 
@@ -153,12 +159,18 @@ def dualopt(
         Scratch: ``rho_l = weight_decay * (l + 1) / L``.
     rollback_max, rollback_min, rollback_power : float, setting
         Finetune: ``rho_l = min + (1 - l/(L-1))**power * (max - min)`` (``max``
-        when ``L == 1``). ``rollback_max=None`` means ``0.01 / eta_0``
-        (``eta_0 = schedule(0)`` for a schedule); give it explicitly when the
-        learning rate is an array (``optax.inject_hyperparams``).
-    layer_index : None, "leaf", "module", int, pytree of int, or function of the key path
-        Layer keys; ``None`` (= ``"leaf"``): every leaf its own layer, in
-        natural key-path order. See the module docstring.
+        when ``L == 1``). ``rollback_max=None`` means ``0.01 / eta_0`` with
+        ``eta_0`` the base learning rate (spec section 2): ``base_learning_rate``
+        when given, else the number, else ``schedule(0)``; give it explicitly
+        when the learning rate is an array (``optax.inject_hyperparams``).
+    layer_index : None, "leaf", "module", list of module paths, int, pytree of int, or function of the key path
+        Layer keys; ``None`` (= ``"leaf"``): every leaf its own layer, in the
+        canonical order of spec section 3 (modules in definition order as
+        their names number them, weight/kernel/scale before bias/offset),
+        with a :class:`decoupled_core.LayerOrderWarning` where the names do
+        not give the order. A list of module paths (``["Conv_0",
+        "BatchNorm_0", "Conv_1"]``, ``"a/b"`` strings or tuples) gives the
+        definition order explicitly. See the module docstring.
     anchor : pytree, optional
         Finetune anchors with the params' structure (``None`` entries and
         non-finetune leaves are ignored / snapshotted); default: ``init``'s params.
@@ -172,6 +184,12 @@ def dualopt(
         check costs one read of the gradients before anything is written
         (about 10% of a memory-bound Adam step on CPU, 4 of 44 bytes per
         element). ``"propagate"``: no check.
+    base_learning_rate : float, optional
+        eta_0 of a schedule: its peak (``peak_value`` of
+        ``optax.warmup_cosine_decay_schedule``), the rate the schedule is
+        built around. Needed for the default ``rollback_max`` when the
+        schedule starts at 0 (warmup); the same number gives the same kappa_max
+        as torch's group ``lr`` and Keras's schedule peak.
 
     A *setting* is a single value, a pytree whose structure is a prefix of the
     params' (``{"backbone": "finetune", "head": "scratch"}``), or a function of
@@ -213,12 +231,12 @@ def dualopt(
              "rollback_min": rollback_min, "rollback_power": rollback_power}
     assert set(hyper) == set(HP_ARGS)
     settings = Settings(learning_rate=learning_rate, hyper=hyper, layer_index=layer_index, anchor=anchor,
-                        nonfinite=nonfinite)
+                        nonfinite=nonfinite, base_learning_rate=base_learning_rate)
     check_settings(settings)
     schedule = is_schedule(learning_rate)
 
     def init_fn(params: Any) -> DualOptState:
-        configs, paths = resolve_leaves(settings, params)
+        configs, paths = resolve_leaves(settings, params, warn=True)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         check_params(configs, leaves)
         given = resolve_anchors(anchor, params, paths)
@@ -338,15 +356,70 @@ def anchors(tx: optax.GradientTransformation, state: DualOptState, params: Any) 
     ([1.0, 1.0], False)
     """
     configs, _ = resolve_leaves(_settings_of(tx), params)
-    found = check_state(state, params, configs)
+    found = check_state(_dualopt_state_in(state), params, configs)
     return anchor_tree([(c.path, a) for c, a in zip(configs, found) if a is not None])
 
 
 def _settings_of(tx: Any) -> Settings:
-    settings = getattr(getattr(tx, "init", None), "_dualopt_settings", None)
-    if settings is None:
-        raise invalid("tx", type(tx).__name__, "a transform returned by dualopt.optax.dualopt")
-    return settings
+    """The settings of the :func:`dualopt` transform ``tx`` is or holds (``optax.chain``, ``inject_hyperparams``).
+
+    Optax keeps the parts of a combined transform only in its functions'
+    closures, so they are read there (guarded by tests against each optax
+    version); exactly one DualOpt transform must be found.
+    """
+    found: list[Settings] = []
+    _collect_settings(getattr(tx, "init", None), found, set(), 0)
+    if len(found) != 1:
+        raise invalid("tx", type(tx).__name__,
+                      "a transform returned by dualopt.optax.dualopt, or an optax.chain / inject_hyperparams "
+                      f"transform holding exactly one of them (found {len(found)})")
+    return found[0]
+
+
+def _collect_settings(fn: Any, found: list, seen: set, depth: int) -> None:
+    settings = getattr(fn, "_dualopt_settings", None)
+    if settings is not None:  # counted at every occurrence: a chain holding one transform twice has two
+        found.append(settings)
+        return
+    if fn is None or id(fn) in seen or depth > 8:
+        return
+    seen.add(id(fn))
+    if hasattr(fn, "init") and callable(getattr(fn, "init")):  # a GradientTransformation in a closure
+        _collect_settings(fn.init, found, seen, depth + 1)
+        return
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None or not cells:
+        return
+    env = {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells) if _filled(cell)}
+    if env.get("inner_factory") is dualopt:  # optax.inject_hyperparams(dualopt)(...)
+        kwargs = {**env.get("other_hps", {}), **env.get("numeric_hps", {})}
+        for k, sched in env.get("sched_hps", {}).items():
+            kwargs[k] = getattr(sched, "schedule_fn", sched)
+        found.append(_settings_of(dualopt(**kwargs)))
+        return
+    for value in env.values():
+        for item in (value if isinstance(value, (tuple, list)) else (value,)):
+            if callable(item) or hasattr(item, "init"):
+                _collect_settings(item, found, seen, depth + 1)
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def _dualopt_state_in(state: Any) -> Any:
+    """The :class:`DualOptState` inside a chain's tuple or an ``inject_hyperparams`` state."""
+    if isinstance(state, DualOptState):
+        return state
+    found = [s for s in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, DualOptState))
+             if isinstance(s, DualOptState)]
+    if len(found) != 1:
+        raise invalid("state", type(state).__name__, f"a state holding exactly one DualOptState (found {len(found)})")
+    return found[0]
 
 
 def layer_rates(tx: optax.GradientTransformation, params: Any) -> dict[str, Any]:
@@ -354,5 +427,5 @@ def layer_rates(tx: optax.GradientTransformation, params: Any) -> dict[str, Any]
 
     Use it to check a layer numbering before training (see :func:`dualopt`'s example).
     """
-    configs, paths = resolve_leaves(_settings_of(tx), params)
+    configs, paths = resolve_leaves(_settings_of(tx), params, warn=True)
     return {path_str(p): c.rate for p, c in zip(paths, configs)}

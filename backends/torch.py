@@ -55,6 +55,7 @@ from decoupled_core import (
     pull_rate,
     resolve_rollback_max,
     validate,
+    warn_finetune_weight_decay,
 )
 
 from ._torch_kernels import (
@@ -65,9 +66,10 @@ from ._torch_kernels import (
     reference_update,
     state_problem,
 )
+from ._torch_integrations import is_no_pull, no_pull_param_groups, peft_param_groups
 from ._torch_setup import Anchors, LayerKeys, check_param, display_names, head_split, make_anchor
 
-__all__ = ["DualOpt", "STATE_FORMAT"]
+__all__ = ["DualOpt", "STATE_FORMAT", "is_no_pull", "no_pull_param_groups", "peft_param_groups"]
 
 #: Format tag of DualOpt's state: the value of the ``"dualopt"`` key of every param group; checked on load.
 STATE_FORMAT = "dualopt.torch/1"
@@ -222,7 +224,10 @@ class DualOpt(torch.optim.Optimizer):
             defaults.pop("betas")
         self._layout: list[list[tuple[int, int]]] = []
         self._rate_cache: list[Any] = []
+        self._decay_given: set[int] = set()  # groups that set their own weight_decay (for the warning only)
         super().__init__(params, defaults)
+        self._warn_zero_decay(range(len(self.param_groups)), self._decay_given)
+        del self._decay_given
         total = sum(len(g["params"]) for g in self.param_groups)
         self._layer_keys.check_complete(total)
         self._anchor_arg.check_complete(total)
@@ -233,7 +238,9 @@ class DualOpt(torch.optim.Optimizer):
     @classmethod
     def for_finetuning(cls, model: torch.nn.Module, head: str | Sequence[str] | None = None, *,
                        lr: float = 1e-3, head_lr: float | None = None, head_paradigm: str = "scratch",
-                       head_weight_decay: float | None = None, **kwargs: Any) -> "DualOpt":
+                       head_weight_decay: float | None = None,
+                       no_pull: bool | Callable[[str, torch.Tensor, torch.nn.Module], bool] = False,
+                       **kwargs: Any) -> "DualOpt":
         """The common fine-tuning setup: pretrained backbone in ``finetune``, a new head in ``head_paradigm``.
 
         Parameters
@@ -250,6 +257,12 @@ class DualOpt(torch.optim.Optimizer):
         head_weight_decay : float, optional
             The head's ``weight_decay`` (lambda of the scratch ramp); default
             the optimizer's.
+        no_pull : bool or callable
+            ``True``: biases and norms get ``paradigm="none"`` (no rollback, no
+            decay), Hugging Face's no-decay convention, by :func:`is_no_pull`;
+            a callable ``(name, param, module) -> bool`` is used instead of
+            that rule (see :func:`no_pull_param_groups`). ``False`` (default):
+            they are pulled like the other tensors.
         **kwargs
             Any other constructor argument (``betas``, ``rollback_max``,
             ``layer_index="module"``, ...), except ``paradigm``.
@@ -266,10 +279,19 @@ class DualOpt(torch.optim.Optimizer):
         [('finetune', ['0.weight', '0.bias']), ('scratch', ['1.weight', '1.bias'])]
         >>> opt.param_groups[0]["rollback_max"]   # 0.01 / lr
         1.0
+        >>> opt = DualOpt.for_finetuning(net, head="1", no_pull=True)   # biases and norms: no pull
+        >>> [(g["paradigm"], g["param_names"]) for g in opt.param_groups]
+        [('finetune', ['0.weight']), ('none', ['0.bias']), ('scratch', ['1.weight']), ('none', ['1.bias'])]
         """
         if "paradigm" in kwargs:
             raise invalid("paradigm", kwargs["paradigm"], "no paradigm argument: for_finetuning sets 'finetune' for "
                           "the backbone and head_paradigm for the head")
+        if no_pull is not False:
+            if not (no_pull is True or callable(no_pull)):
+                raise invalid("no_pull", no_pull, "True, False or a function (name, param, module) -> bool")
+            rule = None if no_pull is True else no_pull
+            return cls(no_pull_param_groups(model, head, head_paradigm=head_paradigm, head_lr=head_lr,
+                                            head_weight_decay=head_weight_decay, no_pull=rule), lr=lr, **kwargs)
         backbone, heads = head_split(model, head)
         groups: list[dict[str, Any]] = []
         if backbone:
@@ -284,6 +306,31 @@ class DualOpt(torch.optim.Optimizer):
         if not groups:
             raise invalid("model", f"<{type(model).__name__}>", "a module with trainable parameters")
         return cls(groups, lr=lr, **kwargs)
+
+    @classmethod
+    def for_peft(cls, model: torch.nn.Module, head: str | Sequence[str] | None = None, *, lr: float = 1e-3,
+                 **kwargs: Any) -> "DualOpt":
+        """A PEFT model (LoRA, DoRA, ...): adapters ``"scratch"``, the frozen base left out (:func:`peft_param_groups`).
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            A PEFT model, or any module holding PEFT tuner layers.
+        head : str or list of str, optional
+            A newly initialised head among the trainable non-adapter tensors.
+        lr : float
+            The optimizer's learning rate.
+        **kwargs
+            :func:`peft_param_groups`'s keywords (``adapter_lr``,
+            ``adapter_weight_decay``, ``head_paradigm``, ``head_lr``,
+            ``head_weight_decay``, ``no_pull``) go to it; everything else to
+            the constructor (``paradigm`` is refused: the groups set it).
+        """
+        if "paradigm" in kwargs:
+            raise invalid("paradigm", kwargs["paradigm"], "no paradigm argument: for_peft sets each group's paradigm")
+        group_keys = ("adapter_lr", "adapter_weight_decay", "head_paradigm", "head_lr", "head_weight_decay", "no_pull")
+        group_kw = {k: kwargs.pop(k) for k in group_keys if k in kwargs}
+        return cls(peft_param_groups(model, head, **group_kw), lr=lr, **kwargs)
 
     def _check_group(self, group: dict[str, Any], group_index: int | None) -> None:
         """Validate one group's hyperparameters (spec wording) and resolve rollback_max in place."""
@@ -310,6 +357,7 @@ class DualOpt(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (see the class notes: layers are renumbered across all groups)."""
+        given_decay = isinstance(param_group, dict) and "weight_decay" in param_group  # before torch fills defaults
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         gi = len(self.param_groups) - 1
@@ -338,7 +386,22 @@ class DualOpt(torch.optim.Optimizer):
             if p.requires_grad:  # the whole state now (class notes), as torch's helpers expect it
                 init_state(st, p, group["direction"])
         if self._layer_keys.constructed:
+            self._warn_zero_decay([gi], {gi} if given_decay else set())
             self._renumber()
+        elif given_decay:
+            self._decay_given.add(gi)
+
+    def _warn_zero_decay(self, indices: Sequence[int], given: set[int]) -> None:
+        """Warn for finetune groups whose weight_decay=0 was meant to turn their pull off.
+
+        A group's own ``weight_decay=0`` always warns; the constructor's only
+        when no scratch group exists (else it is the scratch groups' lambda).
+        """
+        scratch = any(g["paradigm"] == "scratch" for g in self.param_groups)
+        for gi in indices:
+            g = self.param_groups[gi]
+            if g["paradigm"] == "finetune" and g["weight_decay"] == 0 and (gi in given or not scratch):
+                warn_finetune_weight_decay(where=f"finetune param group {gi}", stacklevel=4)
 
     def _renumber(self) -> None:
         """(l, L) of every tensor, per paradigm across all groups (spec section 3)."""

@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from dualopt.spec import VECTORS_DIR
 from dualopt.spec.vectors import Case, VectorFormatError, load_case, vector_files
@@ -179,13 +179,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_suite(backends=backends, dtypes=dtypes, only=args.only, extra=replays, cases=cases,
                        progress=sys.stderr, jobs=args.jobs)
     print(render_text(result, per_case=not args.quiet), flush=True)
+    defaults = _run_defaults(args, backends)
     if args.report:
         try:
             paths = write_report(result, args.report)
+            if defaults is not None:
+                from .defaults import render as render_defaults
+
+                paths["defaults"] = Path(args.report) / "defaults.txt"
+                paths["defaults"].write_text(render_defaults(defaults).lstrip() + "\n", encoding="utf-8")
         except OSError as exc:
             return _fail(f"the report could not be written to {args.report!r}: {exc}")
         print(f"report: {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    if defaults is not None and not defaults.ok and result.exit_code == 0:
+        return 1
     return result.exit_code
+
+
+def _run_defaults(args: argparse.Namespace, backends: list[str] | None) -> Any:
+    """The case "same architecture, default settings" (``defaults.py``): with the closed loop, float64.
+
+    ``--backends`` keeps the frameworks it names (``torch``, ``optax``, ``jax``,
+    ``keras``, ``keras[tensorflow]``, ...), as for the implementations.
+    """
+    if args.only == "open" or args.dtype == "float32":
+        return None
+    from .defaults import check_defaults, render
+
+    def selected(framework: str) -> bool:
+        if backends is None:
+            return True
+        names = tokens(framework) | ({"jax"} if framework == "optax" else set())
+        return any(b.lower() in names for b in backends)
+
+    result = check_defaults(selected, progress=sys.stderr)
+    if not result.rows:
+        return None
+    print(render(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -278,7 +278,12 @@ def run_worker(command: str, payload: Any) -> Any:
         _keras_setup("float64")
         make = _dualopt_for if command == "train" else _native_adam_for
         return {mode: train_problem(problem, make(problem, mode)) for mode in modes}
-    raise ValueError(f"command={command!r} is invalid: expected 'replay', 'train' or 'train-native'.")
+    if command == "defaults":  # the case "same architecture, default settings" (defaults.py)
+        from .defaults import keras_worker
+
+        _keras_setup("float64")
+        return keras_worker(payload)
+    raise ValueError(f"command={command!r} is invalid: expected 'replay', 'train', 'train-native' or 'defaults'.")
 
 
 # --------------------------------------------------------------------------- in the suite's process

@@ -28,8 +28,10 @@ from .hyperparams import (
     invalid,
     resolve_rollback_max,
     validate,
+    WeightDecayWarning,
+    warn_finetune_weight_decay,
 )
-from .layers import check_layer_count, check_layer_key, finetune_rate, layer_rates, number_layers, pull_rate, scratch_rate
+from .layers import LayerOrderWarning, canonical_order, natural_sort_key, role_rank, check_layer_count, check_layer_key, finetune_rate, layer_rates, number_layers, pull_rate, scratch_rate
 from .reference import ReferenceOptimizer
 from .rule import (
     AdamState,
@@ -49,8 +51,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamCoefficients", "adam_coefficients", "pull_coefficient",
     "DEFAULT_ROLLBACK_FRACTION", "DIRECTIONS", "NONFINITE_POLICIES", "PARADIGMS",
-    "HyperparameterError", "HyperParams", "ACCEPTED", "accepted", "check_anchor", "dtype_name", "invalid", "resolve_rollback_max", "validate",
-    "check_layer_count", "check_layer_key", "finetune_rate", "layer_rates", "number_layers", "pull_rate", "scratch_rate",
+    "HyperparameterError", "HyperParams", "ACCEPTED", "accepted", "check_anchor", "dtype_name", "invalid", "resolve_rollback_max", "validate", "WeightDecayWarning", "warn_finetune_weight_decay",
+    "LayerOrderWarning", "canonical_order", "natural_sort_key", "role_rank", "check_layer_count", "check_layer_key", "finetune_rate", "layer_rates", "number_layers", "pull_rate", "scratch_rate",
     "ReferenceOptimizer",
     "AdamState", "SGDState", "adam_pre_weight", "all_finite", "init_anchor", "init_direction_state",
     "pull", "sgd_pre_weight", "step_tensor", "compute_dtype",

@@ -28,6 +28,8 @@ __all__ = [
     "resolve_rollback_max",
     "dtype_name",
     "check_anchor",
+    "WeightDecayWarning",
+    "warn_finetune_weight_decay",
 ]
 
 DIRECTIONS = ("adam", "sgd")
@@ -322,3 +324,25 @@ def check_anchor(name: str, anchor_shape: Any, anchor_dtype: Any, param_shape: A
         raise invalid(name, f"<array of dtype {given}>",
                       f"dtype {accepted} (the parameter's dtype or its compute dtype; "
                       "convert explicitly if a lossy cast is intended)")
+
+
+class WeightDecayWarning(UserWarning):
+    """``weight_decay=0`` was given where it cannot change anything (a finetune tensor)."""
+
+
+def warn_finetune_weight_decay(name: str = "weight_decay", where: str = "a finetune group", stacklevel: int = 3) -> None:
+    """Warn that ``weight_decay=0`` does not turn off a finetune tensor's pull (spec section 2).
+
+    ``weight_decay`` is lambda, the *scratch* paradigm's rate; a finetune
+    tensor is pulled toward its anchor at a rate set by ``rollback_max``
+    (``rollback_max=0`` or ``paradigm="none"`` turns the pull off). Setting it
+    to 0 for finetune tensors is the Hugging Face no-decay habit carried over,
+    and it silently changes nothing, so adapters warn with this one message.
+    """
+    import warnings
+
+    warnings.warn(
+        f"{name}=0 for {where} changes nothing: weight_decay is the scratch paradigm's rate, and finetune tensors "
+        "are pulled toward their anchors at a rate set by rollback_max. To turn the pull off, use "
+        "paradigm='none' for those tensors (for biases and norms: the no_pull option) or rollback_max=0.",
+        WeightDecayWarning, stacklevel=stacklevel + 1)

@@ -90,6 +90,10 @@ def cases() -> list[dict[str, Any]]:
               groups=[FT(rollback_max=3.0), SC(weight_decay=0.5)],
               tensors=[("w0", (4, 3), 0), ("b0", (3,), 0), ("head", (3, 2), 1)], steps=16, lr=_warmup_cosine(1e-2, 16),
               anchor_offset=0.2),
+        _case("warmup_from_zero", "linear warm-up from lr 0 to eta_0 = base_lr (the schedule's peak); the default "
+              "rollback_max resolves to 0.01/eta_0, not to 0.01/lr(step 1) = 0.01/0",
+              groups=[FT(), SC(weight_decay=0.5)], tensors=[("w0", (4, 3), 0), ("b0", (3,), 0), ("head", (3, 2), 1)],
+              steps=10, lr=lambda t: 1e-2 * min(t - 1, 4) / 4, anchor_offset=0.2),
         _case("pull_clipped", "a schedule pushes lr*rho above 1 on steps 4-6: the coefficient is clipped to 1",
               groups=[FT(rollback_max=50.0)], tensors=[("w0", (3, 3), 0), ("w1", (3,), 0)], steps=8,
               lr=lambda t: 0.03 if 4 <= t <= 6 else 0.01, anchor_offset=0.4),

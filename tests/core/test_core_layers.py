@@ -123,3 +123,63 @@ def test_layer_rates_mixed_groups_share_numbering_but_not_rates():
     rates = dc.layer_rates([ft_a, sc, ft_b, sc, ft_a], layer_index=[0, 0, 1, 1, 2])
     # finetune layers 0, 1, 2 of L = 3 with each tensor's own group; scratch layers 0, 1 of L = 2.
     assert rates == [4.0, 0.9 * (1 / 2), 2.0 + 0.5 * 6.0, 0.9, 0.0]
+
+
+# --- the canonical default order (spec section 3) ------------------------------------------------------------
+
+def test_canonical_order_puts_weight_before_bias_and_numbers_modules_naturally():
+    """Flax flattens bias before kernel and Dense_10 before Dense_2; the canonical order undoes both."""
+    from decoupled_core import canonical_order
+
+    paths = [("Dense_0", "bias"), ("Dense_0", "kernel"), ("Dense_10", "bias"), ("Dense_10", "kernel"),
+             ("Dense_2", "bias"), ("Dense_2", "kernel")]
+    keys, ambiguous = canonical_order(paths)
+    assert [paths[i] for i in sorted(range(6), key=keys.__getitem__)] == [
+        ("Dense_0", "kernel"), ("Dense_0", "bias"), ("Dense_2", "kernel"), ("Dense_2", "bias"),
+        ("Dense_10", "kernel"), ("Dense_10", "bias")]
+    assert ambiguous == []
+
+
+def test_canonical_order_roles_scale_before_offset_unknown_between():
+    from decoupled_core import canonical_order
+
+    paths = [("layers_1", "bias"), ("layers_1", "scale"), ("layers_0", "bias"), ("layers_0", "recurrent_kernel"),
+             ("layers_0", "kernel")]
+    keys, ambiguous = canonical_order(paths)
+    order = [paths[i] for i in sorted(range(len(paths)), key=keys.__getitem__)]
+    assert order == [("layers_0", "kernel"), ("layers_0", "recurrent_kernel"), ("layers_0", "bias"),
+                     ("layers_1", "scale"), ("layers_1", "bias")]
+    assert ambiguous == []
+
+
+@pytest.mark.parametrize("paths, named", [
+    ([("encoder", "w"), ("head", "w")], "'encoder', 'head'"),
+    ([("Conv_0", "kernel"), ("BatchNorm_0", "scale"), ("Conv_1", "kernel")], "'BatchNorm_0', 'Conv_0', 'Conv_1'"),
+    ([("attn", "query"), ("attn", "key")], "'key', 'query'"),
+    ([("lstm_0", "kernel"), ("dense_1", "kernel")], "'dense_1', 'lstm_0'"),
+])
+def test_canonical_order_reports_what_the_names_do_not_say(paths, named):
+    from decoupled_core import canonical_order
+
+    _, ambiguous = canonical_order(paths)
+    assert len(ambiguous) == 1 and named in ambiguous[0]
+
+
+def test_canonical_order_takes_an_explicit_module_order():
+    from decoupled_core import HyperparameterError, canonical_order
+
+    paths = [("BatchNorm_0", "bias"), ("BatchNorm_0", "scale"), ("Conv_0", "bias"), ("Conv_0", "kernel")]
+    keys, ambiguous = canonical_order(paths, module_order=[("Conv_0",), ("BatchNorm_0",)])
+    assert keys == [3, 2, 1, 0] and ambiguous == []
+
+    with pytest.raises(HyperparameterError, match="covers every tensor"):
+        canonical_order(paths, module_order=[("Conv_0",)])
+    with pytest.raises(HyperparameterError, match="distinct module paths"):
+        canonical_order(paths, module_order=[("Conv_0",), ("Conv_0",)])
+
+
+def test_canonical_order_of_a_flat_list_is_its_positions():
+    from decoupled_core import canonical_order
+
+    assert canonical_order([(i,) for i in (0, 1, 10, 2)]) == ([0, 1, 3, 2], [])
+    assert canonical_order([("layers", 1, "w"), ("layers", 0, "w")]) == ([1, 0], [])

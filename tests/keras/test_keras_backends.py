@@ -74,7 +74,7 @@ def test_vectors_through_apply(backend):
     ran = {k: v for k, v in r.items() if v != "unsupported"}
     assert sorted(k for k, v in r.items() if v == "unsupported") == [
         "missing_grads.float64", "mixed_directions.float64"]  # shared step count; one direction per optimizer
-    assert sum(k.endswith("float64") for k in ran) == 18
+    assert sum(k.endswith("float64") for k in ran) == 19  # warmup_from_zero is the 19th case
     for key, v in ran.items():
         assert v["nan_pattern_ok"], key
         tol = FIT_EPS * 2.0**-52 if key.endswith("float64") else F32_EPS * F32_MACHINE_EPS

@@ -57,11 +57,11 @@ def test_default_numbering_is_natural_not_sorted():
     rates = layer_rates(dualopt(0.1, weight_decay=0.8, layer_index="module"), params)
     assert rates["Dense_2/kernel"] == 0.8 * (3 / 4) and rates["Dense_10/kernel"] == 0.8
     assert rates["Dense_0/bias"] == rates["Dense_0/kernel"] == 0.8 * (1 / 4)
-    leaf = layer_rates(dualopt(0.1, weight_decay=0.8), params)  # default: one layer per leaf, natural order
-    order = sorted(leaf, key=leaf.get)
-    assert order == ["Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel", "Dense_2/bias",
-                     "Dense_2/kernel", "Dense_10/bias", "Dense_10/kernel"]
-    assert leaf["Dense_10/kernel"] == 0.8
+    leaf = layer_rates(dualopt(0.1, weight_decay=0.8), params)  # default: one layer per leaf, canonical order
+    order = sorted(leaf, key=leaf.get)  # spec section 3: kernel before bias within a module
+    assert order == ["Dense_0/kernel", "Dense_0/bias", "Dense_1/kernel", "Dense_1/bias", "Dense_2/kernel",
+                     "Dense_2/bias", "Dense_10/kernel", "Dense_10/bias"]
+    assert leaf["Dense_10/bias"] == 0.8  # the deepest tensor: the last module's bias
 
 
 def test_finetune_rates_and_explicit_layer_index():
