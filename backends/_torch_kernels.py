@@ -32,6 +32,14 @@ group (same hyperparameters and learning rate):
     the spec's operations in the spec's order, so bitwise equal to the core on
     numpy). Elsewhere, and when it does not build, the two calls above.
 
+- :func:`traced_update` is what ``torch.compile`` traces: the core's rule per tensor on
+  torch ops, kept or discarded by a select on the device-side finiteness flag.
+
+On CUDA (``SYNC_FREE_DEVICES``) and under ``torch.compile``, nothing in a step waits for the
+device: the NaN/Inf flag (:func:`nonfinite_flag`) is a 0-d tensor handed to the fused kernel as
+``found_inf``, the pull weights are selected on the device, and the step counts (0-d float32
+tensors, as torch's fused Adam keeps them) advance by ``1 - flag``.
+
 float16/bfloat16 parameters are widened to float32 working copies, updated in
 float32 (moments and anchors are float32 by the spec) and rounded back once.
 """

@@ -28,7 +28,8 @@ with the *same* gradients, each with its own state:
   ``decoupled_core`` (a third of the repeats; ``--no-reference`` drops it);
 - ``DualOpt finetune compiled``: ``torch.compile(opt.step, fullgraph=True)`` (Inductor) of the
   default finetune optimizer: the core's rule traced and fused by the compiler. Compiling takes
-  a while (minutes for thousands of tensors), so ``--tiny`` and ``--no-compiled`` leave it out.
+  a while (minutes for thousands of tensors), so sets of more than ``COMPILE_MAX_TENSORS``
+  tensors, ``--tiny`` and ``--no-compiled`` leave it out.
 
 Repeats are interleaved: repeat r times every candidate once, in an order rotated
 by r, so that drifts of a shared machine hit all candidates alike. The table gives
@@ -67,6 +68,7 @@ from dualopt.torch import DualOpt
 BAR = {"DualOpt scratch": 1.0, "DualOpt finetune": 1.15}
 GUARDED = "AdamW fused, guarded (GradScaler route)"
 COMPILED = "DualOpt finetune compiled"
+COMPILE_MAX_TENSORS = 500
 
 
 def vit_b_shapes() -> list[tuple[int, ...]]:
@@ -179,6 +181,9 @@ def measure(name: str, shapes: list[tuple[int, ...]], repeats: int, with_referen
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
     for p in params:
         p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(device)
+    if with_compiled and len(params) > COMPILE_MAX_TENSORS:
+        print(f"\n({name}: no compiled row, {len(params)} tensors > COMPILE_MAX_TENSORS = {COMPILE_MAX_TENSORS})")
+        with_compiled = False
     opts = candidates(params, with_reference, with_compiled)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for opt in opts.values():  # warm-up: allocates state, first-touch pages, compiles
