@@ -414,7 +414,6 @@ class DualOpt(torch.optim.Optimizer):
     #: and checking the gradients itself: one check, and the unscale fuses into the Adam kernel.
     _step_supports_amp_scaling = True
 
-
     @property
     def skipped(self) -> int:
         """How many ``step()`` calls were skipped for non-finite gradients (``nonfinite="skip"``).
