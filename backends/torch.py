@@ -494,7 +494,6 @@ class DualOpt(torch.optim.Optimizer):
             else:
                 self._check_state(gi, group, idx, ps, grads, states, hp)
             runs.append((group, hp, ps, grads, states, rates, plan))
-        steps = [st["step"] for run in runs for st in run[4]]
         device = all_grads[0].device
         if self._sync_free(runs, all_grads, device):
             # The skip decided on the device (GradScaler's route): nothing is read back to the host.
@@ -507,11 +506,11 @@ class DualOpt(torch.optim.Optimizer):
                     count = self._skip_counts[str(flag.device)] = torch.zeros((), dtype=torch.int64,
                                                                               device=flag.device)
                 count.add_(flag.to(torch.int64))
-            if flag is None:
-                torch._foreach_add_(steps, 1.0)
-            else:
+            by: float | torch.Tensor = 1.0
+            if flag is not None:
                 flag = flag.to(device=device, dtype=torch.float32)
-                torch._foreach_add_(steps, 1.0 - flag)  # a skipped step does not count (spec section 8)
+                by = 1.0 - flag  # a skipped step does not count (spec section 8)
+            self._advance(runs, by)
             for group, hp, ps, grads, states, rates, plan in runs:
                 lr = float(group["lr"])
                 if plan is None:  # under torch.compile: the core's rule, traced
@@ -533,7 +532,7 @@ class DualOpt(torch.optim.Optimizer):
         if grad_scale is not None:
             for d, gs in _by_device(all_grads).items():
                 torch._foreach_div_(gs, grad_scale.to(d))
-        torch._foreach_add_(steps, 1.0)
+        self._advance(runs, 1.0)
         for group, hp, ps, grads, states, rates, plan in runs:
             lr = float(group["lr"])
             if plan is None:
@@ -541,6 +540,18 @@ class DualOpt(torch.optim.Optimizer):
             else:
                 plan.run(grads, hp=hp, lr=lr, maximize=group["maximize"])
         return loss
+
+    @staticmethod
+    def _advance(runs: Sequence[Any], by: float | torch.Tensor) -> None:
+        """Advance the step count of every tensor being updated by ``by``."""
+        loose = []
+        for run in runs:
+            if run[6] is None:
+                loose += [st["step"] for st in run[4]]
+            else:
+                run[6].advance(by)
+        if loose:
+            torch._foreach_add_(loose, by)
 
     @staticmethod
     def _sync_free(runs: Sequence[Any], grads: Sequence[torch.Tensor], device: torch.device) -> bool:
