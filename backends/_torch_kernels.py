@@ -32,6 +32,14 @@ group (same hyperparameters and learning rate):
     the spec's operations in the spec's order, so bitwise equal to the core on
     numpy). Elsewhere, and when it does not build, the two calls above.
 
+- :func:`traced_update` is what ``torch.compile`` traces: the core's rule per tensor on
+  torch ops, kept or discarded by a select on the device-side finiteness flag.
+
+On CUDA (``SYNC_FREE_DEVICES``) and under ``torch.compile``, nothing in a step waits for the
+device: the NaN/Inf flag (:func:`nonfinite_flag`) is a 0-d tensor handed to the fused kernel as
+``found_inf``, the pull weights are selected on the device, and the step counts (0-d float32
+tensors, as torch's fused Adam keeps them) advance by ``1 - flag``.
+
 float16/bfloat16 parameters are widened to float32 working copies, updated in
 float32 (moments and anchors are float32 by the spec) and rounded back once.
 """
@@ -56,9 +64,12 @@ __all__ = [
     "FAST_PATH_TOLERANCE",
     "fast_path_tolerance",
     "reference_update",
+    "traced_update",
     "FastPlan",
     "grads_finite_reference",
     "grads_finite_fast",
+    "nonfinite_flag",
+    "SYNC_FREE_DEVICES",
     "state_problem",
     "init_state",
 ]
@@ -76,6 +87,13 @@ FOLD_MIN_NUMEL = 1 << 15
 #: fused call, where one call for thousands of tensors costs less than gathering their
 #: pointers. The conformance suite sets it to 0 to run every spec vector through the kernel.
 NATIVE_MIN_NUMEL = FOLD_MIN_NUMEL
+
+#: Devices where ``step()`` decides a skip without reading anything back to the host: the
+#: finiteness flag stays a 0-d device tensor and reaches the fused kernel as ``found_inf``
+#: (GradScaler's route), the pull becomes a select and the step counts advance by ``1 - flag``.
+#: On CPU a host read costs nothing, so the CPU path keeps its cheaper check and the C kernel;
+#: under ``torch.compile`` every device takes the sync-free path (a host read breaks the graph).
+SYNC_FREE_DEVICES = ("cuda",)
 
 #: The fast Adam path's agreement with the reference path: after ``t`` updates
 #: (same gradients) the difference of a tensor (parameter or moment) stays below
@@ -115,7 +133,10 @@ def init_state(state: dict[str, Any], p: torch.Tensor, direction: str) -> None:
     group added, or a state dict loaded), and again before an update in case the
     state was cleared since.
     """
-    state.setdefault("step", 0)
+    if "step" not in state:
+        # A 0-d float32 tensor on the parameter's device, as torch's fused/capturable Adam keeps it:
+        # the fused kernel reads it there, and the sync-free path advances it without a host read.
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
     cd = compute_dtype(p.dtype, torch)
     zeros = lambda: torch.zeros_like(p, dtype=cd, memory_format=torch.preserve_format)  # noqa: E731
     if direction == "adam":
@@ -141,7 +162,45 @@ def reference_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
         else:
             ds = SGDState(st["momentum_buffer"])
         anchor = st["anchor"] if hp.paradigm == "finetune" else None  # a finetune tensor must have one
-        new_p, new_ds = step_tensor(p.detach(), g, ds, anchor, hp=hp, lr=lr, step=st["step"], rate=rate, xp=xp)
+        new_p, new_ds = step_tensor(p.detach(), g, ds, anchor, hp=hp, lr=lr, step=int(st["step"]), rate=rate, xp=xp)
+        p.copy_(new_p)
+        for old, new in zip(ds, new_ds):
+            old.copy_(new)
+
+
+def traced_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], states: Sequence[dict[str, Any]],
+                  rates: Sequence[float], *, hp: HyperParams, lr: float, maximize: bool,
+                  found_inf: torch.Tensor | None, grad_scale: torch.Tensor | None) -> None:
+    """The update under ``torch.compile``: :func:`decoupled_core.step_tensor` traced, kept where ``found_inf`` is 0.
+
+    The spec's operations in the spec's order, as torch ops that the compiler fuses
+    (Inductor: one loop per tensor over parameter, gradient, moments and anchor);
+    the fused Adam kernel and the C kernel are opaque to it. Nothing is read on
+    the host: the step count is the state's tensor (already advanced by
+    ``1 - found_inf``) and the update is a select, so a skipped step leaves every
+    bit of the parameter and its state in place. ``grad_scale`` divides the
+    gradients first (GradScaler's unscale).
+    """
+    xp = _xp()
+    keep = None if found_inf is None else found_inf != 0
+    for p, g, st, rate in zip(params, grads, states, rates):
+        cd = compute_dtype(p.dtype, torch)
+        g = g.to(cd)
+        if grad_scale is not None:
+            g = g / grad_scale.to(cd)
+        if maximize:
+            g = -g
+        if hp.direction == "adam":
+            ds: Any = AdamState(st["exp_avg"], st["exp_avg_sq"])
+        else:
+            ds = SGDState(st["momentum_buffer"])
+        anchor = st["anchor"] if hp.paradigm == "finetune" else None
+        # float64 like the host's coefficients (spec: scalars on the host in float64)
+        step = st["step"].to(torch.float64)
+        new_p, new_ds = step_tensor(p.detach().to(cd), g, ds, anchor, hp=hp, lr=lr, step=step, rate=rate, xp=xp)
+        if keep is not None:
+            new_p = torch.where(keep, p.detach().to(cd), new_p)
+            new_ds = [torch.where(keep, old, new) for old, new in zip(ds, new_ds)]
         p.copy_(new_p)
         for old, new in zip(ds, new_ds):
             old.copy_(new)
@@ -202,6 +261,28 @@ def grads_finite_fast(grads: Sequence[torch.Tensor]) -> bool:
     return all(bool(f) for f in flags)
 
 
+def nonfinite_flag(grads: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A 0-d float32 tensor on ``device``: 1.0 where any gradient holds a NaN or Inf, else 0.0; no host read.
+
+    Contiguous gradients go through GradScaler's multi-tensor check
+    (``_amp_foreach_non_finite_check_and_unscale_`` with ``inv_scale = 1``, which
+    writes each value back unchanged); any other layout (expanded, stride-0 views,
+    whose elements share memory) is read with ``isfinite().all()``. All gradients
+    must be plain tensors on ``device``.
+    """
+    found = torch.zeros((), dtype=torch.float32, device=device)
+    one = torch.ones((), dtype=torch.float32, device=device)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        if g.is_contiguous():
+            by_dtype.setdefault(g.dtype, []).append(g)
+        else:
+            found = torch.maximum(found, (~torch.isfinite(g).all()).to(torch.float32))
+    for gs in by_dtype.values():
+        torch._amp_foreach_non_finite_check_and_unscale_(gs, found, one)
+    return found
+
+
 def state_problem(p: torch.Tensor, grad: torch.Tensor | None, state: dict[str, Any],
                   keys: Sequence[str]) -> str | None:
     """Why ``p``'s gradient or state tensors ``keys`` do not fit ``p``, else None.
@@ -251,6 +332,7 @@ class _Bucket:
             hp.direction == "adam" and hp.paradigm == "finetune" and self.device.type == "cpu"
             and self.cd in native.NATIVE_DTYPES) else []
         self.lr: float | None = None
+        self._rates_key: tuple[int, ...] | None = None
 
     def set_lr(self, lr: float) -> None:
         """Pull coefficients for learning rate ``lr`` (host float64, ``decoupled_core.pull_coefficient``)."""
@@ -284,11 +366,22 @@ class _Bucket:
                 else:
                     self.rest.append(k)
         self.pulled = [k for k in self.rest if cs[k] != 0.0]
-        if self.foldable:
-            scalars = [1.0 - cs[k] for k in self.pulled]  # multiplies pre: (1 - c) * pre
-        else:
-            scalars = [cs[k] for k in self.pulled]  # the core's c * (pre - a) and c * pre
-        self.pull_scalars = _scalars(scalars, self.cd, self.device) if scalars else []
+        if not self.pulled:
+            self.pull_stack = None
+            self.pull_scalars = []
+            return
+        key = tuple(self.pulled)
+        if key != self._rates_key:  # a host-to-device copy only when the pulled set changes, not per lr
+            self._rates = torch.tensor([self.rates[k] for k in self.pulled], dtype=torch.float64,
+                                       device=self.device)
+            self._rates_key = key
+        # The host's coefficients, formed on the device in the host's float64 (same bits as
+        # pull_coefficient on floats) and rounded once to the working dtype.
+        c = pull_coefficient(self.lr, self._rates, xp=_xp())
+        # scratch multiplies pre by (1 - c); finetune lerps by c; SGD forms the core's c * (pre - a), c * pre.
+        stack = 1.0 - c if self.foldable else c
+        self.pull_stack = stack.to(self.cd)
+        self.pull_scalars = list(self.pull_stack.unbind())
 
 
 class FastPlan:
@@ -319,6 +412,15 @@ class FastPlan:
                 self.loop.append(i)
         self.buckets = [_Bucket(idx, params, states, rates, hp) for idx in groups.values()]
         self.params, self.states, self.rates = params, states, rates
+        self._step_buffer: torch.Tensor | None = None
+        if params and all(p.device.type == "cpu" for p in params):
+            # On CPU a multi-tensor add is a loop of single adds (3 ms for 2000 counts): the counts
+            # become 0-d views of one buffer, advanced by one add. CUDA's multi-tensor add is one kernel.
+            buf = torch.stack([st["step"].detach().to(torch.float32) for st in states])
+            for i, st in enumerate(states):
+                st["step"] = buf[i]
+            self._step_buffer = buf
+        self._steps = [st["step"] for st in states]
         self._tensors = [st[k] for st in states for k in self._names]
         self._dtypes = [p.dtype for p in params]
 
@@ -333,13 +435,36 @@ class FastPlan:
         """
         return (len(states) == len(self.states) and all(map(operator.is_, states, self.states))
                 and all(map(operator.is_, self._tensors, [st.get(k) for st in states for k in self._names]))
+                and all(map(operator.is_, self._steps, [st.get("step") for st in states]))
                 and [p.dtype for p in self.params] == self._dtypes)
 
-    def run(self, grads: Sequence[torch.Tensor], *, hp: HyperParams, lr: float, maximize: bool) -> None:
+    def advance(self, by: float | torch.Tensor = 1.0) -> None:
+        """Add ``by`` (1, or ``1 - found_inf`` on the device) to the step count of every tensor of the plan."""
+        if self._step_buffer is not None:
+            self._step_buffer.add_(by)
+        else:
+            torch._foreach_add_(self._steps, by)
+
+    @property
+    def sync_free(self) -> bool:
+        """Whether :meth:`run` can take ``found_inf`` without a host read: Adam, every tensor on torch's kernels.
+
+        The C kernel (CPU only) and the reference loop read the step count on the host.
+        """
+        return (self._names[0] == "exp_avg" and not self.loop
+                and (torch.compiler.is_compiling() or not any(b.native_candidates for b in self.buckets)))
+
+    def run(self, grads: Sequence[torch.Tensor], *, hp: HyperParams, lr: float, maximize: bool,
+            found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> None:
         """Apply one update; ``grads`` aligned with the plan's params, step counts already advanced.
 
         ``hp`` is the group's current hyperparameters (same direction and paradigm as the plan's).
+        ``found_inf`` (0-d float32, only where :attr:`sync_free`): 1.0 makes the update change
+        nothing, decided on the device. ``grad_scale`` (same condition): the gradients are
+        divided by it inside the fused kernel (GradScaler's scale).
         """
+        if (found_inf is not None or grad_scale is not None) and not self.sync_free:
+            raise RuntimeError("DualOpt: found_inf/grad_scale need the sync-free path (Adam on torch's kernels)")
         loop = self.loop
         fused: list[tuple[_Bucket, list[torch.Tensor]]] = []
         for b in self.buckets:
@@ -360,7 +485,8 @@ class FastPlan:
             else:
                 work = b.params
             if hp.direction == "adam":
-                _fused_adam(b, work, gs, hp=hp, lr=lr, maximize=maximize)
+                _fused_adam(b, work, gs, hp=hp, lr=lr, maximize=maximize, found_inf=found_inf,
+                            grad_scale=grad_scale)
             else:
                 _foreach_sgd(b, work, gs, hp=hp, lr=lr, maximize=maximize)
             if b.cd != b.dtype:
@@ -374,17 +500,13 @@ def _scalars(values: list[float], dtype: torch.dtype, device: torch.device) -> l
     return list(torch.tensor(values, dtype=dtype, device=device).unbind())
 
 
-def _step_tensors(states: Sequence[dict[str, Any]], device: torch.device) -> list[torch.Tensor]:
-    # One float32 tensor per distinct step count (usually one): the fused kernel
-    # reads t from it to form the bias corrections; our count stays a Python int.
-    cache: dict[int, torch.Tensor] = {}
-    out = []
-    for st in states:
-        t = st["step"]
-        if t not in cache:
-            cache[t] = torch.tensor(float(t), dtype=torch.float32, device=device)
-        out.append(cache[t])
-    return out
+def _where_flag(flag: torch.Tensor | None, on_skip: float, b: _Bucket) -> list[torch.Tensor]:
+    # The pull as a select: the bucket's weights where the step goes ahead, ``on_skip`` (a pull
+    # that changes nothing) where ``flag`` says skip; one small op, whatever the number of tensors.
+    if flag is None:
+        return b.pull_scalars
+    values = b.pull_stack
+    return list(torch.where(flag != 0, torch.full_like(values, on_skip), values).unbind())
 
 
 def _native_adam(b: _Bucket, work: list[torch.Tensor], grads: list[torch.Tensor], *, hp: HyperParams, lr: float,
@@ -404,7 +526,7 @@ def _native_adam(b: _Bucket, work: list[torch.Tensor], grads: list[torch.Tensor]
         return False
     by_step: dict[int, list[int]] = {}
     for k in ks:
-        by_step.setdefault(b.states[k]["step"], []).append(k)
+        by_step.setdefault(int(b.states[k]["step"]), []).append(k)  # CPU only: no device to wait for
     for step, kk in by_step.items():
         coeffs = adam_coefficients(lr, hp.beta1, hp.beta2, step)
         pick = lambda xs: [xs[k] for k in kk]  # noqa: E731
@@ -415,7 +537,7 @@ def _native_adam(b: _Bucket, work: list[torch.Tensor], grads: list[torch.Tensor]
 
 
 def _fused_adam(b: _Bucket, work: list[torch.Tensor], grads: list[torch.Tensor], *, hp: HyperParams, lr: float,
-                maximize: bool) -> None:
+                maximize: bool, found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> None:
     if b.native and not _native_adam(b, work, grads, hp=hp, lr=lr, maximize=maximize):
         b.use_native(False)  # torch's kernels take these tensors this time
         try:
@@ -423,8 +545,9 @@ def _fused_adam(b: _Bucket, work: list[torch.Tensor], grads: list[torch.Tensor],
         finally:
             b.use_native(True)
         return
-    steps = _step_tensors(b.states, b.device)
-    kw = dict(beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, amsgrad=False, maximize=maximize)
+    steps = [st["step"] for st in b.states]
+    kw = dict(beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, amsgrad=False, maximize=maximize, found_inf=found_inf,
+              grad_scale=grad_scale)
     for c, ks in b.folded.items():
         lr_folded = lr * (1.0 - c)
         torch._fused_adamw_([work[k] for k in ks], [grads[k] for k in ks], [b.m[k] for k in ks],
@@ -441,9 +564,10 @@ def _fused_adam(b: _Bucket, work: list[torch.Tensor], grads: list[torch.Tensor],
     pre = work if len(b.pulled) == len(work) else [work[k] for k in b.pulled]
     if hp.paradigm == "finetune":
         assert b.anchors is not None
-        torch._foreach_lerp_(pre, [b.anchors[k] for k in b.pulled], [b.cs[k] for k in b.pulled])
+        # pre + c * (a - pre); a skipped step lerps by 0 (pre + 0 * (a - pre)).
+        torch._foreach_lerp_(pre, [b.anchors[k] for k in b.pulled], _where_flag(found_inf, 0.0, b))
     elif hp.paradigm == "scratch":
-        torch._foreach_mul_(pre, b.pull_scalars)  # (1 - c) * pre
+        torch._foreach_mul_(pre, _where_flag(found_inf, 1.0, b))  # (1 - c) * pre
 
 
 def _foreach_sgd(b: _Bucket, work: list[torch.Tensor], grads: list[torch.Tensor], *, hp: HyperParams, lr: float,

@@ -28,7 +28,7 @@ snapshot of the weights at construction):
 ...     opt.zero_grad()
 ...     torch.nn.functional.cross_entropy(model(x), y).backward()
 ...     opt.step()
->>> opt.state[model.backbone[0].weight]["step"]
+>>> int(opt.state[model.backbone[0].weight]["step"])
 3
 
 The backbone's two Linear layers are finetune layers 0 and 1 (``layer_index="module"``
@@ -58,11 +58,13 @@ from decoupled_core import (
     warn_finetune_weight_decay,
 )
 
+from . import _torch_kernels as _kernels
 from ._torch_kernels import (
     FastPlan,
     grads_finite_fast,
     grads_finite_reference,
     init_state,
+    nonfinite_flag,
     reference_update,
     state_problem,
 )
@@ -84,6 +86,18 @@ _PUBLIC_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
 _TENSOR_LR = "a tensor holding one such value (any shape with one element, as torch.optim takes it)"
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "anchor")
 _DIRECTION_STATE = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
+
+
+def _by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    out: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        out.setdefault(t.device, []).append(t)
+    return out
+
+
+def _global_flag(flag: torch.Tensor) -> bool:
+    """GradScaler's ``found_inf`` as a host bool (the host route reads it; GradScaler's eager route does too)."""
+    return bool(flag.item() != 0)
 
 
 def _label(name: str) -> str:
@@ -165,7 +179,8 @@ class DualOpt(torch.optim.Optimizer):
 
     Notes
     -----
-    - State per tensor (``optimizer.state[p]``): ``step`` (int), ``exp_avg`` and
+    - State per tensor (``optimizer.state[p]``): ``step`` (a 0-d float32 tensor
+      on the parameter's device, as torch's fused Adam keeps it), ``exp_avg`` and
       ``exp_avg_sq`` (adam) or ``momentum_buffer`` (sgd), ``anchor`` (finetune),
       in the compute dtype: float32 for float16/bfloat16 parameters, else the
       parameter's dtype. It is created with the optimizer (constructor and
@@ -195,10 +210,17 @@ class DualOpt(torch.optim.Optimizer):
       ``RuntimeError`` that names it, before anything is updated (as
       ``torch.optim.Adam`` fails too); ``opt.load_state_dict(opt.state_dict())``
       converts the state to the parameters as they are now.
-    - ``step()`` runs eagerly inside ``torch.compile``'d code (it is excluded from
-      tracing): compiling a training step that calls it works unchanged.
-    - ``torch.amp.GradScaler`` unscales and skips steps with inf itself; such
-      skips are not counted in :attr:`skipped`.
+    - On CUDA (and under ``torch.compile`` on any device) the Adam fast path
+      never waits for the device: the NaN/Inf check leaves a 0-d flag on the
+      device, torch's fused kernel takes it as ``found_inf``, the pull is a select
+      and the step counts advance by ``1 - flag``. ``torch.compile(opt.step,
+      fullgraph=True)`` traces it whole. The C kernel (CPU), the reference loop
+      (``foreach=False``), the SGD direction and sharded (DTensor) gradients read
+      the flag on the host.
+    - ``torch.amp.GradScaler`` hands its scale and its inf flag to ``step()``
+      (``_step_supports_amp_scaling``): the gradients are checked once, by the
+      scaler, and unscaled inside the fused kernel. Steps it skips are not
+      counted in :attr:`skipped`.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, *, direction: str = "adam",
@@ -420,6 +442,8 @@ class DualOpt(torch.optim.Optimizer):
         # Fast-path plans hold lists of state tensors: rebuilt after any renumbering or load.
         self._plans: dict[int, FastPlan] = {}
         self._paradigms = [g["paradigm"] for g in self.param_groups]
+        # Skips decided on the device (sync-free path), one 0-d int64 tensor per device; read by `skipped`.
+        self.__dict__.setdefault("_skip_counts", {})
 
     def _rates(self, gi: int, hp: HyperParams) -> list[float]:
         key = (hp.paradigm, hp.weight_decay, hp.rollback_max, hp.rollback_min, hp.rollback_power)
@@ -449,24 +473,30 @@ class DualOpt(torch.optim.Optimizer):
             out.update(zip(display_names(group, gi), self._rates(gi, _group_hp(group))))
         return out
 
+    #: GradScaler then sets ``grad_scale`` and ``found_inf`` on the optimizer instead of unscaling
+    #: and checking the gradients itself: one check, and the unscale fuses into the Adam kernel.
+    _step_supports_amp_scaling = True
+
     @property
     def skipped(self) -> int:
         """How many ``step()`` calls were skipped for non-finite gradients (``nonfinite="skip"``).
 
         Also stored as ``"skipped"`` in every param group, so that it travels in
         :meth:`state_dict` (see the class notes); assigning it updates the groups.
+        On CUDA the count lives on the device (``step()`` never waits for it);
+        reading it waits for the steps queued so far.
         """
-        return self._skipped
+        return self._skipped + sum(int(c) for c in self._skip_counts.values())
 
     @skipped.setter
     def skipped(self, value: int) -> None:
         self._skipped = int(value)
+        self._skip_counts.clear()
         for group in self.param_groups:
             group[_SKIPPED_KEY] = self._skipped
 
     # ------------------------------------------------------------------ step
 
-    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every tensor that has a gradient; returns ``closure()``'s loss if given."""
@@ -493,12 +523,10 @@ class DualOpt(torch.optim.Optimizer):
             all_grads += grads
         if not work:
             return loss
-        if self.nonfinite == "skip":
-            fast = any(g["foreach"] is not False for _, g, _, _ in work)
-            finite = grads_finite_fast(all_grads) if fast else grads_finite_reference(all_grads)
-            if not finite:
-                self.skipped += 1
-                return loss
+        # Set by torch.amp.GradScaler for the duration of this call (_step_supports_amp_scaling):
+        # its own check's flag, and the scale the gradients still carry.
+        scaler_inf: torch.Tensor | None = getattr(self, "found_inf", None)
+        grad_scale: torch.Tensor | None = getattr(self, "grad_scale", None)
         # Everything is checked before anything changes: an error leaves no tensor and no step count half-updated.
         runs = []
         for gi, group, idx, grads in work:
@@ -518,7 +546,7 @@ class DualOpt(torch.optim.Optimizer):
                     init_state(st, p, hp.direction)
             rates = [rates_all[j] for j in idx] if len(idx) != len(params) else rates_all
             plan = None
-            if group["foreach"] is not False:
+            if group["foreach"] is not False and not torch.compiler.is_compiling():
                 # What shapes a plan (see FastPlan); the other hyperparameters are read every step.
                 key = (tuple(idx), hp.direction, hp.paradigm, hp.weight_decay, hp.rollback_max, hp.rollback_min,
                        hp.rollback_power)
@@ -529,15 +557,75 @@ class DualOpt(torch.optim.Optimizer):
             else:
                 self._check_state(gi, group, idx, ps, grads, states, hp)
             runs.append((group, hp, ps, grads, states, rates, plan))
+        device = all_grads[0].device
+        if self._sync_free(runs, all_grads, device):
+            # The skip decided on the device (GradScaler's route): nothing is read back to the host.
+            flag = scaler_inf
+            if flag is None and self.nonfinite == "skip":
+                flag = nonfinite_flag(all_grads, device)
+                # A dict entry, not an attribute: dynamo drops attribute writes on an optimizer (torch 2.13).
+                count = self._skip_counts.get(str(flag.device))
+                if count is None:
+                    count = self._skip_counts[str(flag.device)] = torch.zeros((), dtype=torch.int64,
+                                                                              device=flag.device)
+                count.add_(flag.to(torch.int64))
+            by: float | torch.Tensor = 1.0
+            if flag is not None:
+                flag = flag.to(device=device, dtype=torch.float32)
+                by = 1.0 - flag  # a skipped step does not count (spec section 8)
+            self._advance(runs, by)
+            for group, hp, ps, grads, states, rates, plan in runs:
+                lr = float(group["lr"])
+                if plan is None:  # under torch.compile: the core's rule, traced
+                    _kernels.traced_update(ps, grads, states, rates, hp=hp, lr=lr, maximize=group["maximize"],
+                                           found_inf=flag, grad_scale=grad_scale)
+                else:
+                    plan.run(grads, hp=hp, lr=lr, maximize=group["maximize"], found_inf=flag, grad_scale=grad_scale)
+            return loss
+        # Host route (CPU, the C kernel, the reference loop, SGD, sharded or multi-device gradients).
+        if scaler_inf is not None:
+            if _global_flag(scaler_inf):
+                return loss  # GradScaler's skip: not counted in skipped (it counts its own in its scale)
+        elif self.nonfinite == "skip":
+            fast = any(g["foreach"] is not False for _, g, _, _ in work)
+            finite = grads_finite_fast(all_grads) if fast else grads_finite_reference(all_grads)
+            if not finite:
+                self.skipped += 1
+                return loss
+        if grad_scale is not None:
+            for d, gs in _by_device(all_grads).items():
+                torch._foreach_div_(gs, grad_scale.to(d))
+        self._advance(runs, 1.0)
         for group, hp, ps, grads, states, rates, plan in runs:
-            for st in states:
-                st["step"] += 1
             lr = float(group["lr"])
             if plan is None:
                 reference_update(ps, grads, states, rates, hp=hp, lr=lr, maximize=group["maximize"])
             else:
                 plan.run(grads, hp=hp, lr=lr, maximize=group["maximize"])
         return loss
+
+    @staticmethod
+    def _advance(runs: Sequence[Any], by: float | torch.Tensor) -> None:
+        """Advance the step count of every tensor being updated by ``by``."""
+        loose = []
+        for run in runs:
+            if run[6] is None:
+                loose += [st["step"] for st in run[4]]
+            else:
+                run[6].advance(by)
+        if loose:
+            torch._foreach_add_(loose, by)
+
+    @staticmethod
+    def _sync_free(runs: Sequence[Any], grads: Sequence[torch.Tensor], device: torch.device) -> bool:
+        """Whether this step takes the device-side skip (see ``_torch_kernels.SYNC_FREE_DEVICES``)."""
+        if not torch.compiler.is_compiling():
+            if device.type not in _kernels.SYNC_FREE_DEVICES:
+                return False
+            if not all(run[6] is not None and run[6].sync_free for run in runs):
+                return False
+        # A sharded (DTensor) gradient's flag needs a cross-rank reduction: the host route does it.
+        return all(type(g) is torch.Tensor and g.device == device for g in grads)
 
     def _check_state(self, gi: int, group: Mapping[str, Any], idx: Sequence[int], ps: Sequence[torch.Tensor],
                      grads: Sequence[torch.Tensor], states: Sequence[dict[str, Any]], hp: HyperParams) -> None:
@@ -560,12 +648,20 @@ class DualOpt(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict()``, with the skip counter brought up to date in every param group."""
+        if self._skip_counts:
+            self.skipped = self.skipped  # folds the device count into the host one (a read)
+        return super().state_dict()
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         for key in ("nonfinite", "_skipped", "_layer_keys", "_anchor_arg", "_all_defaults", "_layout",
                     "_rate_cache", "_paradigms"):
             state[key] = self.__dict__[key]
         state["_plans"] = {}  # caches of tensor lists; rebuilt on the next step
+        state["_skipped"] = self.skipped  # with the skips counted on the device
+        state["_skip_counts"] = {}
         return state
 
     @staticmethod
@@ -679,7 +775,9 @@ class DualOpt(torch.optim.Optimizer):
             for k, v in entries.items():
                 self.state[p][k] = v.detach().to(device=p.device, dtype=cd, copy=True)
             if "step" in self.state[p]:
-                self.state[p]["step"] = int(self.state[p]["step"])
+                step = self.state[p]["step"]
+                step = step.item() if isinstance(step, torch.Tensor) else step
+                self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
         for gi, group in enumerate(self.param_groups):
             group[_FORMAT_KEY] = STATE_FORMAT  # (a dict of the first layout has no tags in its groups)
             self._check_group(group, gi)
@@ -722,6 +820,7 @@ class DualOpt(torch.optim.Optimizer):
         super().__setstate__(state)
         if "_layer_keys" not in self.__dict__:  # unpickled from a plain torch.optim state
             raise invalid("state", "<pickled without DualOpt attributes>", "a pickled DualOpt")
+        self.__dict__.setdefault("_skip_counts", {})
 
     # ------------------------------------------------------------------ display
 

@@ -294,7 +294,10 @@ def test_fsdp_checkpoint_with_torch_helpers_resumes_bitwise(fsdp: list[dict], ap
             for key, e in r["layout"][name].items():
                 assert e["dtensor"] and e["same_placements"] and e["local_shape"] == e["param_local_shape"], (name, key)
         # What was saved: every state tensor a Shard(0) DTensor (whole tensors for full_state_dict).
-        layout = r["saved_layout"]
+        layout = dict(r["saved_layout"])
+        # Step counts: 0-d plain tensors, one per parameter (as torch's fused Adam saves them).
+        steps = {k: layout.pop(k) for k in list(layout) if k.endswith("step")}
+        assert len(steps) == len(NAMES) and all(v == ("Tensor", "()", ()) for v in steps.values()), steps
         assert len(layout) == len(NAMES) * 2 + len(FINETUNE), layout  # moments of all, anchors of the backbone
         if api == "full_state_dict":
             assert all(kind == "Tensor" and placements == "()" for kind, placements, _ in layout.values()), layout

@@ -125,7 +125,7 @@ def _amp(init_scale: float) -> dict:
         skips += scaler.get_scale() < before  # the scale only shrinks after an inf/NaN step it skipped
     with torch.no_grad():
         final = torch.nn.functional.cross_entropy(m(torch.from_numpy(x)).float(), torch.from_numpy(y).long()).item()
-    steps = {opt.state[p]["step"] for p in m.parameters()}
+    steps = {int(opt.state[p]["step"]) for p in m.parameters()}
     return {"final": final, "skips": skips, "steps": steps, "dualopt_skipped": opt.skipped,
             "finite": all(bool(torch.isfinite(p).all()) for p in m.parameters())}
 

@@ -99,7 +99,7 @@ def test_state_is_created_with_the_optimizer():
         cd = torch.float32 if p.dtype == torch.bfloat16 else p.dtype
         for k, v in st.items():
             if k == "step":
-                assert v == 0 and type(v) is int
+                assert v == 0 and v.dtype == torch.float32 and v.shape == () and v.device == p.device
             elif k == "anchor":
                 assert v.dtype == cd and same_bits(v, p.detach().to(cd)) and v.data_ptr() != p.data_ptr()
             else:

@@ -37,9 +37,15 @@ def test_step_cost_benchmark_tiny_mode():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_cost_torch.py"), "--tiny"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    rows = dict(re.findall(r"^  (AdamW [\w-]+|DualOpt [\w ]+?)\s+[\d.]+\s+([\d.]+)x$", out.stdout, re.M))
-    assert set(rows) == {"AdamW fused", "AdamW for-loop", "DualOpt scratch", "DualOpt scratch propagate",
-                         "DualOpt finetune", "DualOpt finetune propagate", "DualOpt finetune reference loop"}
-    assert float(rows["AdamW fused"]) == 1.0 and all(float(r) > 0 for r in rows.values())
-    assert re.search(r"^  bar: scratch [\d.]+x \(bar 1\.0x: (met|NOT met); propagate [\d.]+x\), finetune", out.stdout,
+    rows = {k: (a, b) for k, a, b in re.findall(
+        r"^  (AdamW [\w-]+(?:, guarded \(GradScaler route\))?|DualOpt [\w ]+?)\s+[\d.]+\s+([\d.]+)x\s+([\d.]+)x$",
+        out.stdout, re.M)}
+    assert set(rows) == {"AdamW fused", "AdamW fused, guarded (GradScaler route)", "AdamW for-loop", "DualOpt scratch",
+                         "DualOpt scratch propagate", "DualOpt finetune", "DualOpt finetune propagate",
+                         "DualOpt finetune reference loop"}
+    assert float(rows["AdamW fused"][0]) == 1.0 and float(rows["AdamW fused, guarded (GradScaler route)"][1]) == 1.0
+    assert all(float(r) > 0 for pair in rows.values() for r in pair)
+    assert re.search(r"^  skip vs guarded route: scratch [\d.]+x \(bar 1\.00x: (met|NOT met)\), finetune", out.stdout,
                      re.M)
+    assert re.search(r"^  propagate vs AdamW fused: scratch [\d.]+x \(bar 1\.00x: (met|NOT met)\), finetune",
+                     out.stdout, re.M)
