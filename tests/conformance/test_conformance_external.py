@@ -18,6 +18,7 @@ import pytest
 
 from dualopt.conformance.external import ReplayImplementation, check_case, pytest_suite, vector_paths
 from dualopt.conformance.impl_core import replay_reference
+from dualopt.spec.vectors import vector_files
 from dualopt.conformance.runner import run_suite
 from dualopt.spec.vectors import load_case, load_cases
 
@@ -119,7 +120,8 @@ def test_cli_core_backends_pass_and_write_the_report(tmp_path):
     assert "== aggregate" in proc.stdout and "== open loop, adam_scratch.float64" in proc.stdout
     assert "dualopt conformance: PASS - 2 implementations" in proc.stdout
     # Progress goes to stderr: k/N cases per implementation, and the counts when it is done.
-    done = r"\[open\]   core\[numpy\] \(exact\): 40/40 cases in [0-9.]+ s: 40 exact"
+    n = len(vector_files())
+    done = rf"\[open\]   core\[numpy\] \(exact\): {n}/{n} cases in [0-9.]+ s: {n} exact"
     assert re.search(done, proc.stderr), proc.stderr
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["conformance.json", "conformance.md",
                                                                       "conformance.png"]

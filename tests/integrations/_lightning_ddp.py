@@ -59,7 +59,7 @@ def main(root: Path) -> None:
     assert torch.equal(opt.state[first]["anchor"], pretrained)
     for p, q in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
-    print(f"rank {resumed.trainer.global_rank} bitwise after {opt.state[first]['step']} steps")
+    print(f"rank {resumed.trainer.global_rank} bitwise after {int(opt.state[first]['step'])} steps")
 
 
 if __name__ == "__main__":
