@@ -177,16 +177,7 @@ def no_pull_param_groups(model: torch.nn.Module, head: str | Sequence[str] | Non
     heads = _head_names(head)
     owners = _owners(model)
     _check_heads(heads, list(owners))
-    buckets: dict[tuple[str, bool], list[tuple[str, torch.Tensor]]] = {
-        ("finetune", False): [], ("none", False): [], (head_paradigm, True): [], ("none", True): []}
-    for name, (module, p) in owners.items():
-        if not p.requires_grad:
-            continue
-        is_head = any(_matches(name, h) for h in heads)
-        if rule(name, p, module):
-            buckets[("none", is_head)].append((name, p))
-        else:
-            buckets[(head_paradigm if is_head else "finetune", is_head)].append((name, p))
+    buckets = _backbone_and_head(owners, heads, rule, head_paradigm)
     groups = _groups(buckets, {False: {}, True: _head_settings(head_lr, head_weight_decay)})
     if not groups:
         raise invalid("model", f"<{type(model).__name__}>", "a module with trainable parameters")
@@ -269,22 +260,29 @@ def peft_param_groups(model: torch.nn.Module, head: str | Sequence[str] | None =
     adapters = _adapter_names(model)
     adapter_buckets: dict[tuple[str, bool], list[tuple[str, torch.Tensor]]] = {("scratch", False): [],
                                                                              ("finetune", False): []}
-    buckets: dict[tuple[str, bool], list[tuple[str, torch.Tensor]]] = {
-        ("finetune", False): [], ("none", False): [], (head_paradigm, True): [], ("none", True): []}
     for name, (module, p) in owners.items():
-        if not p.requires_grad:
-            continue
-        if name in adapters:
+        if p.requires_grad and name in adapters:
             adapter_buckets[(adapters[name], False)].append((name, p))
-            continue
-        is_head = any(_matches(name, h) for h in heads)
-        if rule(name, p, module):
-            buckets[("none", is_head)].append((name, p))
-        else:
-            buckets[(head_paradigm if is_head else "finetune", is_head)].append((name, p))
+    buckets = _backbone_and_head({k: v for k, v in owners.items() if k not in adapters}, heads, rule, head_paradigm)
     if not any(adapter_buckets.values()):
         raise invalid("model", f"<{type(model).__name__}>",
                       "a PEFT model with trainable adapter weights (peft.get_peft_model(...), adapters not frozen)")
     adapter_settings = {False: _head_settings(adapter_lr, adapter_weight_decay)}
     return (_groups(adapter_buckets, adapter_settings)
             + _groups(buckets, {False: {}, True: _head_settings(head_lr, head_weight_decay)}))
+
+
+def _backbone_and_head(owners: dict[str, tuple[Any, torch.Tensor]], heads: Sequence[str], rule: Callable[..., bool],
+                       head_paradigm: str) -> dict[tuple[str, bool], list[tuple[str, torch.Tensor]]]:
+    """Trainable tensors by (paradigm, in a head): no-pull ones (``rule``) "none", the rest finetune or the head's."""
+    buckets: dict[tuple[str, bool], list[tuple[str, torch.Tensor]]] = {
+        ("finetune", False): [], ("none", False): [], (head_paradigm, True): [], ("none", True): []}
+    for name, (module, p) in owners.items():
+        if not p.requires_grad:
+            continue
+        is_head = any(_matches(name, h) for h in heads)
+        if rule(name, p, module):
+            buckets[("none", is_head)].append((name, p))
+        else:
+            buckets[(head_paradigm if is_head else "finetune", is_head)].append((name, p))
+    return buckets
