@@ -17,7 +17,7 @@ with the *same* gradients, each with its own state:
   scratch <= 1.0x, finetune <= 1.15x of it);
 - ``AdamW for-loop``: ``torch.optim.AdamW(foreach=False)``, torch's default on CPU;
 - ``DualOpt scratch`` / ``DualOpt finetune``: the default fast path (finetune:
-  the C kernel of ``dualopt._torch_native`` where it builds; the header line says), with
+  the C kernel of ``dualopt.torch._native`` where it builds; the header line says), with
   ``nonfinite="skip"`` (the default: one read of the gradients for the NaN/Inf
   check, which AdamW does not make) and with ``nonfinite="propagate"`` (no check);
 - ``DualOpt finetune, no C kernel``: the same optimizer as ``DualOpt finetune``
@@ -59,9 +59,9 @@ from typing import Callable
 
 import torch
 
-from dualopt._torch_kernels import NATIVE_MIN_NUMEL
-from dualopt import _torch_native
-from dualopt._torch_native import native_status
+from dualopt.torch._kernels import NATIVE_MIN_NUMEL
+from dualopt.torch import _native as _torch_native
+from dualopt.torch._native import native_status
 from dualopt.torch import DualOpt
 
 #: Issue 21: the skip rows against the guarded route, the propagate rows against AdamW fused.

@@ -5,7 +5,7 @@
 - ``torch DualOpt (fast path)``: the same optimizer with ``foreach=True``
   (fused Adam kernel + multi-tensor pull; SGD re-expressed with ``torch._foreach_*``).
 - ``torch DualOpt (C kernel)``: the fast path with every Adam finetune tensor
-  given to the C kernel of :mod:`dualopt._torch_native` (the optimizer gives it
+  given to the C kernel of :mod:`dualopt.torch._native` (the optimizer gives it
   only tensors of ``NATIVE_MIN_NUMEL`` elements and more; the vectors are
   small). Skipped where the kernel does not build.
 - ``torch.optim.Adam``: torch's own Adam, closed loop in mode ``"none"`` only
@@ -170,7 +170,7 @@ class TorchDualOpt:
         self.framework = "torch"
         # Tolerance class (spec/TOLERANCES.md): torch's CPU sqrt is not correctly rounded; the
         # fast path's fused Adam kernel also evaluates the same formula in another order
-        # (measured well inside the class's 4 eps per step, see backends/_torch_kernels.py).
+        # (measured well inside the class's 4 eps per step, see backends/torch/_kernels.py).
         self.numerics = "torch"
 
     def unavailable(self) -> str | None:
@@ -208,7 +208,7 @@ class TorchNative(TorchDualOpt):
 
 @contextlib.contextmanager
 def _native_for_all_sizes() -> Iterator[None]:
-    from dualopt import _torch_kernels, _torch_native
+    from dualopt.torch import _kernels as _torch_kernels, _native as _torch_native
 
     status = _torch_native.native_status()
     if not status["enabled"]:

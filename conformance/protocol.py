@@ -56,7 +56,7 @@ def case_id(case: Case) -> str:
 def c_kernel_unavailable() -> str | None:
     """Why a C-kernel row is skipped, decided without importing a framework (discovery must not): kernels
     turned off or no compiler. A compiler whose build then fails is an error of that row, not a skip."""
-    from dualopt._native_build import unavailable
+    from dualopt.native._build import unavailable
 
     why = unavailable()
     return None if why is None else f"C kernel: {why}"

@@ -76,7 +76,7 @@ def main(src: str, dst: str) -> None:
         model.fit(problem.x, problem.y, batch_size=problem.batch_size, epochs=job["epochs"], shuffle=False,
                   verbose=0, callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=record)])
         slots = {}
-        for fact in opt._facts:  # the optimizer's record of every variable's slots (backends/keras.py)
+        for fact in opt._facts:  # the optimizer's record of every variable's slots (backends/keras/_optimizer.py)
             for role, slot in zip(("m", "v") if opt.direction == "adam" else ("momentum",), fact.slots):
                 slots[f"{fact.path}/{role}"] = where(slot)
             if fact.anchor is not None:

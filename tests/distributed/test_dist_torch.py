@@ -271,7 +271,7 @@ def test_fsdp_skip_decision_for_one_sharded_tensor_is_global(fsdp: list[dict]) -
 def test_fsdp_checkpoint_with_torch_helpers_resumes_bitwise(fsdp: list[dict], api: str) -> None:
     """torch's own recipes, unchanged (``_torch_worker.job_checkpoint``): the resumed run equals the uninterrupted one.
 
-    What makes them work (``backends/torch.py``): DualOpt creates its whole
+    What makes them work (``backends/torch/_optimizer.py``): DualOpt creates its whole
     state with the optimizer, so the fresh optimizer's ``get_state_dict`` is a
     complete load template (torch's ``_init_optim_state`` creates lazy state
     only when ``optimizer.state`` is empty, which the anchors prevent; before,

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from dualopt._torch_integrations import is_no_pull, no_pull_param_groups  # noqa: E402
+from dualopt.torch._integrations import is_no_pull, no_pull_param_groups  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
 
 STEPS, SAVE_AT, WARMUP = 12, 6, 3

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_docstring_examples():
     pytest.importorskip("torch")
-    mod = importlib.import_module("dualopt._torch_integrations")
+    mod = importlib.import_module("dualopt.torch._integrations")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
     assert result.attempted >= 3 and result.failed == 0, result
 
@@ -25,7 +25,7 @@ def test_docstring_examples():
 def test_helpers_import_no_integration_library():
     """Importing the torch adapter and its integration helpers loads neither transformers, peft nor lightning."""
     pytest.importorskip("torch")
-    code = ("import sys, json; import dualopt.torch, dualopt._torch_integrations; "
+    code = ("import sys, json; import dualopt.torch, dualopt.torch._integrations; "
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'transformers', 'peft', 'lightning', 'pytorch_lightning', 'accelerate', 'flax', 'orbax', 'jax'})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

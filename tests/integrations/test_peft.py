@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from dualopt._torch_integrations import peft_param_groups  # noqa: E402
+from dualopt.torch._integrations import peft_param_groups  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
 
 

@@ -227,7 +227,7 @@ def fast_path_equals_generic() -> dict[str, Any]:
         fast, generic = replay_case(case, fast_path=True), replay_case(case, fast_path=False)
         out[f"vector:{case.name}.{case.dtype}"] = all(np.array_equal(f[n], g[n], equal_nan=True)
                                                       for f, g in zip(fast, generic) for n in case.names)
-    from dualopt import _keras_torch
+    from dualopt.keras import _torch as _keras_torch
 
     defaults = (_keras_torch.CHUNK_ELEMS, _keras_torch.BATCH_ELEMS, _keras_torch.SUM_CHECK_MIN_NUMEL)
 
@@ -574,7 +574,7 @@ def conformance_model_float64() -> dict[str, Any]:
 @check
 def keras_xp_float64() -> dict[str, Any]:
     """Every keras.ops call of dualopt's update keeps float64 (Keras demotes many others on jax/torch)."""
-    from dualopt._keras_xp import KERAS_XP as xp
+    from dualopt.keras._xp import KERAS_XP as xp
 
     rng = np.random.default_rng(3)
     a = rng.uniform(0.1, 2.0, 257)

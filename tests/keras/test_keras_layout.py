@@ -7,7 +7,7 @@ from types import SimpleNamespace as V
 import pytest
 
 from decoupled_core import HyperparameterError
-from dualopt._keras_layout import (check_layer_index_spec, check_paradigm_spec, matching_key, resolve_layer_keys,
+from dualopt.keras._layout import (check_layer_index_spec, check_paradigm_spec, matching_key, resolve_layer_keys,
                                    resolve_paradigms)
 
 SEQ = [V(path=p) for p in ("sequential/backbone/conv/kernel", "sequential/backbone/conv/bias",

@@ -210,7 +210,7 @@ def test_x64_bias_corrections_equal_core_bitwise():
     import jax
     import jax.numpy as jnp
 
-    from dualopt._optax_step import adam_scalars
+    from dualopt.optax._step import adam_scalars
 
     f = jax.jit(lambda t: adam_scalars(1e-3, 0.9, 0.999, t))
     for t in list(range(1, 400)) + [1000, 4096, 10_000, 123_457]:
@@ -226,7 +226,7 @@ def test_float32_bias_corrections_within_3_ulp(b1, b2):
     import jax
     import jax.numpy as jnp
 
-    from dualopt._optax_step import adam_scalars
+    from dualopt.optax._step import adam_scalars
 
     ts = np.unique(np.geomspace(1, 200_000, 3000).astype(np.int32))
     with jax.enable_x64(False):

@@ -38,7 +38,7 @@ def _bits_equal(a, b):
 def test_adam_pre_weight_is_the_cores(dtype, ok):
     import jax.numpy as jnp
 
-    from dualopt._optax_step import adam_pre_weight
+    from dualopt.optax._step import adam_pre_weight
 
     theta, grad, m, v = _arrays(1, (7, 5), dtype)
     coeffs = core.adam_coefficients(3e-3, 0.8, 0.99, 4)
@@ -56,7 +56,7 @@ def test_adam_pre_weight_is_the_cores(dtype, ok):
 def test_sgd_pre_weight_is_the_cores(nesterov, ok):
     import jax.numpy as jnp
 
-    from dualopt._optax_step import sgd_pre_weight
+    from dualopt.optax._step import sgd_pre_weight
 
     theta, grad, buf, _ = _arrays(2, (4, 3), np.float64)
     want_pre, want = core.sgd_pre_weight(jnp.asarray(theta), jnp.asarray(grad), core.SGDState(jnp.asarray(buf)),
@@ -71,7 +71,7 @@ def test_not_ok_keeps_the_old_moments_bitwise():
     import jax
     import jax.numpy as jnp
 
-    from dualopt._optax_step import adam_pre_weight, sgd_pre_weight
+    from dualopt.optax._step import adam_pre_weight, sgd_pre_weight
 
     theta, grad, m, v = _arrays(3, (6,), np.float32)
     grad[2] = np.nan
@@ -95,7 +95,7 @@ def test_all_finite_is_the_cores(jit, variant):
     import jax
     import jax.numpy as jnp
 
-    import dualopt._jax_checks as step
+    import dualopt._shared.jax as step
 
     fn = getattr(step, variant)
     fn = jax.jit(fn) if jit else fn

@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 
 import decoupled_core as dc  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
-from dualopt._torch_kernels import FOLD_MIN_NUMEL, fast_path_tolerance  # noqa: E402
+from dualopt.torch._kernels import FOLD_MIN_NUMEL, fast_path_tolerance  # noqa: E402
 
 from _reliability_adapters import same_bits  # noqa: E402
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import decoupled_core as dc
-from dualopt._torch_kernels import FAST_PATH_TOLERANCE
+from dualopt.torch._kernels import FAST_PATH_TOLERANCE
 
 
 def xp() -> Any:

@@ -26,8 +26,8 @@ def test_issue_table():
 
 
 def test_integrations_are_exported_from_dualopt_torch():
-    """Old code: ImportError (they lived only in dualopt._torch_integrations)."""
-    from dualopt import _torch_integrations as integ
+    """Old code: ImportError (they lived only in dualopt.torch._integrations)."""
+    from dualopt.torch import _integrations as integ
     from dualopt.torch import is_no_pull, no_pull_param_groups, peft_param_groups
 
     assert (is_no_pull, no_pull_param_groups, peft_param_groups) == (

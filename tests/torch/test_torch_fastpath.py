@@ -13,8 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import dualopt._torch_kernels as kernels  # noqa: E402
-from dualopt._torch_kernels import FOLD_MIN_NUMEL  # noqa: E402
+import dualopt.torch._kernels as kernels  # noqa: E402
+from dualopt.torch._kernels import FOLD_MIN_NUMEL  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
 
 from _torch_helpers import ScaledTracker, assert_same_bits  # noqa: E402

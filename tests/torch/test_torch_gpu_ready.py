@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 import torch
 
-import dualopt._torch_kernels as kernels
+import dualopt.torch._kernels as kernels
 from dualopt.torch import DualOpt
 
 from _torch_helpers import assert_same_bits, fixed_data, loss_of, make_mlp

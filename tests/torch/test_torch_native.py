@@ -1,4 +1,4 @@
-"""The C kernel of ``dualopt._torch_native``: the spec's arithmetic, bit for bit, and safe fallbacks.
+"""The C kernel of ``dualopt.torch._native``: the spec's arithmetic, bit for bit, and safe fallbacks.
 
 The kernel evaluates ``decoupled_core.rule.adam_pre_weight`` and ``pull``
 operation for operation without FMA contraction, so it must equal the core
@@ -21,8 +21,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import dualopt._torch_kernels as kernels  # noqa: E402
-import dualopt._torch_native as native  # noqa: E402
+import dualopt.torch._kernels as kernels  # noqa: E402
+import dualopt.torch._native as native  # noqa: E402
 from decoupled_core import AdamState, HyperParams, adam_coefficients, pull_coefficient, step_tensor  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
 
@@ -148,7 +148,7 @@ def test_without_the_kernel_the_optimizer_gives_the_same_weights_to_tolerance(mo
 
 
 def test_disabled_by_environment_in_a_fresh_process(tmp_path):
-    code = ("import dualopt._torch_native as n, torch; s = n.native_status(); "
+    code = ("import dualopt.torch._native as n, torch; s = n.native_status(); "
             "from dualopt.torch import DualOpt; p = torch.nn.Parameter(torch.ones(40000)); "
             "o = DualOpt([p], lr=0.1, paradigm='finetune'); p.grad = torch.ones(40000); o.step(); "
             "print(s['enabled'], s['reason'], float(p[0]))")
@@ -161,7 +161,7 @@ def test_disabled_by_environment_in_a_fresh_process(tmp_path):
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler here")
 def test_a_broken_compiler_falls_back(tmp_path):
-    code = "import dualopt._torch_native as n; s = n.native_status(); print(s['enabled']); print(s['reason'])"
+    code = "import dualopt.torch._native as n; s = n.native_status(); print(s['enabled']); print(s['reason'])"
     env = dict(os.environ, CC="false", DUALOPT_NATIVE_CACHE=str(tmp_path / "cache"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[0] == "False" and "failed" in out
@@ -174,7 +174,7 @@ def test_an_unusable_home_cache_falls_back_to_a_private_temporary_directory(tmp_
     (tmp_path / "tmp").mkdir()
     env = {k: v for k, v in os.environ.items() if k != "DUALOPT_NATIVE_CACHE"}
     env.update(XDG_CACHE_HOME=str(blocker / "cache"), TMPDIR=str(tmp_path / "tmp"))
-    code = "import dualopt._torch_native as n; print(n.native_status()['reason'])"
+    code = "import dualopt.torch._native as n; print(n.native_status()['reason'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     private = tmp_path / "tmp" / f"dualopt-{os.getuid()}"
     assert f"loaded from {private}" in out
@@ -189,7 +189,7 @@ def test_a_temporary_directory_another_user_could_write_is_not_used(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DUALOPT_NATIVE_CACHE"}
     env.update(XDG_CACHE_HOME=str(tmp_path / "file" / "cache"), TMPDIR=str(tmp_path / "tmp"), CC="cc")
     (tmp_path / "file").write_text("")
-    code = "import dualopt._torch_native as n; s = n.native_status(); print(s['enabled'], s['reason'])"
+    code = "import dualopt.torch._native as n; s = n.native_status(); print(s['enabled'], s['reason'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("False") and f"{private} is writable by group or others" in out
     assert not any(private.iterdir())

@@ -30,9 +30,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import dualopt._native_build as build  # noqa: E402
-import dualopt._torch_kernels as kernels  # noqa: E402
-import dualopt._torch_native as native  # noqa: E402
+import dualopt.native._build as build  # noqa: E402
+import dualopt.torch._kernels as kernels  # noqa: E402
+import dualopt.torch._native as native  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
 
 CC = os.environ.get("CC", "cc")
@@ -47,7 +47,7 @@ STEP = textwrap.dedent("""
     import json, time, warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        import torch, dualopt._torch_native as n
+        import torch, dualopt.torch._native as n
         from dualopt.torch import DualOpt
         p = torch.nn.Parameter(torch.ones({big}))
         o = DualOpt([p], lr=0.1, paradigm="finetune")
@@ -346,7 +346,7 @@ _KERNEL_CASE = textwrap.dedent("""
     import sys, pytest, torch
     sys.path.insert(0, {here!r})
     import test_torch_native_safety as t
-    import dualopt._torch_native as n
+    import dualopt.torch._native as n
     for to in ("double", "float"):
         model, opt = t._converted(to, "kernel")
         if n.native_status()["enabled"]:

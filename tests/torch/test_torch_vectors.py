@@ -5,7 +5,7 @@
   committed vectors bit for bit (no square root is involved, spec/TOLERANCES.md "torch").
 - the fast path (``foreach=True``): SGD cases bit for bit; Adam cases within the documented
   ``_torch_kernels.FAST_PATH_TOLERANCE`` of the reference (the fused Adam kernel evaluates
-  the same formula in another order, see backends/_torch_kernels.py). The fast path's
+  the same formula in another order, see backends/torch/_kernels.py). The fast path's
   scratch *fold* (the pull inside the fused AdamW call) only applies to tensors of
   ``FOLD_MIN_NUMEL`` elements or more; the ``fold`` variant lowers that threshold so the
   vectors' small tensors take it too.
@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 from dualopt.conformance.impl_torch import torch_group  # noqa: E402
 from dualopt.spec.vectors import load_cases  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
-import dualopt._torch_kernels as kernels  # noqa: E402
+import dualopt.torch._kernels as kernels  # noqa: E402
 
 from _torch_helpers import ScaledTracker, assert_same_bits, reference_optimizer  # noqa: E402
 

@@ -1,59 +1,4 @@
-"""DualOpt for Optax: one ``GradientTransformationExtraArgs``, used exactly like ``optax.adamw``.
-
->>> import jax, jax.numpy as jnp, optax
->>> from dualopt.optax import dualopt
->>> params = {"backbone": {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}},
-...           "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
->>> tx = dualopt(1e-3, paradigm={"backbone": "finetune", "head": "scratch"}, layer_index="module")
->>> state = tx.init(params)          # snapshots the finetune anchors
->>> @jax.jit
-... def step(params, state, grads):
-...     updates, state = tx.update(grads, state, params)
-...     return optax.apply_updates(params, updates), state
->>> grads = jax.tree.map(jnp.ones_like, params)
->>> params, state = step(params, state, grads)
->>> int(state.count), int(state.skipped)
-(1, 0)
-
-The rule (spec ``spec/SPEC.md``): per leaf, a direction (Adam or heavy-ball
-SGD) gives the pre-weight ``pre = theta - eta*u``, then the pull
-``theta = pre - c*(pre - a)`` with ``c = clip(eta*rho_l, 0, 1)``; ``a`` is 0
-for ``paradigm="scratch"`` (real-time layer-wise weight decay, ``rho_l`` grows
-with depth) and the anchor captured by ``init`` for ``"finetune"`` (weight
-rollback, ``rho_l`` shrinks with depth); ``"none"`` has no pull.
-
-Layer numbering. JAX flattens dicts in sorted key order (``Dense_10`` before
-``Dense_2``, ``bias`` before ``kernel``), so depth is never taken from flatten
-order. By default every leaf is its own layer, in the canonical order of spec
-section 3 that torch and Keras also follow (:func:`decoupled_core.canonical_order`):
-modules in definition order, read from the numbers their names carry
-(``layers_2 < layers_10``, Flax ``Dense_N`` / ``nn.Sequential``'s ``layers_N``,
-list positions), and within a module the kernel / weight / scale before other
-leaves and the bias / offset last. Where the names do not give the definition
-order (``encoder`` beside ``head``, linen's per-type ``Conv_0`` beside
-``BatchNorm_0``) and the leaves share a paradigm, ``init`` and
-:func:`layer_rates` warn (:class:`decoupled_core.LayerOrderWarning`); give the
-order as ``layer_index=["Conv_0", "BatchNorm_0", "Conv_1"]`` (module paths in
-definition order). ``layer_index="module"`` makes the leaves of one module
-(a Flax ``Dense_3``'s ``kernel`` and ``bias``) share a layer
-(:func:`natural_layer_index`); any other numbering can be given as a pytree of
-ints or a function of the key path. Within each paradigm the distinct layer
-keys are sorted: ``l`` is a key's rank and ``L`` their count.
-:func:`layer_rates` and :func:`anchors` also take an ``optax.chain`` or
-``optax.inject_hyperparams`` transform holding the DualOpt transform.
-
-With ``optax.inject_hyperparams``: pass every function-valued argument
-(``paradigm``, ``layer_index``, a per-path rate) through ``static_args``
-(Optax calls any other callable as a schedule), and an ``int`` ``layer_index``
-too. To change a hyperparameter at run time without a recompile, assign an
-array of the injected dtype (``jnp.asarray(v, state.hyperparams[k].dtype)``).
-Optax casts injected numbers to the params' dtype, so with float32 params
-``b1 = 0.9`` becomes ``float32(0.9)``, as in ``optax.adam``; keep ``b1``/``b2``
-in ``static_args`` or use ``hyperparam_dtype=jnp.float64`` (x64 on) for the
-plain transform's exact arithmetic.
-
-Only ``jax`` and ``optax`` are imported here (never torch or tensorflow).
-"""
+"""The DualOpt GradientTransformation and its helpers (the public names are re-exported by :mod:`dualopt.optax`)."""
 
 from __future__ import annotations
 
@@ -65,10 +10,10 @@ import optax
 
 from decoupled_core import check_anchor, compute_dtype, init_anchor, invalid
 
-from ._optax_config import HP_ARGS, Settings, check_settings, is_schedule, resolve_anchors, resolve_leaves
-from ._optax_step import step_leaves
-from ._optax_state import AnchorsStandIn, anchor_tree, check_params, check_state, sgd_nu_shape
-from ._optax_tree import Path, leaf_paths, natural_key, natural_layer_index, path_str
+from ._config import HP_ARGS, Settings, check_settings, is_schedule, resolve_anchors, resolve_leaves
+from ._step import step_leaves
+from ._state import AnchorsStandIn, anchor_tree, check_params, check_state, sgd_nu_shape
+from ._tree import Path, leaf_paths, natural_key, natural_layer_index, path_str
 
 __all__ = ["dualopt", "DualOptState", "step", "anchors", "layer_rates", "natural_layer_index", "natural_key",
            "leaf_paths", "path_str", "Path"]

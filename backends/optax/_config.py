@@ -21,7 +21,7 @@ from decoupled_core import (HyperParams, accepted, check_layer_count, check_laye
                             resolve_rollback_max, validate,
                             warn_finetune_weight_decay)
 
-from ._optax_tree import Path, layer_keys, module_order_of, leaf_paths, path_str, per_leaf
+from ._tree import Path, layer_keys, module_order_of, leaf_paths, path_str, per_leaf
 
 __all__ = ["PUBLIC_NAMES", "ALSO_ACCEPTED", "HP_ARGS", "Settings", "LeafConfig", "resolve_leaves", "check_settings",
            "resolve_anchors", "concrete_float", "base_lr_of", "is_schedule"]

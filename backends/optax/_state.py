@@ -24,8 +24,8 @@ import jax
 
 from decoupled_core import compute_dtype, dtype_name, invalid
 
-from ._optax_config import LeafConfig
-from ._optax_tree import leaf_paths, path_str
+from ._config import LeafConfig
+from ._tree import leaf_paths, path_str
 
 __all__ = ["STATE_FIELDS", "AnchorsStandIn", "check_params", "sgd_nu_shape", "check_state", "anchor_tree",
            "anchors_by_path"]

@@ -65,7 +65,7 @@ from typing import Any, Callable, Sequence
 __all__ = ["NATIVE_DIR", "TIMEOUT_ENV", "DEFAULT_TIMEOUT", "compile_flags", "disabled", "unavailable",
            "cache_dir", "load", "Library"]
 
-NATIVE_DIR = Path(__file__).with_name("native")
+NATIVE_DIR = Path(__file__).parent
 #: The environment variable with the build timeout in seconds, and its default.
 TIMEOUT_ENV, DEFAULT_TIMEOUT = "DUALOPT_NATIVE_BUILD_TIMEOUT", 20.0
 # -ffp-contract=off and no -ffast-math keep every operation one IEEE rounding (bitwise the core);

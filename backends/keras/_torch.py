@@ -44,7 +44,7 @@ from keras import ops
 
 from decoupled_core import adam_coefficients
 
-from ._keras_xp import KERAS_XP
+from ._xp import KERAS_XP
 
 __all__ = ["update", "all_finite_torch", "CHUNK_ELEMS", "BATCH_ELEMS", "SUM_CHECK_MIN_NUMEL"]
 
@@ -84,7 +84,7 @@ def all_finite_torch(grads: list[torch.Tensor]) -> torch.Tensor:
 
 def update(opt: Any, grads: list[Any], variables: list[Any], learning_rate: Any) -> None:
     """One DualOpt apply over ``variables`` (runs under ``torch.no_grad``)."""
-    from .keras import _StepContext
+    from ._optimizer import _StepContext
 
     grads = [ops.convert_to_tensor(g) for g in grads]
     finite = all_finite_torch(grads) if opt.nonfinite == "skip" else None

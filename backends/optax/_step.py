@@ -29,8 +29,8 @@ from decoupled_core import compute_dtype, pull, pull_coefficient
 from decoupled_core._xp import as_coefficient
 from decoupled_core.coefficients import AdamCoefficients
 
-from ._jax_checks import all_finite
-from ._optax_config import LeafConfig
+from .._shared.jax import all_finite
+from ._config import LeafConfig
 
 __all__ = ["adam_scalars", "x64_enabled", "adam_pre_weight", "sgd_pre_weight", "step_leaves", "all_finite"]
 

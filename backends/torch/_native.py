@@ -10,7 +10,7 @@ float64 it equals :func:`decoupled_core.step_tensor` evaluated with numpy bit
 for bit (``tests/torch/test_torch_native.py`` asserts it).
 
 The C file is compiled on first use with the system C compiler into a private
-per-user cache directory (:mod:`dualopt._native_build` says where, and which
+per-user cache directory (:mod:`dualopt.native._build` says where, and which
 rules a directory and a library file must pass before anything is loaded); the
 build takes well under a second. Without a compiler, where the build or the load
 fails (with one warning), or with ``DUALOPT_NATIVE=0``, nothing changes but
@@ -22,7 +22,7 @@ before the call, since C trusts the pointers and counts it is given.
 
 Examples
 --------
->>> from dualopt._torch_native import native_status
+>>> from dualopt.torch._native import native_status
 >>> native_status()["enabled"] in (True, False)
 True
 """
@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import _native_build
+from ..native import _build as _native_build
 
 __all__ = ["NATIVE_DTYPES", "library", "native_status", "usable", "operand_problem", "adam_pull"]
 

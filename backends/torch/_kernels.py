@@ -28,7 +28,7 @@ group (same hyperparameters and learning rate):
     finetune pull is one ``torch._foreach_lerp_`` (``pre + c * (a - pre)``).
   * ``direction="adam"``, ``paradigm="finetune"`` on CPU: tensors of
     ``NATIVE_MIN_NUMEL`` elements and more take the C kernel of
-    :mod:`dualopt._torch_native` where it loads (step and pull in one pass;
+    :mod:`dualopt.torch._native` where it loads (step and pull in one pass;
     the spec's operations in the spec's order, so bitwise equal to the core on
     numpy). Elsewhere, and when it does not build, the two calls above.
 
@@ -55,7 +55,7 @@ import torch
 from decoupled_core import (AdamState, HyperParams, SGDState, adam_coefficients, all_finite, compute_dtype,
                             pull_coefficient, step_tensor)
 
-from . import _torch_native as native
+from . import _native as native
 
 __all__ = [
     "FAST_DEVICES",
@@ -83,7 +83,7 @@ FAST_DEVICES = ("cpu", "cuda")
 FOLD_MIN_NUMEL = 1 << 15
 
 #: Adam finetune tensors on CPU with at least this many elements take the C kernel
-#: (:mod:`dualopt._torch_native`) where it loads; smaller ones stay batched in torch's
+#: (:mod:`dualopt.torch._native`) where it loads; smaller ones stay batched in torch's
 #: fused call, where one call for thousands of tensors costs less than gathering their
 #: pointers. The conformance suite sets it to 0 to run every spec vector through the kernel.
 NATIVE_MIN_NUMEL = FOLD_MIN_NUMEL
