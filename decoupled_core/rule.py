@@ -78,29 +78,39 @@ def _device(x: Any, xp: Any) -> Any:
     return array_api_compat.device(x)
 
 
+def _kept(keep: Any, new: Any, old: Any, xp: Any) -> Any:
+    return new if keep is None else xp.where(keep, new, old)
+
+
 def adam_pre_weight(param: Any, grad: Any, state: AdamState, *, beta1: Any, beta2: Any, eps: Any,
-                    step_size: Any, inv_sqrt_bc2: Any, xp: Any) -> tuple[Any, AdamState]:
+                    step_size: Any, inv_sqrt_bc2: Any, xp: Any, keep: Any = None) -> tuple[Any, AdamState]:
     """Adam direction and pre-weight, all in the compute dtype of ``state``.
 
     ``m = b1*m + (1-b1)*g``; ``v = b2*v + (1-b2)*(g*g)``;
     ``denom = sqrt(v)*inv_sqrt_bc2 + eps``; ``pre = theta - step_size*(m/denom)``.
+
+    ``keep`` (a 0-d bool array, or None for "always") is the skip of spec
+    section 5 done on the device: where it is false the moments stay the old
+    ones and the pre-weight is meaningless (the caller keeps the old weight).
+    The moments are selected *before* the pre-weight reads them, so a compiler
+    writes each moment once and the weight update reads that buffer.
     """
     dt = state.exp_avg.dtype
     c = lambda s: as_coefficient(s, dt, xp)  # noqa: E731
-    m = c(beta1) * state.exp_avg + c(1.0 - beta1) * grad
-    v = c(beta2) * state.exp_avg_sq + c(1.0 - beta2) * (grad * grad)
+    m = _kept(keep, c(beta1) * state.exp_avg + c(1.0 - beta1) * grad, state.exp_avg, xp)
+    v = _kept(keep, c(beta2) * state.exp_avg_sq + c(1.0 - beta2) * (grad * grad), state.exp_avg_sq, xp)
     denom = xp.sqrt(v) * c(inv_sqrt_bc2) + c(eps)
     pre_weight = param - c(step_size) * (m / denom)
     return pre_weight, AdamState(m, v)
 
 
 def sgd_pre_weight(param: Any, grad: Any, state: SGDState, *, lr: Any, momentum: Any, nesterov: bool,
-                   xp: Any) -> tuple[Any, SGDState]:
+                   xp: Any, keep: Any = None) -> tuple[Any, SGDState]:
     """Heavy-ball direction and pre-weight: ``b = mu*b + g``; ``u = g + mu*b`` (Nesterov) or ``b``;
-    ``pre = theta - lr*u``."""
+    ``pre = theta - lr*u``. ``keep`` as in :func:`adam_pre_weight`."""
     dt = state.momentum_buffer.dtype
     mu = as_coefficient(momentum, dt, xp)
-    buf = mu * state.momentum_buffer + grad
+    buf = _kept(keep, mu * state.momentum_buffer + grad, state.momentum_buffer, xp)
     direction = grad + mu * buf if nesterov else buf
     pre_weight = param - as_coefficient(lr, dt, xp) * direction
     return pre_weight, SGDState(buf)
