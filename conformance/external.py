@@ -51,6 +51,15 @@ __all__ = ["ReplayFn", "ReplayImplementation", "SubprocessReplay", "DEFAULT_REPL
 ReplayFn = Callable[[Case], Trajectory]
 
 
+def _finish(check_only: bool, check_result: tuple[str, Any], cases: list[int], reason: str) -> Iterator[tuple[str, Any]]:
+    """End a replay: a check-only run reports ``check_result``; a full run fails each case left in ``cases``."""
+    if check_only:
+        yield check_result
+        return
+    for i in cases:
+        yield "case", (i, None, reason)
+
+
 class ReplayImplementation:
     """A plain ``replay(case) -> trajectory`` function as an :class:`~dualopt.conformance.protocol.Implementation`.
 
@@ -273,28 +282,17 @@ class SubprocessReplay:
                     tail = _tail(err)
                 kind, current, reason = outcome
                 if kind == "ready" or kind == "end":
-                    if check_only:
-                        yield "ready", None
-                        return
-                    for i in [i for i in pending if i not in seen]:
-                        yield "case", (i, None, "no result returned")
+                    yield from _finish(check_only, ("ready", None), [i for i in pending if i not in seen],
+                                       "no result returned")
                     return
                 if kind == "import":
-                    if check_only:
-                        yield "import", reason
-                        return
-                    for i in pending:
-                        yield "case", (i, None, reason)
+                    yield from _finish(check_only, ("import", reason), pending, reason)
                     return
                 pending = [i for i in pending if i not in seen]
                 why = reason + (f"; stderr: {tail}" if tail else "")
                 if current is None or check_only:
                     # The worker died outside a case (at start-up): the same would happen again.
-                    if check_only:
-                        yield "died", why
-                        return
-                    for i in pending:
-                        yield "case", (i, None, why)
+                    yield from _finish(check_only, ("died", why), pending, why)
                     return
                 yield "case", (current, None, why)
                 pending = [i for i in pending if i != current]
