@@ -12,7 +12,7 @@ $(STAMP): requirements-lock.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-.PHONY: setup conformance test test-fast
+.PHONY: setup conformance test test-fast typecheck
 setup: $(STAMP)
 
 conformance: $(STAMP)
@@ -23,3 +23,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow" tests
+
+# mypy on the installed form of the package (the built wheel), as a user's checker sees it (py.typed).
+typecheck: $(STAMP)
+	rm -rf build/typecheck
+	$(PY) -m pip wheel --quiet --no-deps -w build/typecheck .
+	cd build/typecheck && ../../$(PY) -m zipfile -e *.whl . && \
+	  ../../$(PY) -m mypy --ignore-missing-imports --no-incremental \
+	    -p decoupled_core -p dualopt.torch -p dualopt.optax -p dualopt.keras -p dualopt.native -p dualopt._shared
