@@ -13,7 +13,7 @@ with host scalars passed as Python floats (rounded once to the working dtype by
 the kernel, as ``tensor * float`` does): on CPU torch's multi-tensor ops loop over
 the same per-tensor kernels, so the result is the core evaluated tensor by tensor
 with torch, bit for bit. A coefficient that differs per tensor (the pull's ``c``)
-is a :class:`TensorList` of 0-d tensors. The results are new tensors; the caller
+is a :class:`PerTensor` list of 0-d tensors. The results are new tensors; the caller
 writes them back (``torch._foreach_copy_``).
 
 :func:`nonfinite_flag` is torch's one NaN/Inf check (a device-side flag, no host
@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-__all__ = ["TensorList", "TORCH_LISTS", "nonfinite_flag", "grads_finite", "SUM_CHECK_MIN_NUMEL"]
+__all__ = ["TensorList", "PerTensor", "TORCH_LISTS", "nonfinite_flag", "grads_finite", "SUM_CHECK_MIN_NUMEL"]
 
 #: Contiguous gradients with at least this many elements are checked on the host route through their sum
 #: (a read-only pass; only a non-finite sum is re-checked element-wise); smaller ones share one
@@ -63,28 +63,45 @@ class TensorList:
         return len(self.tensors)
 
     def __neg__(self) -> TensorList:
-        return TensorList(torch._foreach_neg(self.tensors))
+        return type(self)(torch._foreach_neg(self.tensors))
+
+    def _out(self, other: Any, tensors: Sequence[torch.Tensor]) -> TensorList:
+        # per-tensor coefficients combined with numbers stay per-tensor coefficients
+        return TensorList(tensors) if isinstance(other, TensorList) else type(self)(tensors)
 
     def __add__(self, other: Any) -> TensorList:
-        return TensorList(torch._foreach_add(self.tensors, _operand(other, len(self))))
+        return self._out(other, torch._foreach_add(self.tensors, _operand(other, len(self))))
 
     __radd__ = __add__  # IEEE addition commutes exactly
 
     def __sub__(self, other: Any) -> TensorList:
         if isinstance(other, torch.Tensor):  # x - t == x + (-t), exactly; there is no Tensor overload of sub
-            return TensorList(torch._foreach_add(self.tensors, -other))
-        return TensorList(torch._foreach_sub(self.tensors, _operand(other, len(self))))
+            return self._out(other, torch._foreach_add(self.tensors, -other))
+        return self._out(other, torch._foreach_sub(self.tensors, _operand(other, len(self))))
 
     def __rsub__(self, other: Any) -> TensorList:
         return (-self) + other  # f - x == (-x) + f, exactly
 
     def __mul__(self, other: Any) -> TensorList:
-        return TensorList(torch._foreach_mul(self.tensors, _operand(other, len(self))))
+        return self._out(other, torch._foreach_mul(self.tensors, _operand(other, len(self))))
 
-    __rmul__ = __mul__  # IEEE multiplication commutes exactly
+    def __rmul__(self, other: Any) -> TensorList:
+        return self * other  # IEEE multiplication commutes exactly
 
     def __truediv__(self, other: Any) -> TensorList:
-        return TensorList(torch._foreach_div(self.tensors, _operand(other, len(self))))
+        return self._out(other, torch._foreach_div(self.tensors, _operand(other, len(self))))
+
+
+class PerTensor(TensorList):
+    """One 0-d coefficient per tensor (the pull's ``c``): in ``c * x`` the shaped list ``x`` leads the
+    multi-tensor call and the coefficients broadcast, which keeps torch's fast multi-tensor route."""
+
+    __slots__ = ()
+
+    def __mul__(self, other: Any) -> TensorList:
+        if isinstance(other, TensorList) and not isinstance(other, PerTensor):
+            return other * self
+        return super().__mul__(other)
 
 
 def _operand(other: Any, n: int) -> Any:
@@ -105,12 +122,12 @@ def _astype(x: Any, dtype: torch.dtype, copy: bool = False) -> Any:
     if isinstance(x, TensorList):
         if x.dtype == dtype and not copy:
             return x
-        return TensorList([t.to(dtype, copy=copy) for t in x.tensors])
+        return type(x)([t.to(dtype, copy=copy) for t in x.tensors])
     return x.to(dtype, copy=copy)
 
 
 def _sqrt(x: Any) -> Any:
-    return TensorList(torch._foreach_sqrt(x.tensors)) if isinstance(x, TensorList) else torch.sqrt(x)
+    return type(x)(torch._foreach_sqrt(x.tensors)) if isinstance(x, TensorList) else torch.sqrt(x)
 
 
 def _where(condition: torch.Tensor, a: Any, b: Any) -> Any:
@@ -122,7 +139,7 @@ def _where(condition: torch.Tensor, a: Any, b: Any) -> Any:
 
 def _clip(x: Any, lo: float, hi: float) -> Any:
     if isinstance(x, TensorList):
-        return TensorList(torch._foreach_clamp_max(torch._foreach_clamp_min(x.tensors, lo), hi))
+        return type(x)(torch._foreach_clamp_max(torch._foreach_clamp_min(x.tensors, lo), hi))
     return torch.clip(x, lo, hi)
 
 

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 import array_api_compat.torch as torch_xp  # noqa: E402
 
 from decoupled_core import AdamState, SGDState, adam_pre_weight, all_finite, pull, pull_coefficient, sgd_pre_weight  # noqa: E402
-from dualopt._shared.torch_lists import (TORCH_LISTS, SUM_CHECK_MIN_NUMEL, TensorList, grads_finite,  # noqa: E402
+from dualopt._shared.torch_lists import (TORCH_LISTS, SUM_CHECK_MIN_NUMEL, PerTensor, TensorList, grads_finite,  # noqa: E402
                                          nonfinite_flag)
 
 SHAPES = [(3, 5), (7,), (), (0,), (2, 3, 4)]
@@ -93,9 +93,10 @@ def test_pull_with_per_tensor_coefficients_is_the_core_per_tensor(dtype, finetun
     rates = [0.0, 0.3, 1.7, 2.0, 1e-3]
     lr = 0.37
     cs = [pull_coefficient(lr, r) for r in rates]  # host float64, rounded once to dtype below
-    coefficient = TensorList(torch.tensor(cs, dtype=torch.float64).to(dtype).unbind())
+    coefficient = PerTensor(torch.tensor(cs, dtype=torch.float64).to(dtype).unbind())
     anchor = TensorList(a) if finetune else None
     got = pull(TensorList(pre), anchor, coefficient, xp=TORCH_LISTS)
+    assert type(got) is TensorList and [t.shape for t in got.tensors] == [t.shape for t in pre]
     expected = [pull(x.numpy(), y.numpy() if finetune else None, c, xp=np) for x, y, c in zip(pre, a, cs)]
     _same(got.tensors, expected)
     # one host coefficient for every tensor
