@@ -107,14 +107,14 @@ class DualOpt(torch.optim.Optimizer):
         Maximise the objective (the gradient is negated).
     foreach : bool or None
         ``False``: the reference loop over ``decoupled_core.step_tensor``.
-        ``None``/``True``: the fast multi-tensor path (fused Adam kernel +
-        multi-tensor pull; SGD with ``torch._foreach_*``) on CPU and CUDA,
-        equal to the reference path within ``conformance.tolerances.FAST_PATH_TOLERANCE``
-        (bitwise for SGD, which runs the core on lists of tensors). On CPU, large Adam finetune tensors take a small C
-        kernel built on first use with the system compiler (step and pull in
-        one pass, bitwise the core); ``DUALOPT_NATIVE=0`` turns it off, and
-        without a compiler nothing changes but speed
-        (``dualopt.torch._native.native_status()`` says which holds).
+        ``None``/``True``: the fast multi-tensor path on CPU and CUDA: Adam
+        through torch's fused kernel and a multi-tensor pull, equal to the
+        reference path within ``conformance.tolerances.FAST_PATH_TOLERANCE``;
+        SGD through the core on lists of tensors, bitwise. On CPU, large Adam
+        finetune tensors take a small C kernel built on first use with the
+        system compiler (step and pull in one pass, bitwise the core);
+        ``DUALOPT_NATIVE=0`` turns it off, and without a compiler nothing
+        changes but speed (``dualopt.torch._native.native_status()`` says why).
     nonfinite : {"skip", "propagate"}
         ``"skip"``: a ``step()`` whose gradients hold any NaN/Inf changes
         nothing and increments :attr:`skipped`. ``"propagate"``: no check.
@@ -155,13 +155,13 @@ class DualOpt(torch.optim.Optimizer):
       ``RuntimeError`` that names it, before anything is updated (as
       ``torch.optim.Adam`` fails too); ``opt.load_state_dict(opt.state_dict())``
       converts the state to the parameters as they are now.
-    - On CUDA (and under ``torch.compile`` on any device) the Adam fast path
-      never waits for the device: the NaN/Inf check leaves a 0-d flag on the
-      device, torch's fused kernel takes it as ``found_inf``, the pull is a select
-      and the step counts advance by ``1 - flag``. ``torch.compile(opt.step,
-      fullgraph=True)`` traces it whole. The C kernel (CPU), the reference loop
-      (``foreach=False``), the SGD direction and sharded (DTensor) gradients read
-      the flag on the host.
+    - On CUDA (and under ``torch.compile`` on any device) the fast path never
+      waits for the device: the NaN/Inf check leaves a 0-d flag on the device,
+      torch's fused kernel takes it as ``found_inf``, SGD as the core's ``keep``,
+      the pull is a select and the step counts advance by ``1 - flag``.
+      ``torch.compile(opt.step, fullgraph=True)`` traces it whole. The C kernel
+      (CPU), the reference loop (``foreach=False``) and sharded (DTensor)
+      gradients read the flag on the host.
     - ``torch.amp.GradScaler`` hands its scale and its inf flag to ``step()``
       (``_step_supports_amp_scaling``): the gradients are checked once, by the
       scaler, and unscaled inside the fused kernel. Steps it skips are not

@@ -157,3 +157,39 @@ def test_an_overflowing_sum_of_finite_values_is_finite():
     huge = [torch.full((SUM_CHECK_MIN_NUMEL,), 3e38)]
     assert grads_finite(huge) is True
     assert float(nonfinite_flag(huge, torch.device("cpu"))) == 0.0
+
+
+def test_unnamed_results_are_reused_in_place_and_named_ones_never(monkeypatch):
+    """A temporary of the list's own operations is updated in place (no allocation); a named one, or the
+    caller's tensors, never: the core's SGD with Nesterov reads its buffer twice."""
+    from dualopt._shared import torch_lists
+
+    if torch_lists._TEMPORARY == 0:
+        pytest.skip("this interpreter does not tell temporaries by their reference count: no reuse")
+    x = TensorList(_tensors(torch.float64, 10))
+    before = [t.clone() for t in x.tensors]
+    t = x * 2.0  # a new list: x is the caller's
+    ptrs = [a.data_ptr() for a in t.tensors]
+    calls = []
+    for name in ("_foreach_mul", "_foreach_mul_", "_foreach_add", "_foreach_add_"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    y = (x * 2.0) * 3.0 + 1.0  # the temporary of x * 2.0 is reused twice
+    assert calls == ["_foreach_mul", "_foreach_mul_", "_foreach_add_"]
+    monkeypatch.undo()
+    named = t * 3.0  # t is named: a new list, t unchanged
+    assert [a.data_ptr() for a in named.tensors] != ptrs
+    _same(t.tensors, [b * 2.0 for b in before])
+    _same(x.tensors, before)
+    _same(y.tensors, [(b * 2.0) * 3.0 + 1.0 for b in before])
+    z = x - (x * 0.5)  # the right operand is reused: (-o) + x, the same bits as x - o
+    _same(z.tensors, [b - b * 0.5 for b in before])
+
+
+def test_a_list_whose_memory_was_reused_cannot_be_read():
+    x = TensorList([torch.ones(3)])
+    t = x * 2.0
+    # What a wrong reuse would leave behind: reading the consumed list raises instead of giving changed values.
+    t._reused(torch._foreach_mul_, (2.0,))
+    with pytest.raises(RuntimeError, match="reused"):
+        t.tensors
