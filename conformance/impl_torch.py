@@ -174,7 +174,7 @@ class TorchDualOpt:
         self.framework = "torch"
         # Tolerance class (spec/TOLERANCES.md): torch's CPU sqrt is not correctly rounded; the
         # fast path's fused Adam kernel also evaluates the same formula in another order
-        # (measured well inside the class's 4 eps per step, see backends/torch/_kernels.py).
+        # (measured well inside the class's 4 eps per step, see FAST_PATH_TOLERANCE in conformance/tolerances.py).
         self.numerics = "torch"
 
     def unavailable(self) -> str | None:

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from decoupled_core import (
-    HyperParams,
-    accepted,
-    compute_dtype,
-    invalid,
-    number_layers,
-    pull_rate,
-    resolve_rollback_max,
-    validate,
-    warn_finetune_weight_decay,
-)
+from decoupled_core import (HyperParams, accepted, compute_dtype, invalid, number_layers, pull_rate,
+                            resolve_rollback_max, validate, warn_finetune_weight_decay)
 
 from .._shared.torch_lists import grads_finite, nonfinite_flag
 from ._kernels import DEFAULT_POLICY, FastPlan, Policy, init_state, loop_update, state_problem

@@ -13,14 +13,7 @@ import torch
 
 from decoupled_core import check_anchor, check_layer_count, check_layer_key, init_anchor, invalid
 
-__all__ = [
-    "display_names",
-    "check_param",
-    "LayerKeys",
-    "Anchors",
-    "make_anchor",
-    "head_split",
-]
+__all__ = ["display_names", "check_param", "LayerKeys", "Anchors", "make_anchor", "head_split"]
 
 #: ``layer_index`` spellings accepted by the constructor (besides per-group lists).
 LayerIndexArg = None | str | Callable[[str], int] | Mapping[str, int] | Sequence[int]
