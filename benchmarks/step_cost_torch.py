@@ -59,7 +59,7 @@ from typing import Callable
 
 import torch
 
-from dualopt.torch._kernels import NATIVE_MIN_NUMEL
+from dualopt.torch._kernels import DEFAULT_POLICY
 from dualopt.torch import _native as _torch_native
 from dualopt.torch._native import native_status
 from dualopt.torch import DualOpt
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {device.type}, clock {args.clock}; bars (issue 21), step() only: skip vs the "
           "guarded route and propagate vs AdamW(fused=True), scratch <= 1.0x, finetune <= 1.15x")
     status = native_status()
-    print(f"C kernel (Adam finetune tensors of {NATIVE_MIN_NUMEL}+ elements): "
+    print(f"C kernel (Adam finetune tensors of {DEFAULT_POLICY.native_min_numel}+ elements): "
           f"{'in use' if status['enabled'] else 'NOT in use'} ({status['reason']})")
     for name, shapes in sets.items():
         measure(name, shapes(), repeats, not args.no_reference, clock,

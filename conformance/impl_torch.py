@@ -3,11 +3,12 @@
 - ``torch DualOpt (reference loop)``: :class:`dualopt.torch.DualOpt` with
   ``foreach=False``, the per-tensor loop over :func:`decoupled_core.step_tensor`.
 - ``torch DualOpt (fast path)``: the same optimizer with ``foreach=True``
-  (fused Adam kernel + multi-tensor pull; SGD re-expressed with ``torch._foreach_*``).
+  (fused Adam kernel + multi-tensor pull; SGD: the core on lists of tensors).
 - ``torch DualOpt (C kernel)``: the fast path with every Adam finetune tensor
-  given to the C kernel of :mod:`dualopt.torch._native` (the optimizer gives it
-  only tensors of ``NATIVE_MIN_NUMEL`` elements and more; the vectors are
-  small). Skipped where the kernel does not build.
+  given to the C kernel of :mod:`dualopt.torch._native` (the default policy gives
+  it only tensors of ``Policy.native_min_numel`` elements and more; the vectors
+  are small, so this row passes ``Policy(native_min_numel=0)``). Skipped where
+  the kernel does not build.
 - ``torch.optim.Adam``: torch's own Adam, closed loop in mode ``"none"`` only
   (the degenerate comparison).
 
@@ -31,9 +32,8 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -68,8 +68,11 @@ def torch_group(hp: HyperParams) -> dict[str, Any]:
             "rollback_max": hp.rollback_max, "rollback_min": hp.rollback_min, "rollback_power": hp.rollback_power}
 
 
-def replay_case(case: Case, *, foreach: bool) -> Trajectory:
-    """Replay one vector case with ``DualOpt``; parameters after every step (numpy, case dtype)."""
+def replay_case(case: Case, *, foreach: bool, policy: Any = None) -> Trajectory:
+    """Replay one vector case with ``DualOpt``; parameters after every step (numpy, case dtype).
+
+    ``policy``: a ``dualopt.torch._kernels.Policy`` for the fast path (None: the default).
+    """
     import torch
 
     from dualopt.torch import DualOpt
@@ -84,7 +87,7 @@ def replay_case(case: Case, *, foreach: bool) -> Trajectory:
     keys = case.layer_index if case.layer_index is not None else list(range(len(names)))
     opt = DualOpt(groups, lr=case.base_lr, layer_index=dict(zip(names, keys)),
                   anchor={n: torch.from_numpy(a.copy()) for n, a in case.anchor.items()},
-                  nonfinite=case.nonfinite, foreach=foreach)
+                  nonfinite=case.nonfinite, foreach=foreach, _policy=policy)
     out: Trajectory = []
     for lr, grads in zip(case.lr, case.grads):
         for group in opt.param_groups:
@@ -139,7 +142,7 @@ def train_closed_loop(problem: Problem, make_optimizer: Callable[[Any, str], Any
     return out
 
 
-def _dualopt_for(problem: Problem, foreach: bool) -> Callable[[Any, str], Any]:
+def _dualopt_for(problem: Problem, foreach: bool, policy: Any = None) -> Callable[[Any, str], Any]:
     def make(model: Any, mode: str) -> Any:
         from dualopt.torch import DualOpt
 
@@ -156,7 +159,7 @@ def _dualopt_for(problem: Problem, foreach: bool) -> Callable[[Any, str], Any]:
                 groups.append({"_hp": hps[name], "params": [entry]})
         groups = [{"params": g["params"], **torch_group(g["_hp"])} for g in groups]
         layer_index = {_TORCH_NAME[n]: k for n, k in zip(NAMES, LAYER_INDEX)}
-        return DualOpt(groups, lr=problem.lr, layer_index=layer_index, foreach=foreach)
+        return DualOpt(groups, lr=problem.lr, layer_index=layer_index, foreach=foreach, _policy=policy)
 
     return make
 
@@ -166,11 +169,12 @@ class TorchDualOpt:
 
     def __init__(self, *, foreach: bool) -> None:
         self.foreach = foreach
+        self.policy: Any = None  # the fast path's default Policy
         self.name = "torch DualOpt (fast path)" if foreach else "torch DualOpt (reference loop)"
         self.framework = "torch"
         # Tolerance class (spec/TOLERANCES.md): torch's CPU sqrt is not correctly rounded; the
         # fast path's fused Adam kernel also evaluates the same formula in another order
-        # (measured well inside the class's 4 eps per step, see backends/torch/_kernels.py).
+        # (measured well inside the class's 4 eps per step, see FAST_PATH_TOLERANCE in conformance/tolerances.py).
         self.numerics = "torch"
 
     def unavailable(self) -> str | None:
@@ -180,15 +184,15 @@ class TorchDualOpt:
         return True
 
     def replay_cases(self, cases: Sequence[Case]) -> dict[str, Trajectory]:
-        return {case_id(c): replay_case(c, foreach=self.foreach) for c in cases}
+        return {case_id(c): replay_case(c, foreach=self.foreach, policy=self.policy) for c in cases}
 
     def train(self, problem: Problem, modes: Sequence[str]) -> dict[str, Trajectory]:
-        make = _dualopt_for(problem, self.foreach)
+        make = _dualopt_for(problem, self.foreach, self.policy)
         return {mode: train_closed_loop(problem, make, mode) for mode in modes}
 
 
 class TorchNative(TorchDualOpt):
-    """The fast path with ``NATIVE_MIN_NUMEL = 0``: Adam finetune tensors of every size take the C kernel."""
+    """The fast path with ``Policy(native_min_numel=0)``: Adam finetune tensors of every size take the C kernel."""
 
     def __init__(self) -> None:
         super().__init__(foreach=True)
@@ -198,27 +202,21 @@ class TorchNative(TorchDualOpt):
         return _missing() or c_kernel_unavailable()
 
     def replay_cases(self, cases: Sequence[Case]) -> dict[str, Trajectory]:
-        with _native_for_all_sizes():
-            return super().replay_cases(cases)
+        self._use_native()
+        return super().replay_cases(cases)
 
     def train(self, problem: Problem, modes: Sequence[str]) -> dict[str, Trajectory]:
-        with _native_for_all_sizes():
-            return super().train(problem, modes)
+        self._use_native()
+        return super().train(problem, modes)
 
+    def _use_native(self) -> None:
+        from dualopt.torch import _native as _torch_native
+        from dualopt.torch._kernels import Policy
 
-@contextlib.contextmanager
-def _native_for_all_sizes() -> Iterator[None]:
-    from dualopt.torch import _kernels as _torch_kernels, _native as _torch_native
-
-    status = _torch_native.native_status()
-    if not status["enabled"]:
-        raise RuntimeError(f"the C kernel did not load: {status['reason']}")
-    before = _torch_kernels.NATIVE_MIN_NUMEL
-    _torch_kernels.NATIVE_MIN_NUMEL = 0
-    try:
-        yield
-    finally:
-        _torch_kernels.NATIVE_MIN_NUMEL = before
+        status = _torch_native.native_status()
+        if not status["enabled"]:
+            raise RuntimeError(f"the C kernel did not load: {status['reason']}")
+        self.policy = Policy(native_min_numel=0)
 
 
 class TorchAdam:

@@ -211,7 +211,7 @@ def cache_dir(skipped: list[str] | None = None) -> Path:
 
     ``skipped``, where given, receives one line per candidate passed over, with the reason.
     """
-    reasons = []
+    reasons: list[str] = []
     for label, path, why in _candidates():
         if path is not None and why is None:
             why = _safe_directory(path)

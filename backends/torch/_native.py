@@ -1,10 +1,8 @@
 """The optional C kernel of :mod:`dualopt.torch` (``native/dualopt_cpu.c``): build, load, call.
 
-The finetune step reads one tensor more than AdamW (the anchor). torch's fused
-Adam kernel cannot read it, and a second multi-tensor pass for the pull costs
-12 bytes per element more, about 1.4x ``AdamW(fused=True)`` on large tensors.
-``native/dualopt_cpu.c`` does the spec's Adam step and the pull in one pass
-(32 bytes per element against AdamW's 28). Its arithmetic is the core's,
+The finetune step reads one tensor more than AdamW (the anchor), which torch's
+fused Adam kernel cannot read; ``native/dualopt_cpu.c`` does the spec's Adam
+step and the pull in one pass (benchmarks/README.md has the figures). Its arithmetic is the core's,
 operation for operation, compiled without FMA contraction: on float32 and
 float64 it equals :func:`decoupled_core.step_tensor` evaluated with numpy bit
 for bit (``tests/torch/test_torch_native.py`` asserts it).
@@ -37,7 +35,7 @@ import torch
 
 from ..native import _build as _native_build
 
-__all__ = ["NATIVE_DTYPES", "library", "native_status", "usable", "operand_problem", "adam_pull"]
+__all__ = ["NATIVE_DTYPES", "library", "native_status", "operand_problem", "adam_pull"]
 
 _SOURCE = _native_build.NATIVE_DIR / "dualopt_cpu.c"
 _ABI = 1  # DUALOPT_NATIVE_ABI in the C file
@@ -82,18 +80,8 @@ library = _library.get
 native_status = _library.status
 
 
+# Subclasses such as DTensor, or the fake tensors torch.compile traces with, have no memory of their own to hand to C.
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def usable(t: torch.Tensor) -> bool:
-    """Whether the C kernel may read and write ``t``'s memory directly.
-
-    A plain CPU tensor (or Parameter), contiguous, float32/float64: subclasses
-    such as DTensor, or the fake tensors torch.compile traces with, have no
-    memory of their own to hand to C (the caller also checks that it is not
-    being traced).
-    """
-    return type(t) in _PLAIN and t.is_cpu and t.dtype in NATIVE_DTYPES and t.is_contiguous()
 
 
 def operand_problem(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avg: Sequence[torch.Tensor],

@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from decoupled_core import (
-    HyperParams,
-    accepted,
-    compute_dtype,
-    invalid,
-    number_layers,
-    pull_rate,
-    resolve_rollback_max,
-    validate,
-    warn_finetune_weight_decay,
-)
+from decoupled_core import (HyperParams, accepted, compute_dtype, invalid, number_layers, pull_rate,
+                            resolve_rollback_max, validate, warn_finetune_weight_decay)
 
-from . import _kernels as _kernels
-from ._kernels import (
-    FastPlan,
-    grads_finite_fast,
-    grads_finite_reference,
-    init_state,
-    nonfinite_flag,
-    reference_update,
-    state_problem,
-)
+from .._shared.torch_lists import grads_finite, nonfinite_flag
+from ._kernels import DEFAULT_POLICY, FastPlan, Policy, init_state, loop_update, state_problem
 from ._integrations import is_no_pull, no_pull_param_groups, peft_param_groups
 from ._setup import Anchors, LayerKeys, check_param, display_names, head_split, make_anchor
 
@@ -48,18 +30,6 @@ _PUBLIC_NAMES = {"beta1": "betas[0]", "beta2": "betas[1]"}
 _TENSOR_LR = "a tensor holding one such value (any shape with one element, as torch.optim takes it)"
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "anchor")
 _DIRECTION_STATE = {"adam": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
-
-
-def _by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
-    out: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
-        out.setdefault(t.device, []).append(t)
-    return out
-
-
-def _global_flag(flag: torch.Tensor) -> bool:
-    """GradScaler's ``found_inf`` as a host bool (the host route reads it; GradScaler's eager route does too)."""
-    return bool(flag.item() != 0)
 
 
 def _label(name: str) -> str:
@@ -127,17 +97,20 @@ class DualOpt(torch.optim.Optimizer):
         Maximise the objective (the gradient is negated).
     foreach : bool or None
         ``False``: the reference loop over ``decoupled_core.step_tensor``.
-        ``None``/``True``: the fast multi-tensor path (fused Adam kernel +
-        multi-tensor pull; SGD with ``torch._foreach_*``) on CPU and CUDA,
-        equal to the reference path within ``_torch_kernels.FAST_PATH_TOLERANCE``
-        (bitwise for SGD). On CPU, large Adam finetune tensors take a small C
-        kernel built on first use with the system compiler (step and pull in
-        one pass, bitwise the core); ``DUALOPT_NATIVE=0`` turns it off, and
-        without a compiler nothing changes but speed
-        (``dualopt.torch._native.native_status()`` says which holds).
+        ``None``/``True``: the fast multi-tensor path on CPU and CUDA: Adam
+        through torch's fused kernel and a multi-tensor pull, equal to the
+        reference path within ``conformance.tolerances.FAST_PATH_TOLERANCE``;
+        SGD through the core on lists of tensors, bitwise. On CPU, large Adam
+        finetune tensors take a small C kernel built on first use with the
+        system compiler (step and pull in one pass, bitwise the core);
+        ``DUALOPT_NATIVE=0`` turns it off, and without a compiler nothing
+        changes but speed (``dualopt.torch._native.native_status()`` says why).
     nonfinite : {"skip", "propagate"}
         ``"skip"``: a ``step()`` whose gradients hold any NaN/Inf changes
         nothing and increments :attr:`skipped`. ``"propagate"``: no check.
+    _policy : dualopt.torch._kernels.Policy, optional
+        Private hook (tests, the conformance suite): which tensors the fast
+        path hands to which kernel. Default: ``DEFAULT_POLICY``.
 
     Notes
     -----
@@ -172,13 +145,13 @@ class DualOpt(torch.optim.Optimizer):
       ``RuntimeError`` that names it, before anything is updated (as
       ``torch.optim.Adam`` fails too); ``opt.load_state_dict(opt.state_dict())``
       converts the state to the parameters as they are now.
-    - On CUDA (and under ``torch.compile`` on any device) the Adam fast path
-      never waits for the device: the NaN/Inf check leaves a 0-d flag on the
-      device, torch's fused kernel takes it as ``found_inf``, the pull is a select
-      and the step counts advance by ``1 - flag``. ``torch.compile(opt.step,
-      fullgraph=True)`` traces it whole. The C kernel (CPU), the reference loop
-      (``foreach=False``), the SGD direction and sharded (DTensor) gradients read
-      the flag on the host.
+    - On CUDA (and under ``torch.compile`` on any device) the fast path never
+      waits for the device: the NaN/Inf check leaves a 0-d flag on the device,
+      torch's fused kernel takes it as ``found_inf``, SGD as the core's ``keep``,
+      the pull is a select and the step counts advance by ``1 - flag``.
+      ``torch.compile(opt.step, fullgraph=True)`` traces it whole. The C kernel
+      (CPU), the reference loop (``foreach=False``) and sharded (DTensor)
+      gradients read the flag on the host.
     - ``torch.amp.GradScaler`` hands its scale and its inf flag to ``step()``
       (``_step_supports_amp_scaling``): the gradients are checked once, by the
       scaler, and unscaled inside the fused kernel. Steps it skips are not
@@ -191,10 +164,16 @@ class DualOpt(torch.optim.Optimizer):
                  rollback_max: float | None = None, rollback_min: float = 0.0, rollback_power: float = 1.0,
                  layer_index: None | str | Callable[[str], int] | Mapping[str, int] | Sequence[int] = None,
                  anchor: Mapping[str, torch.Tensor] | Sequence[torch.Tensor | None] | None = None,
-                 maximize: bool = False, foreach: bool | None = None, nonfinite: str = "skip") -> None:
+                 maximize: bool = False, foreach: bool | None = None, nonfinite: str = "skip",
+                 _policy: Policy | None = None) -> None:
         validate(HyperParams(), nonfinite=nonfinite)
+        if _policy is not None and not isinstance(_policy, Policy):
+            raise invalid("_policy", _policy, "a dualopt.torch._kernels.Policy or None")
         self.nonfinite = nonfinite
+        self._policy = DEFAULT_POLICY if _policy is None else _policy
         self._skipped = 0  # before super().__init__: add_param_group copies it into each group
+        # Skips decided on the device (sync-free path), one 0-d int64 tensor per device; read by `skipped`.
+        self._skip_counts: dict[str, torch.Tensor] = {}
         self._layer_keys = LayerKeys(layer_index)
         self._anchor_arg = Anchors(anchor)
         self._all_defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, nesterov=nesterov,
@@ -321,9 +300,8 @@ class DualOpt(torch.optim.Optimizer):
         betas = group["betas"]
         if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
             raise invalid("betas", betas, "a pair (beta1, beta2) of floats in [0, 1)")
-        for key in ("maximize",):
-            if not isinstance(group[key], bool):
-                raise invalid(key, group[key], "True or False")
+        if not isinstance(group["maximize"], bool):
+            raise invalid("maximize", group["maximize"], "True or False")
         if group["foreach"] not in (None, True, False):
             raise invalid("foreach", group["foreach"], "None, True or False")
         hp = _group_hp(group)
@@ -404,8 +382,6 @@ class DualOpt(torch.optim.Optimizer):
         # Fast-path plans hold lists of state tensors: rebuilt after any renumbering or load.
         self._plans: dict[int, FastPlan] = {}
         self._paradigms = [g["paradigm"] for g in self.param_groups]
-        # Skips decided on the device (sync-free path), one 0-d int64 tensor per device; read by `skipped`.
-        self.__dict__.setdefault("_skip_counts", {})
 
     def _rates(self, gi: int, hp: HyperParams) -> list[float]:
         key = (hp.paradigm, hp.weight_decay, hp.rollback_max, hp.rollback_min, hp.rollback_power)
@@ -515,7 +491,7 @@ class DualOpt(torch.optim.Optimizer):
                 plan = self._plans.get(gi)
                 if plan is None or plan.key != key or not plan.holds(states):
                     self._check_state(gi, group, idx, ps, grads, states, hp)
-                    plan = self._plans[gi] = FastPlan(key, ps, states, rates, hp=hp)
+                    plan = self._plans[gi] = FastPlan(key, ps, states, rates, hp=hp, policy=self._policy)
             else:
                 self._check_state(gi, group, idx, ps, grads, states, hp)
             runs.append((group, hp, ps, grads, states, rates, plan))
@@ -539,29 +515,30 @@ class DualOpt(torch.optim.Optimizer):
             for group, hp, ps, grads, states, rates, plan in runs:
                 lr = float(group["lr"])
                 if plan is None:  # under torch.compile: the core's rule, traced
-                    _kernels.traced_update(ps, grads, states, rates, hp=hp, lr=lr, maximize=group["maximize"],
-                                           found_inf=flag, grad_scale=grad_scale)
+                    loop_update(ps, grads, states, rates, hp=hp, lr=lr, maximize=group["maximize"], traced=True,
+                                found_inf=flag, grad_scale=grad_scale)
                 else:
                     plan.run(grads, hp=hp, lr=lr, maximize=group["maximize"], found_inf=flag, grad_scale=grad_scale)
             return loss
-        # Host route (CPU, the C kernel, the reference loop, SGD, sharded or multi-device gradients).
+        # Host route (CPU, the C kernel, the reference loop, sharded or multi-device gradients).
         if scaler_inf is not None:
-            if _global_flag(scaler_inf):
+            if bool(scaler_inf.item() != 0):
                 return loss  # GradScaler's skip: not counted in skipped (it counts its own in its scale)
         elif self.nonfinite == "skip":
-            fast = any(g["foreach"] is not False for _, g, _, _ in work)
-            finite = grads_finite_fast(all_grads) if fast else grads_finite_reference(all_grads)
-            if not finite:
+            if not grads_finite(all_grads):
                 self.skipped += 1
                 return loss
         if grad_scale is not None:
-            for d, gs in _by_device(all_grads).items():
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for g in all_grads:
+                by_device.setdefault(g.device, []).append(g)
+            for d, gs in by_device.items():
                 torch._foreach_div_(gs, grad_scale.to(d))
         self._advance(runs, 1.0)
         for group, hp, ps, grads, states, rates, plan in runs:
             lr = float(group["lr"])
             if plan is None:
-                reference_update(ps, grads, states, rates, hp=hp, lr=lr, maximize=group["maximize"])
+                loop_update(ps, grads, states, rates, hp=hp, lr=lr, maximize=group["maximize"])
             else:
                 plan.run(grads, hp=hp, lr=lr, maximize=group["maximize"])
         return loss
@@ -578,11 +555,10 @@ class DualOpt(torch.optim.Optimizer):
         if loose:
             torch._foreach_add_(loose, by)
 
-    @staticmethod
-    def _sync_free(runs: Sequence[Any], grads: Sequence[torch.Tensor], device: torch.device) -> bool:
-        """Whether this step takes the device-side skip (see ``_torch_kernels.SYNC_FREE_DEVICES``)."""
+    def _sync_free(self, runs: Sequence[Any], grads: Sequence[torch.Tensor], device: torch.device) -> bool:
+        """Whether this step takes the device-side skip (``Policy.sync_free_devices``, or under torch.compile)."""
         if not torch.compiler.is_compiling():
-            if device.type not in _kernels.SYNC_FREE_DEVICES:
+            if device.type not in self._policy.sync_free_devices:
                 return False
             if not all(run[6] is not None and run[6].sync_free for run in runs):
                 return False
@@ -618,7 +594,7 @@ class DualOpt(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for key in ("nonfinite", "_skipped", "_layer_keys", "_anchor_arg", "_all_defaults", "_layout",
+        for key in ("nonfinite", "_policy", "_skipped", "_layer_keys", "_anchor_arg", "_all_defaults", "_layout",
                     "_rate_cache", "_paradigms"):
             state[key] = self.__dict__[key]
         state["_plans"] = {}  # caches of tensor lists; rebuilt on the next step
@@ -630,34 +606,22 @@ class DualOpt(torch.optim.Optimizer):
     def _saved_skipped(state_dict: Any) -> int:
         """The skip counter of a DualOpt state dict; raises for anything else (e.g. another optimizer's state).
 
-        Current layout: every param group tagged ``"dualopt": STATE_FORMAT`` with
-        the counter in ``"skipped"``. Also read: the first layout (never
-        released), a top-level ``"dualopt": {"format": ..., "skipped": n}`` entry.
+        The layout: every param group tagged ``"dualopt": STATE_FORMAT`` with the counter in ``"skipped"``.
         """
         got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
-        legacy = state_dict.get("dualopt") if isinstance(state_dict, Mapping) else None
         groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
         if not isinstance(groups, Sequence) or not all(isinstance(g, Mapping) for g in groups):
             groups = []
-        counts: list[tuple[str, Any]] | None = None
-        found = ""
-        if isinstance(legacy, Mapping):
-            if legacy.get("format") == STATE_FORMAT:
-                counts = [("'dualopt' entry", legacy.get("skipped", 0))]
-            else:
-                found = f" (its 'dualopt' entry has format {legacy.get('format')!r})"
-        elif groups and all(g.get(_FORMAT_KEY) == STATE_FORMAT for g in groups):
-            counts = [(f"param group {gi}", g.get(_SKIPPED_KEY)) for gi, g in enumerate(groups)]
-        else:
+        if not groups or any(g.get(_FORMAT_KEY) != STATE_FORMAT for g in groups):
             bad = next((gi for gi, g in enumerate(groups) if g.get(_FORMAT_KEY) != STATE_FORMAT), None)
+            found = ""
             if bad is not None and any(_FORMAT_KEY in g for g in groups):  # a tag, but not (everywhere) ours
-                tag = groups[bad].get(_FORMAT_KEY)
-                found = (f" (its param group {bad} has {_FORMAT_KEY!r}: {tag!r})" if _FORMAT_KEY in groups[bad]
-                         else f" (its param group {bad} has no {_FORMAT_KEY!r} tag)")
-        if counts is None:
+                found = (f" (its param group {bad} has {_FORMAT_KEY!r}: {groups[bad][_FORMAT_KEY]!r})"
+                         if _FORMAT_KEY in groups[bad] else f" (its param group {bad} has no {_FORMAT_KEY!r} tag)")
             raise invalid("state_dict", f"<dict with keys {got}>{found}",
                           f"a DualOpt state dict (every param group with {_FORMAT_KEY!r}: {STATE_FORMAT!r}); "
                           "state from another optimizer cannot be loaded")
+        counts = [(f"param group {gi}", g.get(_SKIPPED_KEY)) for gi, g in enumerate(groups)]
         first = counts[0][1]
         for where, n in counts:
             if isinstance(n, bool) or not hasattr(n, "__index__") or int(n) < 0 or n != first:
@@ -719,12 +683,11 @@ class DualOpt(torch.optim.Optimizer):
                 entry = saved_state.get(pid, {})
                 self._check_saved_entry(entry, p, names[j], group)
                 originals[p] = {k: entry[k] for k in _STATE_TENSORS if k in entry}
-        payload = {k: v for k, v in state_dict.items() if k != "dualopt"}
         # torch's method would run the hooks again, the post-hooks before the lines below: it runs without them.
         pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
         try:
-            super().load_state_dict(payload)
+            super().load_state_dict(state_dict)
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre_hooks
             self._optimizer_load_state_dict_post_hooks = post_hooks
@@ -741,7 +704,6 @@ class DualOpt(torch.optim.Optimizer):
                 step = step.item() if isinstance(step, torch.Tensor) else step
                 self.state[p]["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
         for gi, group in enumerate(self.param_groups):
-            group[_FORMAT_KEY] = STATE_FORMAT  # (a dict of the first layout has no tags in its groups)
             self._check_group(group, gi)
             for p in group["params"]:
                 if p.requires_grad:  # complete what a saved state may lack (tensors never updated before)
@@ -783,6 +745,7 @@ class DualOpt(torch.optim.Optimizer):
         if "_layer_keys" not in self.__dict__:  # unpickled from a plain torch.optim state
             raise invalid("state", "<pickled without DualOpt attributes>", "a pickled DualOpt")
         self.__dict__.setdefault("_skip_counts", {})
+        self.__dict__.setdefault("_policy", DEFAULT_POLICY)
 
     # ------------------------------------------------------------------ display
 

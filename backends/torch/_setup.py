@@ -11,16 +11,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from decoupled_core import check_anchor, check_layer_count, check_layer_key, compute_dtype, invalid
+from decoupled_core import check_anchor, check_layer_count, check_layer_key, init_anchor, invalid
 
-__all__ = [
-    "display_names",
-    "check_param",
-    "LayerKeys",
-    "Anchors",
-    "make_anchor",
-    "head_split",
-]
+__all__ = ["display_names", "check_param", "LayerKeys", "Anchors", "make_anchor", "head_split"]
 
 #: ``layer_index`` spellings accepted by the constructor (besides per-group lists).
 LayerIndexArg = None | str | Callable[[str], int] | Mapping[str, int] | Sequence[int]
@@ -129,20 +122,24 @@ class LayerKeys:
 
 
 def make_anchor(p: torch.Tensor, name: str, given: torch.Tensor | None) -> torch.Tensor:
-    """A finetune anchor in the compute dtype: a copy (never an alias) of ``given`` or of ``p``."""
-    cd = compute_dtype(p.dtype, torch)
+    """A finetune anchor: the core's :func:`~decoupled_core.init_anchor` (a copy in the compute dtype, never an
+    alias) of ``given`` on ``p``'s device, or of ``p``; ``given`` must fit ``p`` (shape, lossless dtype)."""
+    import array_api_compat.torch as xp
+
     if given is None:
-        return p.detach().to(dtype=cd, copy=True)
+        return init_anchor(p.detach(), xp=xp)
     if not isinstance(given, torch.Tensor):
         raise invalid(f"anchor[{name!r}]", f"<{type(given).__name__}>", "a torch.Tensor (or None to snapshot the parameter)")
     check_anchor(f"anchor[{name!r}]", tuple(given.shape), given.dtype, tuple(p.shape), p.dtype)
-    return given.detach().to(device=p.device, dtype=cd, copy=True)
+    # given's dtype is p's or p's compute dtype (checked), so its compute dtype is p's
+    return init_anchor(given.detach().to(device=p.device), xp=xp)
 
 
 class Anchors:
     """Looks up the user's ``anchor`` argument (dict name -> tensor, or sequence aligned with params)."""
 
     def __init__(self, spec: Any) -> None:
+        self.spec: Mapping[str, Any] | list[Any] | None
         if spec is None or isinstance(spec, Mapping):
             self.spec = spec
         elif isinstance(spec, torch.Tensor):

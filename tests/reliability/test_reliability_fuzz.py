@@ -310,7 +310,7 @@ def test_torch_adapter_steps_match_the_spec(foreach, one_torch_thread):
     step. float16/bfloat16 add one ulp of the param dtype per step (a float32 difference can flip a tie)."""
     torch = pytest.importorskip("torch")
     from dualopt.torch import DualOpt
-    from dualopt.torch._kernels import FAST_PATH_TOLERANCE
+    from dualopt.conformance.tolerances import FAST_PATH_TOLERANCE
 
     ran = []
 

@@ -10,7 +10,7 @@ bit for bit on the reference path (``foreach=False``) and the SGD fast path,
 and within the documented fast-path tolerance for fused Adam.
 
 Both finiteness checks of the fast path are exercised: small tensors (one
-multi-tensor kernel call) and a tensor of at least ``FOLD_MIN_NUMEL`` elements
+multi-tensor kernel call) and a tensor of at least ``Policy.fold_min_numel`` elements
 (a sum, re-checked element-wise when it overflows: huge *finite* gradients
 must not be skipped).
 """
@@ -26,13 +26,14 @@ torch = pytest.importorskip("torch")
 
 import decoupled_core as dc  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
-from dualopt.torch._kernels import FOLD_MIN_NUMEL, fast_path_tolerance  # noqa: E402
+from dualopt.conformance.tolerances import fast_path_tolerance  # noqa: E402
+from dualopt.torch._kernels import DEFAULT_POLICY  # noqa: E402
 
 from _reliability_adapters import same_bits  # noqa: E402
 
 LR = 0.01
 SMALL = [(5, 4), (4,), (3, 5), (3,), ()]
-LARGE = (FOLD_MIN_NUMEL + 17,)
+LARGE = (DEFAULT_POLICY.fold_min_numel + 17,)
 
 
 def _hps(direction: str) -> list[dc.HyperParams]:

@@ -1,7 +1,7 @@
 """Shared helpers of the torch adapter tests (imported by module name; the prefix keeps it unique on sys.path).
 
 - bit-level comparison of tensors (``-0.0`` and NaN payloads count, bfloat16 included);
-- the fast path's documented tolerance (``_torch_kernels.FAST_PATH_TOLERANCE``) as an assertion;
+- the fast path's documented tolerance (``conformance.tolerances.FAST_PATH_TOLERANCE``) as an assertion;
 - the core's :class:`decoupled_core.ReferenceOptimizer` on torch tensors, for replaying gradients.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import decoupled_core as dc
-from dualopt.torch._kernels import FAST_PATH_TOLERANCE
+from dualopt.conformance.tolerances import FAST_PATH_TOLERANCE
 
 
 def xp() -> Any:

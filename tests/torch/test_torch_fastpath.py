@@ -13,12 +13,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import dualopt.torch._kernels as kernels  # noqa: E402
-from dualopt.torch._kernels import FOLD_MIN_NUMEL  # noqa: E402
+import numpy as np  # noqa: E402
+
+from decoupled_core import all_finite  # noqa: E402
+from dualopt._shared.torch_lists import grads_finite  # noqa: E402
+from dualopt.torch._kernels import DEFAULT_POLICY  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
 
 from _torch_helpers import ScaledTracker, assert_same_bits  # noqa: E402
 
+FOLD_MIN_NUMEL = DEFAULT_POLICY.fold_min_numel
 BIG = (FOLD_MIN_NUMEL // 64 + 3, 64)  # just over the threshold
 
 
@@ -161,7 +165,23 @@ def test_finiteness_check_agrees_with_the_core():
             grads = [g.clone() for g in small + large]
             if bad_at is not None:
                 grads[bad_at].view(-1)[-1] = value
-            expected = kernels.grads_finite_reference(grads)
-            assert kernels.grads_finite_fast(grads) is expected is (bad_at is None)
+            expected = bool(all_finite([g.float().numpy() for g in grads], xp=np))
+            assert grads_finite(grads) is expected is (bad_at is None)
     huge = [torch.full((FOLD_MIN_NUMEL,), 3e38)]  # the sum overflows, every element is finite
-    assert kernels.grads_finite_fast(huge) is kernels.grads_finite_reference(huge) is True
+    assert grads_finite(huge) is bool(all_finite([h.numpy() for h in huge], xp=np)) is True
+
+
+def test_the_policy_is_an_argument_checked_and_kept_by_pickling():
+    """The fast path's thresholds are a frozen Policy passed to the optimizer, not module globals."""
+    import pickle
+
+    from dualopt.torch._kernels import Policy
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match="_policy"):
+        DualOpt([p], _policy={"fold_min_numel": 1})
+    opt = DualOpt([p], _policy=Policy(fold_min_numel=1))
+    with pytest.raises(AttributeError):
+        opt._policy.fold_min_numel = 2  # frozen
+    assert pickle.loads(pickle.dumps(opt))._policy == Policy(fold_min_numel=1)
+    assert DualOpt([p])._policy == DEFAULT_POLICY

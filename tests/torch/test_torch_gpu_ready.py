@@ -1,7 +1,7 @@
 """The torch step ready for GPUs (issue 21): no host read inside ``step()``, GradScaler's fused route.
 
-On CPU the sync-free path is what CUDA takes (``_torch_kernels.SYNC_FREE_DEVICES``); the tests
-force it on CPU and make every host read raise while ``step()`` runs. ``DUALOPT_TORCH_DEVICE=cuda``
+On CPU the sync-free path is what CUDA takes (``Policy.sync_free_devices``); the tests
+force it on CPU (``DualOpt(..., _policy=...)``) and make every host read raise while ``step()`` runs. ``DUALOPT_TORCH_DEVICE=cuda``
 (``benchmarks/gpu_check.sh``) runs them on a GPU, where the path is the default.
 """
 
@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 import torch
 
-import dualopt.torch._kernels as kernels
+from dualopt.torch._kernels import Policy
 from dualopt.torch import DualOpt
 
 from _torch_helpers import assert_same_bits, fixed_data, loss_of, make_mlp
@@ -46,11 +46,10 @@ def no_host_reads() -> Iterator[None]:
             setattr(torch.Tensor, name, m)
 
 
-@pytest.fixture
-def sync_free(monkeypatch: pytest.MonkeyPatch) -> None:
-    """CUDA's path on this device; large finetune tensors stay off the C kernel (which reads the host)."""
-    monkeypatch.setattr(kernels, "SYNC_FREE_DEVICES", (DEVICE.type,))
-    monkeypatch.setattr(kernels, "NATIVE_MIN_NUMEL", 1 << 62)
+#: CUDA's path on this device; large finetune tensors stay off the C kernel (which reads the host).
+SYNC_FREE = Policy(sync_free_devices=(DEVICE.type,), native_min_numel=1 << 62)
+#: The host route on every device, with the same kernels.
+HOST = Policy(sync_free_devices=(), native_min_numel=1 << 62)
 
 
 def _model(dtype: torch.dtype = torch.float64) -> torch.nn.Sequential:
@@ -75,16 +74,18 @@ def _run(model: torch.nn.Module, opt: DualOpt, bad_steps: set[int], steps: int, 
 
 @pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
 @pytest.mark.parametrize("paradigm", ["scratch", "finetune", "none"])
-def test_sync_free_step_reads_nothing_back_and_matches_the_host_route(sync_free, monkeypatch, paradigm, nonfinite):
-    """Old code: ``bool(flag)`` in step() raises under ``no_host_reads``. The device-side skip must
-    give the host route's bits: weights, moments, anchors and step counts untouched by a bad step."""
+@pytest.mark.parametrize("direction", ["adam", "sgd"])
+def test_sync_free_step_reads_nothing_back_and_matches_the_host_route(direction, paradigm, nonfinite):
+    """Old code: ``bool(flag)`` in step() raises under ``no_host_reads`` (SGD: the host route only).
+    The device-side skip must give the host route's bits: weights, moments, anchors and step counts
+    untouched by a bad step (SGD: through the core's ``keep``)."""
     bad = {2, 5} if nonfinite == "skip" else set()
+    kw = dict(lr=1e-2, direction=direction, paradigm=paradigm, nonfinite=nonfinite, weight_decay=0.5)
     a = _model()
-    opt_a = DualOpt(a.parameters(), lr=1e-2, paradigm=paradigm, nonfinite=nonfinite, weight_decay=0.5)
+    opt_a = DualOpt(a.parameters(), _policy=SYNC_FREE, **kw)
     _run(a, opt_a, bad, 8, guard=True)
-    monkeypatch.setattr(kernels, "SYNC_FREE_DEVICES", ())
     b = _model()
-    opt_b = DualOpt(b.parameters(), lr=1e-2, paradigm=paradigm, nonfinite=nonfinite, weight_decay=0.5)
+    opt_b = DualOpt(b.parameters(), _policy=HOST, **kw)
     _run(b, opt_b, bad, 8, guard=False)
     for p, q in zip(a.parameters(), b.parameters()):
         assert_same_bits(p, q, "param")
@@ -95,11 +96,13 @@ def test_sync_free_step_reads_nothing_back_and_matches_the_host_route(sync_free,
     assert opt_a.state_dict()["param_groups"][0]["skipped"] == len(bad)
 
 
-def test_a_skipped_step_changes_nothing_on_the_device_path(sync_free):
+@pytest.mark.parametrize("direction", ["adam", "sgd"])
+def test_a_skipped_step_changes_nothing_on_the_device_path(direction):
     """Spec section 8, bitwise, on the sync-free path: bf16 weights, finetune and scratch groups."""
     model = _model(torch.bfloat16)
     params = list(model.parameters())
-    opt = DualOpt([{"params": params[:4], "paradigm": "finetune"}, {"params": params[4:]}], lr=1e-2)
+    opt = DualOpt([{"params": params[:4], "paradigm": "finetune"}, {"params": params[4:]}], lr=1e-2,
+                  direction=direction, _policy=SYNC_FREE)
     _run(model, opt, set(), 2, guard=True)
     _run(model, opt, {1}, 2, guard=True)  # one good step, one bad
     _run(model, opt, {0}, 1, guard=True)  # bad
@@ -107,7 +110,8 @@ def test_a_skipped_step_changes_nothing_on_the_device_path(sync_free):
     # The same three good steps without the bad ones: every bit the same.
     model2 = _model(torch.bfloat16)
     params2 = list(model2.parameters())
-    opt2 = DualOpt([{"params": params2[:4], "paradigm": "finetune"}, {"params": params2[4:]}], lr=1e-2)
+    opt2 = DualOpt([{"params": params2[:4], "paradigm": "finetune"}, {"params": params2[4:]}], lr=1e-2,
+                   direction=direction, _policy=SYNC_FREE)
     _run(model2, opt2, set(), 2, guard=True)
     _run(model2, opt2, set(), 1, guard=True)
     for p, q in zip(params, params2):
@@ -129,18 +133,18 @@ def _count_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.parametrize("route", ["host", "device"])
-def test_grad_scaler_fused_route_equals_the_eager_route(monkeypatch, route):
+@pytest.mark.parametrize("direction", ["adam", "sgd"])
+def test_grad_scaler_fused_route_equals_the_eager_route(monkeypatch, route, direction):
     """GradScaler hands ``found_inf``/``grad_scale`` to step() (one check, unscale in the kernel) and gives
     the bits of its eager route (unscale_, then step), inf steps included. Old code: two checks per step."""
-    if route == "device":
-        monkeypatch.setattr(kernels, "SYNC_FREE_DEVICES", (DEVICE.type,))
-        monkeypatch.setattr(kernels, "NATIVE_MIN_NUMEL", 1 << 62)
+    policy = SYNC_FREE if route == "device" else Policy()
     x, y = (t.to(DEVICE) for t in fixed_data())
     results = []
     for fused in (True, False):
         model = _model()
         params = list(model.parameters())
-        opt = DualOpt([{"params": params[:4], "paradigm": "finetune"}, {"params": params[4:]}], lr=1e-2)
+        opt = DualOpt([{"params": params[:4], "paradigm": "finetune"}, {"params": params[4:]}], lr=1e-2,
+                      direction=direction, _policy=policy)
         if not fused:
             opt._step_supports_amp_scaling = False  # GradScaler's eager route: unscale_, check, then step()
         scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0 ** 10)

@@ -5,7 +5,7 @@ optimizer was fed at every step (gradients as ``step()`` saw them, the groups' `
 ``betas`` and ``momentum`` as the scheduler left them), and replays exactly that through
 the core (:func:`decoupled_core.step_tensor`). The reference path (``foreach=False``) and
 the SGD fast path must give the core's bits at every step; the fast Adam path must stay
-within ``_torch_kernels.FAST_PATH_TOLERANCE``. Where a native optimizer defines the
+within ``conformance.tolerances.FAST_PATH_TOLERANCE``. Where a native optimizer defines the
 expected values (the schedule a scheduler produces), they are compared too.
 """
 
@@ -312,7 +312,7 @@ def test_torch_compile_inductor_training_step():
 
 def test_compiling_step_itself_traces_the_core_rule():
     """``torch.compile(opt.step)`` (seen in the wild): the step is traced (the core's rule, see
-    ``_torch_kernels.traced_update``) and follows the eager reference loop to float64 rounding."""
+    ``_kernels.loop_update(traced=True)``) and follows the eager reference loop to float64 rounding."""
     torch._dynamo.reset()
     a, b = make_mlp(), make_mlp()
     opt_a = DualOpt(a.parameters(), lr=0.02, paradigm="finetune", foreach=False)

@@ -22,6 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import dualopt.torch._kernels as kernels  # noqa: E402
+from dualopt.conformance.tolerances import fast_path_tolerance  # noqa: E402
 import dualopt.torch._native as native  # noqa: E402
 from decoupled_core import AdamState, HyperParams, adam_coefficients, pull_coefficient, step_tensor  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
@@ -102,7 +103,7 @@ def _finetune_run(params, steps, *, swap_data=False):
 @needs_native
 def test_optimizer_takes_the_kernel_and_matches_the_numpy_core():
     """A finetune group with large tensors: the plan gives them to the C kernel, and 6 steps equal the core."""
-    big = (kernels.FOLD_MIN_NUMEL // 64 + 3, 64)
+    big = (kernels.DEFAULT_POLICY.fold_min_numel // 64 + 3, 64)
     init = [torch.randn(s, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i, s in
             enumerate([big, big, (5,)])]
     params = [torch.nn.Parameter(t.clone()) for t in init]
@@ -124,7 +125,7 @@ def test_optimizer_takes_the_kernel_and_matches_the_numpy_core():
 
 @needs_native
 def test_swapped_parameter_storage_is_followed():
-    big = (kernels.FOLD_MIN_NUMEL + 5,)
+    big = (kernels.DEFAULT_POLICY.fold_min_numel + 5,)
     init = torch.randn(big, generator=torch.Generator().manual_seed(0))
     plain, swapped = [torch.nn.Parameter(init.clone())], [torch.nn.Parameter(init.clone())]
     _finetune_run(plain, 5)
@@ -134,7 +135,7 @@ def test_swapped_parameter_storage_is_followed():
 
 @needs_native
 def test_without_the_kernel_the_optimizer_gives_the_same_weights_to_tolerance(monkeypatch):
-    big = (kernels.FOLD_MIN_NUMEL + 5,)
+    big = (kernels.DEFAULT_POLICY.fold_min_numel + 5,)
     init = torch.randn(big, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with_c = [torch.nn.Parameter(init.clone())]
     _finetune_run(with_c, 8)
@@ -142,7 +143,7 @@ def test_without_the_kernel_the_optimizer_gives_the_same_weights_to_tolerance(mo
     without = [torch.nn.Parameter(init.clone())]
     opt = _finetune_run(without, 8)
     assert opt._plans[0].buckets[0].native == []
-    tol = kernels.fast_path_tolerance(torch.float64, 8)
+    tol = fast_path_tolerance(torch.float64, 8)
     torch.testing.assert_close(without[0], with_c[0], rtol=tol, atol=tol)
     assert not torch.equal(without[0], init)
 

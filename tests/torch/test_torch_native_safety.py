@@ -32,6 +32,7 @@ torch = pytest.importorskip("torch")
 
 import dualopt.native._build as build  # noqa: E402
 import dualopt.torch._kernels as kernels  # noqa: E402
+from dualopt.conformance.tolerances import fast_path_tolerance  # noqa: E402
 import dualopt.torch._native as native  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
 
@@ -40,7 +41,7 @@ needs_cc = pytest.mark.skipif(shutil.which(CC) is None or os.environ.get("DUALOP
                               reason="no C compiler here")
 TIMEOUT_ENV = "DUALOPT_NATIVE_BUILD_TIMEOUT"
 needs_root = pytest.mark.skipif(os.getuid() != 0, reason="chown to another user needs root")
-BIG = kernels.NATIVE_MIN_NUMEL + 7  # large enough for the C kernel
+BIG = kernels.DEFAULT_POLICY.native_min_numel + 7  # large enough for the C kernel
 
 # Two finetune steps of one large tensor, then what the process saw, as one JSON line.
 STEP = textwrap.dedent("""
@@ -386,7 +387,7 @@ def test_the_kernel_refuses_operands_of_another_dtype_or_size():
 # ------------------------------------------------------------------------------- stride-0 gradients
 
 
-@pytest.mark.parametrize("n", [5, kernels.FOLD_MIN_NUMEL + 3])
+@pytest.mark.parametrize("n", [5, kernels.DEFAULT_POLICY.fold_min_numel + 3])
 @pytest.mark.parametrize("paradigm", ["finetune", "scratch"])
 def test_an_expanded_stride_0_gradient_is_read_not_written(n, paradigm):
     init = torch.linspace(-1, 1, n, dtype=torch.float64)
@@ -403,7 +404,7 @@ def test_an_expanded_stride_0_gradient_is_read_not_written(n, paradigm):
             assert torch.equal(base, torch.tensor([0.5 + step], dtype=torch.float64))
         results[foreach] = p.detach()
     assert opt.skipped == 0 and not torch.equal(results[False], init)
-    tol = kernels.fast_path_tolerance(torch.float64, 3)
+    tol = fast_path_tolerance(torch.float64, 3)
     torch.testing.assert_close(results[None], results[False], rtol=tol, atol=tol)
 
 

@@ -4,7 +4,7 @@
   on torch tensors **bit for bit**, step by step, every case; SGD-only cases also equal the
   committed vectors bit for bit (no square root is involved, spec/TOLERANCES.md "torch").
 - the fast path (``foreach=True``): SGD cases bit for bit; Adam cases within the documented
-  ``_torch_kernels.FAST_PATH_TOLERANCE`` of the reference (the fused Adam kernel evaluates
+  ``conformance.tolerances.FAST_PATH_TOLERANCE`` of the reference (the fused Adam kernel evaluates
   the same formula in another order, see backends/torch/_kernels.py). The fast path's
   scratch *fold* (the pull inside the fused AdamW call) only applies to tensors of
   ``FOLD_MIN_NUMEL`` elements or more; the ``fold`` variant lowers that threshold so the
@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 from dualopt.conformance.impl_torch import torch_group  # noqa: E402
 from dualopt.spec.vectors import load_cases  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
-import dualopt.torch._kernels as kernels  # noqa: E402
+from dualopt.torch._kernels import Policy  # noqa: E402
 
 from _torch_helpers import ScaledTracker, assert_same_bits, reference_optimizer  # noqa: E402
 
@@ -41,7 +41,7 @@ def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
     return None if a is None else torch.from_numpy(np.array(a, copy=True))
 
 
-def replay(case, foreach: bool):
+def replay(case, foreach: bool, policy=None):
     """The case through DualOpt (named params, one group per case group, layer_index and anchor by name).
 
     Returns (params after every step, optimizer, parameters)."""
@@ -55,7 +55,7 @@ def replay(case, foreach: bool):
     keys = case.layer_index if case.layer_index is not None else list(range(len(names)))
     opt = DualOpt(groups, lr=case.base_lr, layer_index=dict(zip(names, keys)),
                   anchor={n: _tensor(a) for n, a in case.anchor.items()}, nonfinite=case.nonfinite,
-                  foreach=foreach)
+                  foreach=foreach, _policy=policy)
     traj = []
     for lr, grads in zip(case.lr, case.grads):
         for group in opt.param_groups:
@@ -80,15 +80,14 @@ def core_replay(case):
 
 
 @pytest.fixture(params=["reference", "fast", "fast-fold"])
-def path(request, monkeypatch):
-    if request.param == "fast-fold":
-        monkeypatch.setattr(kernels, "FOLD_MIN_NUMEL", 1)
+def path(request):
     return request.param
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_trajectory_equals_core(case, path):
-    traj, opt, params = replay(case, foreach=path != "reference")
+    fold = Policy(fold_min_numel=1) if path == "fast-fold" else None  # every scratch pull folded into AdamW
+    traj, opt, params = replay(case, foreach=path != "reference", policy=fold)
     expected, ref = core_replay(case)
     assert len(traj) == case.steps
     exact = path == "reference" or _is_sgd(case)
