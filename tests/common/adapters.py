@@ -1,8 +1,8 @@
 """How the reliability suite drives each adapter (torch and Optax in-process; Keras in its worker).
 
 ``construct_*`` build an optimizer the way a user would for one bad-input case
-of :mod:`_reliability_cases` and return the error message (or None if the
-adapter accepted the input). The Keras twin lives in ``_keras_worker.py``.
+of :mod:`tests.common.cases` and return the error message (or None if the
+adapter accepted the input). The Keras twin lives in ``tests/keras/_reliability_checks.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from _reliability_cases import PARAM_SHAPES, BadInput, adapter_kwargs, saved_setup
+from tests.common.cases import PARAM_SHAPES, BadInput, adapter_kwargs, saved_setup
 
 
 def construct_torch(case: BadInput) -> str | None:

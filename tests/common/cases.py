@@ -1,6 +1,6 @@
 """The bad-input table of the reliability suite, shared by the pytest side and the Keras worker.
 
-Framework-free (numpy and decoupled_core only), so that ``_keras_worker.py``
+Framework-free (numpy and decoupled_core only), so that ``tests/keras/_reliability_checks.py``
 can import it in a Keras subprocess and the pytest process can compute the
 core's message for the same case.
 

@@ -2,7 +2,7 @@
 
 Every engine here needs a fresh process: torch's process group is one per
 process, and JAX reads ``XLA_FLAGS`` (the number of host devices) only at its
-first import. A worker is a script that takes the path of a pickled request
+first import. A worker is a module (run with ``python -m``) that takes the path of a pickled request
 and the path to pickle its answer to; torch workers additionally find their
 rank in a torchrun-like environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)
 and rendezvous through a file store (``DUALOPT_DIST_STORE``), which needs no
@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def report(engine: str, dev: Any) -> None:
@@ -67,9 +66,9 @@ def once_per_session(tmp_path_factory: Any, key: str, compute: Callable[[], Any]
         return answer
 
 
-def run_workers(script: str, request: Any, *, world: int = 1, env: Mapping[str, str] | None = None,
+def run_workers(module: str, request: Any, *, world: int = 1, env: Mapping[str, str] | None = None,
                 timeout: float = 600.0) -> list[Any]:
-    """Run ``world`` copies of ``tests/distributed/<script>`` on ``request``; the answers, by rank.
+    """Run ``world`` copies of ``python -m <module>`` (from the repository root) on ``request``; the answers, by rank.
 
     A rank that fails (non-zero exit, or no answer) makes this raise with the
     tail of every rank's stderr, so a failing test shows the worker's traceback.
@@ -79,7 +78,6 @@ def run_workers(script: str, request: Any, *, world: int = 1, env: Mapping[str, 
         with open(src, "wb") as fh:
             pickle.dump(request, fh)
         base = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2",
-                    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                     DUALOPT_DIST_STORE=os.path.join(tmp, "store"), WORLD_SIZE=str(world))
         base.update(env or {})
         procs = []
@@ -89,7 +87,7 @@ def run_workers(script: str, request: Any, *, world: int = 1, env: Mapping[str, 
             log = open(os.path.join(tmp, f"stderr{rank}.txt"), "w+")
             logs.append(log)
             rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
-            procs.append((subprocess.Popen([sys.executable, str(HERE / script), src, dst], env=rank_env, cwd=ROOT,
+            procs.append((subprocess.Popen([sys.executable, "-m", module, src, dst], env=rank_env, cwd=ROOT,
                                            stdout=subprocess.DEVNULL, stderr=log), dst))
         deadline = time.monotonic() + timeout
         codes = []
@@ -113,5 +111,5 @@ def run_workers(script: str, request: Any, *, world: int = 1, env: Mapping[str, 
             with open(dst, "rb") as fh:
                 answers.append(pickle.load(fh))
         if problems:
-            raise RuntimeError(f"{script} with {world} process(es) failed:\n" + "\n".join(problems))
+            raise RuntimeError(f"{module} with {world} process(es) failed:\n" + "\n".join(problems))
         return answers

@@ -1,4 +1,4 @@
-"""Shared setup of the integration suites (Hugging Face, PEFT, Lightning, Flax NNX, Orbax).
+"""Imported first by ``tests/torch/conftest.py``, for the Hugging Face, PEFT and Lightning suites.
 
 Nothing here may reach a model hub: every model is built from a config with
 random weights ("pretrained" here means saved to a local folder first), and the

@@ -1,6 +1,6 @@
 """Fuzzing the rule (hypothesis): the core and every adapter against an independent reading of the spec.
 
-``_fuzz_spec.py`` restates SPEC sections 3-5 (layer rates, the rule, host
+``tests/common/fuzz_spec.py`` restates SPEC sections 3-5 (layer rates, the rule, host
 scalars) without calling ``decoupled_core``. Each example is a whole optimizer:
 1-4 tensors of random shapes (0-d and zero-size included), float64, float32,
 float16 or bfloat16, each with its own hyperparameters anywhere in their valid
@@ -22,9 +22,9 @@ tensors without a gradient in some steps. Checked:
 
 The core runs on numpy and array-api-strict (jax.numpy for float16/bfloat16,
 which array-api-strict lacks); ``dualopt.torch`` (fast and reference paths),
-``dualopt.optax`` and ``dualopt.keras`` (in ``test_reliability_lowprec_keras``'s
+``dualopt.optax`` and ``dualopt.keras`` (in ``test_keras_lowprec``'s
 worker process) run the same examples through their single-step paths. Every
-test uses :func:`_fuzz_spec.profile`: a fixed number of derandomized examples.
+test uses :func:`tests.common.fuzz_spec.profile`: a fixed number of derandomized examples.
 
 Magnitudes stay where the rule cannot overflow (``|x| <= max/8``; gradients
 ``<= sqrt(max)/8`` of the compute dtype, so that ``g * g`` is finite), and
@@ -43,8 +43,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import decoupled_core as dc
-import _fuzz_spec as fz
-from _fuzz_spec import Problem, profile
+from tests.common import fuzz_spec as fz
+from tests.common.fuzz_spec import Problem, profile
+from tests.keras import _lowprec_fuzz as _keras_lowprec_fuzz
 
 EXAMPLES = 60  # per test; derandomized, so every run checks the same examples
 #: The largest error seen per check, in units of its tolerance's scale (printed: the margin of each bound).
@@ -396,11 +397,11 @@ def test_optax_adapter_steps_equal_the_spec_bitwise():
 
 
 @pytest.mark.keras_backend
-@pytest.mark.parametrize("backend", __import__("_lowprec_fuzz_keras").keras_backends())
+@pytest.mark.parametrize("backend", _keras_lowprec_fuzz.keras_backends())
 def test_keras_adapter_steps_match_the_spec(backend):
     """``dualopt.keras.DualOpt.apply`` on fuzzed examples, in the worker process of
-    ``test_reliability_lowprec_keras`` (one per backend): TOLERANCES.md's ``traced-scalars`` class."""
-    from _lowprec_fuzz_keras import keras_result
+    ``test_keras_lowprec`` (one per backend): TOLERANCES.md's ``traced-scalars`` class."""
+    from tests.keras._lowprec_fuzz import keras_result
 
     r = keras_result(backend, "fuzz")
     assert r["failure"] is None, r["failure"]

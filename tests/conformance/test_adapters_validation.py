@@ -1,8 +1,8 @@
 """Bad hyperparameters, layer keys, anchors and states: every adapter fails loudly, in the core's words.
 
-One table (``_reliability_cases.CASES``) is tried on every adapter: torch and
+One table (``tests.common.cases.CASES``) is tried on every adapter: torch and
 Optax in this process, Keras in one subprocess per backend
-(``_keras_worker.py``, about 30 s per backend, all three in the default run).
+(``tests/keras/_reliability_checks.py``, about 30 s per backend, all three in the default run).
 For each case the adapter's message must be the core's message for the
 same case, word for word, with the adapter's public argument names
 (``betas[0]``, ``b1``, ``beta_1``): :func:`decoupled_core.validate` for
@@ -13,7 +13,7 @@ only the text after the name is compared. Where an adapter accepts more than
 the core's range (an Optax schedule, a Keras ``LearningRateSchedule``, a
 mapping of paradigms), the core appends those forms itself
 (``decoupled_core.accepted``); the expected forms are written out in
-``_reliability_cases.ALSO_ACCEPTED``.
+``tests.common.cases.ALSO_ACCEPTED``.
 
 A saved state that belongs to another optimizer, model, paradigm or direction
 (``kind="state"``) has no core message (each framework has its own state
@@ -34,9 +34,9 @@ import re
 
 import pytest
 
-from _reliability_adapters import construct_optax, construct_torch, error_text, load_optax_state, load_torch_state
-from _reliability_cases import CASES, core_message, public_argument, split_message
-from _reliability_keras import BACKENDS, keras_result, worker_marks
+from tests.common.adapters import construct_optax, construct_torch, error_text, load_optax_state, load_torch_state
+from tests.common.cases import CASES, core_message, public_argument, split_message
+from tests.keras._launcher import BACKENDS, keras_result, worker_marks
 
 #: (adapter, case id) -> why the adapter's message is not the core's (routed to the adapter's owner).
 KNOWN_BUGS: dict[tuple[str, str], str] = {}

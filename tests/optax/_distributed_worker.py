@@ -1,4 +1,4 @@
-"""The JAX sharding check: ``python _jax_worker.py REQUEST.pkl ANSWER.pkl`` (started by ``_launch.run_workers``).
+"""The JAX sharding check: ``python -m tests.optax._distributed_worker REQUEST.pkl ANSWER.pkl`` (started by ``tests.common.distributed.run_workers``).
 
 Needs ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (read by XLA at
 its first import, hence a process of its own) and ``JAX_ENABLE_X64=1``.

@@ -1,4 +1,4 @@
-"""The training job of the Optax resume checks, shared by the tests and by ``_resume_optax_worker.py``.
+"""The training job of the Optax resume checks, shared by the tests and by ``_resume_worker.py``.
 
 A small MLP as a nested dict (``backbone/Dense_0``, ``Dense_1``, ``Dense_10``:
 the natural layer order is not the flatten order) and a ``head``, trained with

@@ -1,11 +1,11 @@
 """An Optax training process that checkpoints after every step and can be killed at a chosen step.
 
-``python _resume_optax_worker.py CONFIG_JSON CKPT OUT KILL_AT``: like
-``_resume_torch_worker.py``. If ``CKPT`` (an ``.npz``) exists the job restores
+``python -m tests.optax._resume_worker CONFIG_JSON CKPT OUT KILL_AT``: like
+``tests/torch/_resume_worker.py``. If ``CKPT`` (an ``.npz``) exists the job restores
 params and state into the templates of a freshly built transform
 (``jax.eval_shape`` of ``tx.init``) and continues; after every step it writes
 ``CKPT`` atomically; ``KILL_AT > 0`` sends SIGKILL to itself right after that
-step's checkpoint; at the end it writes :func:`_resume_optax.snapshot` to ``OUT``.
+step's checkpoint; at the end it writes :func:`tests.optax._resume_job.snapshot` to ``OUT``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import _resume_optax as job  # noqa: E402
+from tests.optax import _resume_job as job
 
 
 def main(config_json: str, ckpt: str, out: str, kill_at: int) -> None:

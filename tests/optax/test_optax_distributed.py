@@ -1,6 +1,6 @@
 """DualOpt's Optax transform on sharded parameters: 4 host devices, a 2x2 ``NamedSharding`` mesh.
 
-One subprocess (``_jax_worker.py``, started with
+One subprocess (``_distributed_worker.py``, started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` and ``JAX_ENABLE_X64=1``)
 runs every job twice, unsharded on one device and sharded (kernels
 ``P("data", "model")``, biases ``P("model")``):
@@ -16,7 +16,7 @@ runs every job twice, unsharded on one device and sharded (kernels
   per device and all-reduced, a different summation order from one device:
   within the closed-loop budget of ``spec/TOLERANCES.md`` (1e-12 scaled).
 
-Run: ``pytest -m distributed tests/distributed`` (CI: ``make test``).
+Run: ``pytest -m distributed tests/optax/test_optax_distributed.py`` (CI: ``make test``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _launch import once_per_session, report, run_workers
+from tests.common.distributed import once_per_session, report, run_workers
 from dualopt.conformance.metrics import compare
 from dualopt.conformance.problem import NAMES, make_problem
 from dualopt.conformance.tolerances import CLOSED_BUDGET
@@ -43,7 +43,7 @@ JOBS = [dict(name="update-adam", kind="update", mode="mixed", steps=UPDATE_STEPS
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     answer = once_per_session(tmp_path_factory, "optax",
-                              lambda: run_workers("_jax_worker.py", {"jobs": JOBS}, env=ENV)[0])
+                              lambda: run_workers("tests.optax._distributed_worker", {"jobs": JOBS}, env=ENV)[0])
     assert answer["devices"] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
     return answer["jobs"]
 

@@ -1,6 +1,6 @@
 """bfloat16 and float16 parameters with ``dualopt.optax`` (SPEC 6: float32 compute and state).
 
-The problem of ``_lowprec_data.py`` with every leaf in bfloat16 or float16
+The problem of ``tests/common/lowprec_data.py`` with every leaf in bfloat16 or float16
 (the loss is evaluated in float32), a jitted ``tx.update`` +
 ``optax.apply_updates`` step, x64 off. DualOpt (scratch; finetune backbone +
 scratch head) must stay finite, keep ``mu``, ``nu`` and the anchors float32,
@@ -19,7 +19,7 @@ jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
-import _lowprec_data as lp  # noqa: E402
+from tests.common import lowprec_data as lp  # noqa: E402
 from dualopt.optax import dualopt  # noqa: E402
 
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from dualopt.optax import dualopt, step  # noqa: E402
 
-from _reliability_adapters import same_bits  # noqa: E402
+from tests.common.adapters import same_bits  # noqa: E402
 
 SHAPES = {"backbone": {"layers_0": {"w": (4, 3), "b": (3,)}, "layers_1": {"w": (3, 3), "b": (3,)}},
           "head": {"w": (3, 2), "b": (2,)}, "temperature": ()}

@@ -1,6 +1,6 @@
 """Kill-and-resume with ``dualopt.optax.dualopt`` reproduces the uninterrupted run bit for bit.
 
-The job (``_resume_optax.py``): a jitted ``tx.update`` + ``optax.apply_updates``
+The job (``_resume_job.py``): a jitted ``tx.update`` + ``optax.apply_updates``
 step on a small MLP, a cosine schedule read from the state's ``count``, one
 skipped NaN step; x64 off. A resume at step k writes every leaf of
 ``(params, state)`` to a pickle-free ``.npz`` and restores it into the
@@ -31,10 +31,10 @@ jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
-import _resume_optax as job  # noqa: E402
-from _resume_common import assert_same  # noqa: E402
+from tests.optax import _resume_job as job  # noqa: E402
+from tests.common.resume import assert_same  # noqa: E402
 
-HERE = Path(__file__).parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = [job.Config(mode, direction) for mode in job.MODES for direction in ("adam", "sgd")]
 
 
@@ -103,8 +103,9 @@ def test_bfloat16_resume_keeps_float32_state(tmp_path):
 def _worker(cfg: job.Config, ckpt: Path, out: Path, kill_at: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("JAX_ENABLE_X64", None)
-    return subprocess.run([sys.executable, str(HERE / "_resume_optax_worker.py"), json.dumps(cfg.as_dict()),
-                           str(ckpt), str(out), str(kill_at)], capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run([sys.executable, "-m", "tests.optax._resume_worker", json.dumps(cfg.as_dict()),
+                           str(ckpt), str(out), str(kill_at)], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=ROOT)
 
 
 def test_sigkill_then_resume_in_a_new_process(tmp_path):

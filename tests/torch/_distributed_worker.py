@@ -1,4 +1,4 @@
-"""One rank of a torch distributed test: ``python _torch_worker.py REQUEST.pkl ANSWER.pkl``.
+"""One rank of a torch distributed test: ``python -m tests.torch._distributed_worker REQUEST.pkl ANSWER.pkl``.
 
 The request names an engine and a list of jobs; every job builds its model and
 optimizer from scratch, so the jobs of one request are independent and share

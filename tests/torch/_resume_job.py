@@ -1,4 +1,4 @@
-"""The training job of the torch resume checks, shared by the tests and by ``_resume_torch_worker.py``.
+"""The training job of the torch resume checks, shared by the tests and by ``_resume_worker.py``.
 
 A small MLP (``backbone``: two Linear+Tanh, ``head``: Linear) is trained with
 cross-entropy on fixed numpy data, with a cosine ``LambdaLR`` schedule, one

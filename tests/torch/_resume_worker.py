@@ -1,6 +1,6 @@
 """A torch training process that checkpoints after every step and can be killed at a chosen step.
 
-``python _resume_torch_worker.py CONFIG_JSON CKPT OUT KILL_AT``
+``python -m tests.torch._resume_worker CONFIG_JSON CKPT OUT KILL_AT``
 
 - If ``CKPT`` exists the job resumes from it (fresh model, optimizer and
   scheduler, then ``load_state_dict`` from ``torch.load(weights_only=True)``),
@@ -9,7 +9,7 @@
   file, then ``os.replace``), as a real job would.
 - ``KILL_AT > 0``: right after writing the checkpoint of that step the process
   sends itself SIGKILL (no cleanup, no atexit: what a pre-empted job sees).
-- On reaching the end it writes :func:`_resume_torch.snapshot` to ``OUT`` (npz).
+- On reaching the end it writes :func:`tests.torch._resume_job.snapshot` to ``OUT`` (npz).
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import _resume_torch as job  # noqa: E402
+from tests.torch import _resume_job as job
 
 
 def main(config_json: str, ckpt: str, out: str, kill_at: int) -> None:

@@ -1,12 +1,12 @@
 """DualOpt under torch's distributed engines on CPU: DDP and FSDP2 over gloo, two processes.
 
 Every test reads the answers of three requests, each run once per module
-(``_launch.run_workers``, ``_torch_worker.py``):
+(``tests.common.distributed.run_workers``, ``_distributed_worker.py``):
 
 - ``single``: one process, no process group, the references: the plain run
   with the whole global batch of 32 rows, and the run that emulates two ranks
   in one process (``micro=2``: each half batch's gradient, times 1/2, summed:
-  the engines' arithmetic, see ``_torch_worker.backward``);
+  the engines' arithmetic, see ``_distributed_worker.backward``);
 - ``ddp`` and ``fsdp``: two ranks, 16 rows each.
 
 What is expected, and why:
@@ -27,7 +27,7 @@ What is expected, and why:
   tensor and its two 2-element halves differ in the last bit in 1 of 200
   steps (the head's bias is such a tensor). Within the same budget, not bitwise.
 
-Run: ``pytest -m distributed tests/distributed`` (CI: ``make test``).
+Run: ``pytest -m distributed tests/torch/test_torch_distributed.py`` (CI: ``make test``).
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _launch import once_per_session, report, run_workers
+from tests.common.distributed import once_per_session, report, run_workers
 from dualopt.conformance.metrics import compare
 from dualopt.conformance.problem import NAMES, make_problem
 from dualopt.conformance.tolerances import CLOSED_BUDGET
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 
-WORKER = "_torch_worker.py"
+WORKER = "tests.torch._distributed_worker"
 PATHS = {"fast": None, "reference": False}  # DualOpt(foreach=...)
 # The default (fast) path trains the conformance problem's 25 epochs of 8 batches; the
 # reference path, bitwise the engines' arithmetic, 6 epochs (keeps the suite short).
@@ -82,7 +82,7 @@ def _nan_jobs(engine: str) -> list[dict]:
 
 
 CKPT_STEPS = 24  # saved after 12 (one of them skipped: a NaN input), then 12 more on both copies
-CKPT_APIS = ("dcp", "dcp-flattened", "state_dict", "full_state_dict")  # see _torch_worker.job_checkpoint
+CKPT_APIS = ("dcp", "dcp-flattened", "state_dict", "full_state_dict")  # see _distributed_worker.job_checkpoint
 
 
 def _checkpoint_jobs() -> list[dict]:
@@ -269,7 +269,7 @@ def test_fsdp_skip_decision_for_one_sharded_tensor_is_global(fsdp: list[dict]) -
 # ----------------------------------------------------------------------------- FSDP2 checkpoints
 @pytest.mark.parametrize("api", CKPT_APIS)
 def test_fsdp_checkpoint_with_torch_helpers_resumes_bitwise(fsdp: list[dict], api: str) -> None:
-    """torch's own recipes, unchanged (``_torch_worker.job_checkpoint``): the resumed run equals the uninterrupted one.
+    """torch's own recipes, unchanged (``_distributed_worker.job_checkpoint``): the resumed run equals the uninterrupted one.
 
     What makes them work (``backends/torch/_optimizer.py``): DualOpt creates its whole
     state with the optimizer, so the fresh optimizer's ``get_state_dict`` is a

@@ -17,7 +17,7 @@ import dualopt.torch._kernels as kernels  # noqa: E402
 from dualopt.torch._kernels import FOLD_MIN_NUMEL  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
 
-from _torch_helpers import ScaledTracker, assert_same_bits  # noqa: E402
+from tests.torch._torch_helpers import ScaledTracker, assert_same_bits  # noqa: E402
 
 BIG = (FOLD_MIN_NUMEL // 64 + 3, 64)  # just over the threshold
 

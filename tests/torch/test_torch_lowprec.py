@@ -1,6 +1,6 @@
 """bfloat16 and float16 parameters with ``dualopt.torch.DualOpt`` (SPEC 6: float32 compute and state).
 
-The problem of ``_lowprec_data.py`` (a small MLP, 300 steps) is trained with
+The problem of ``tests/common/lowprec_data.py`` (a small MLP, 300 steps) is trained with
 the whole model in bfloat16 or float16 (weights, activations, gradients; the
 loss is evaluated in float32), by DualOpt (scratch; and finetune backbone +
 scratch head) on the fast and the reference path, and by ``torch.optim.AdamW``
@@ -27,7 +27,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import _lowprec_data as lp  # noqa: E402
+from tests.common import lowprec_data as lp  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
 
 

@@ -28,7 +28,7 @@ import decoupled_core as dc  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
 from dualopt.torch._kernels import FOLD_MIN_NUMEL, fast_path_tolerance  # noqa: E402
 
-from _reliability_adapters import same_bits  # noqa: E402
+from tests.common.adapters import same_bits  # noqa: E402
 
 LR = 0.01
 SMALL = [(5, 4), (4,), (3, 5), (3,), ()]

@@ -1,6 +1,6 @@
 """Kill-and-resume with ``dualopt.torch.DualOpt`` reproduces the uninterrupted run bit for bit.
 
-The job (``_resume_torch.py``) is a small MLP with a cosine LambdaLR schedule,
+The job (``_resume_job.py``) is a small MLP with a cosine LambdaLR schedule,
 a tensor left without a gradient every fourth step and one skipped NaN step.
 A resume at step k saves ``model``, ``optimizer`` and ``scheduler`` state dicts
 with ``torch.save``, builds a *fresh* model, optimizer and scheduler, loads the
@@ -30,11 +30,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import _resume_torch as job  # noqa: E402
-from _resume_common import assert_same  # noqa: E402
+from tests.torch import _resume_job as job  # noqa: E402
+from tests.common.resume import assert_same  # noqa: E402
 from dualopt.torch import STATE_FORMAT, DualOpt  # noqa: E402
 
-HERE = Path(__file__).parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -95,8 +95,8 @@ def test_bfloat16_resume_keeps_float32_state(foreach):
 # --------------------------------------------------------------------------- a genuinely new process
 
 def _worker(cfg: job.Config, ckpt: Path, out: Path, kill_at: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(HERE / "_resume_torch_worker.py"), json.dumps(cfg.as_dict()),
-                           str(ckpt), str(out), str(kill_at)], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "tests.torch._resume_worker", json.dumps(cfg.as_dict()),
+                           str(ckpt), str(out), str(kill_at)], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
 @pytest.mark.parametrize("cfg,kill_at", [
