@@ -1,4 +1,4 @@
-"""The Keras distribution check: ``python _keras_worker.py REQUEST.pkl ANSWER.pkl`` (via ``_launch.run_workers``).
+"""The Keras distribution check: :func:`run` (launched by ``test_keras_distributed.py`` through ``_launcher``).
 
 Needs ``KERAS_BACKEND=jax``, ``JAX_ENABLE_X64=1`` and
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (all read once per
@@ -23,14 +23,13 @@ distributed run, where every model variable and every optimizer slot
 from __future__ import annotations
 
 import os
-import pickle
-import sys
 from typing import Any
 
 import numpy as np
 
 
-def main(src: str, dst: str) -> None:
+def run(request: dict[str, Any]) -> dict[str, Any]:
+    """The answers to ``request["jobs"]`` (module docstring), with the versions of Keras and jax."""
     import jax
     import keras
 
@@ -38,8 +37,6 @@ def main(src: str, dst: str) -> None:
     from dualopt.conformance.problem import LAYER_INDEX, group_hyperparams, make_problem
     from dualopt.keras import DualOpt
 
-    with open(src, "rb") as fh:
-        request = pickle.load(fh)
     devices = jax.devices()
     if keras.backend.backend() != "jax" or len(devices) != 4 or not jax.config.jax_enable_x64:
         raise RuntimeError(f"needs the jax backend, 4 host devices and x64; got {keras.backend.backend()}, {devices}, "
@@ -99,9 +96,4 @@ def main(src: str, dst: str) -> None:
         finally:
             keras.distribution.set_distribution(None)
         answers[job["name"]] = {"single": single, "distributed": distributed}
-    with open(dst, "wb") as fh:
-        pickle.dump({"keras": keras.__version__, "jax": jax.__version__, "jobs": answers}, fh)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    return {"keras": keras.__version__, "jax": jax.__version__, "jobs": answers}

@@ -1,31 +1,99 @@
-"""Run ``_keras_worker.py`` once per Keras backend (per pytest worker) and hand its JSON to the tests.
+"""The one way the tests run Keras code on a backend: a named function in a fresh interpreter.
 
-Importing Keras with a backend costs 3-8 s and a process holds one backend, so
-all Keras reliability checks of one backend share one subprocess (24-32 s per
-backend here, mostly the import), so the tests that read it
-(:func:`worker_marks`: validation, non-finite) run on every backend in the
-default run. :func:`backend_marks` marks tensorflow and torch slow, for suites
-whose own per-backend subprocesses are long (kill-and-resume). Each backend is
-its own xdist group so that ``--dist loadgroup`` never runs one backend's
-subprocess twice.
+Importing Keras with a backend costs 3-8 s and a process holds one backend
+(``KERAS_BACKEND`` is read once, as are ``JAX_ENABLE_X64`` and ``XLA_FLAGS``),
+so every Keras test that needs a backend calls :func:`launch` (or
+:func:`run_checks`): it starts ``python -m tests.keras._launcher`` from the
+repository root with ``KERAS_BACKEND`` set, which imports the module, calls
+the function with the given arguments and writes what it returns (JSON,
+``default=str``, or a pickle for results that hold arrays and tuples). The
+functions measure (messages, bit-equality flags, differences); the pytest side
+decides pass or fail. Callers cache one launch per backend and pytest worker
+(``functools.lru_cache``).
+
+Marks: each backend is its own xdist group so that ``--dist loadgroup`` never
+runs one backend's subprocess twice. :func:`worker_backends` (validation,
+non-finite) runs every backend in the default run; :func:`keras_backends`
+marks tensorflow and torch slow, for suites whose own subprocesses are long
+(kill-and-resume, low precision and fuzz).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import pytest
 
-HERE = Path(__file__).parent
+ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ("jax", "tensorflow", "torch")
 DEFAULT_BACKENDS = ("jax",)
-_MODULE = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
+
+
+@dataclass
+class Launched:
+    """A finished launch: the exit status, the tail of stderr, and what the function returned (None if nothing)."""
+
+    returncode: int
+    stderr: str
+    result: Any
+
+
+def launch(backend: str, target: str, *args: Any, env: Mapping[str, str | None] | None = None,
+           timeout: float = 600, result: str = "json") -> Launched:
+    """Call ``target`` (``"tests.keras.module:function"``) with ``args`` in a fresh interpreter on ``backend``.
+
+    ``args`` travel as JSON; a string argument ``"{tmp}"`` stands for a scratch
+    directory, removed afterwards. ``env`` is added to this process's
+    environment (a ``None`` value removes the variable). ``result`` is
+    ``"json"`` or ``"pickle"``: how the return value comes back.
+    """
+    environ = dict(os.environ, KERAS_BACKEND=backend)
+    for key, value in (env or {}).items():
+        if value is None:
+            environ.pop(key, None)
+        else:
+            environ[key] = value
+    with tempfile.TemporaryDirectory(prefix=f"dualopt-keras-{backend}-") as tmp:
+        out = Path(tmp) / f"result.{result}"
+        argv = json.dumps([tmp if a == "{tmp}" else a for a in args])
+        proc = subprocess.run([sys.executable, "-m", "tests.keras._launcher", target, str(out), argv], env=environ,
+                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        value = None
+        if out.exists():
+            value = json.loads(out.read_text()) if result == "json" else pickle.loads(out.read_bytes())
+        return Launched(proc.returncode, proc.stderr[-5000:], value)
+
+
+def run_checks(backend: str, target: str, *args: Any, env: Mapping[str, str | None] | None = None,
+               timeout: float = 600, result: str = "json") -> Any:
+    """:func:`launch`, returning the function's result, or ``{"__crash__": ...}`` when the process failed."""
+    done = launch(backend, target, *args, env=env, timeout=timeout, result=result)
+    if done.returncode != 0 or done.result is None:
+        return {"__crash__": f"{target} on {backend}: rc={done.returncode}\n{done.stderr}"}
+    return done.result
+
+
+def pick(results: dict, check: str) -> Any:
+    """One check's results from a launch's dict; fails (not errors) when the process or the check crashed."""
+    assert "__crash__" not in results, results.get("__crash__")
+    r = results[check]
+    assert not (isinstance(r, dict) and "__error__" in r), r.get("__error__")
+    return r
+
+
+def reliability_env() -> dict[str, str | None]:
+    """The environment of the reliability checks: CPU only, quiet TensorFlow, jax's float32 default."""
+    return {"TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "JAX_ENABLE_X64": None}
 
 
 def backend_marks(backend: str) -> list[pytest.MarkDecorator]:
@@ -40,7 +108,7 @@ def keras_backends() -> list:
 
 
 def worker_marks(backend: str) -> list[pytest.MarkDecorator]:
-    """Marks of a test that reads ``_keras_worker.py checks`` results: its xdist group only (not slow)."""
+    """Marks of a test that reads :func:`keras_result`: its xdist group only (not slow)."""
     return [pytest.mark.xdist_group(f"reliability-keras-{backend}")]
 
 
@@ -48,43 +116,26 @@ def worker_backends() -> list:
     return [pytest.param(b, marks=worker_marks(b), id=b) for b in BACKENDS]
 
 
-def worker_env(backend: str) -> dict[str, str]:
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
-               CUDA_VISIBLE_DEVICES="")
-    env.pop("JAX_ENABLE_X64", None)
-    return env
-
-
-def run_json_worker(script: str, args: list[str], env: dict[str, str], *, prefix: str, timeout: int) -> dict:
-    """Run ``script *args`` in a fresh interpreter and return the JSON it writes (``{"__crash__": ...}`` when it
-    dies or writes nothing). In ``args``, ``{out}`` stands for that JSON file and ``{tmp}`` for a scratch
-    directory, both removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        out = Path(tmp) / "results.json"
-        argv = [a.replace("{tmp}", tmp).replace("{out}", str(out)) for a in args]
-        proc = subprocess.run([sys.executable, str(HERE / script), *argv], env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        if proc.returncode != 0 or not out.exists():
-            return {"__crash__": f"rc={proc.returncode}\n{proc.stderr[-5000:]}"}
-        return json.loads(out.read_text())
-
-
-def pick(results: dict, check: str) -> dict:
-    """One check's results from a worker's JSON; fails (not errors) when the worker or the check crashed."""
-    assert "__crash__" not in results, results.get("__crash__")
-    r = results[check]
-    assert not (isinstance(r, dict) and "__error__" in r), r.get("__error__")
-    return r
-
-
 @functools.lru_cache(maxsize=None)
-def _run(backend: str) -> dict:
+def _reliability(backend: str) -> dict:
     pytest.importorskip("keras")
-    pytest.importorskip(_MODULE[backend])
-    return run_json_worker("_keras_worker.py", ["checks", "{out}", "{tmp}"], worker_env(backend),
-                           prefix=f"dualopt-rel-keras-{backend}-", timeout=600)
+    pytest.importorskip(backend)
+    return run_checks(backend, "tests.keras._reliability_checks:checks", "{tmp}", env=reliability_env())
 
 
-def keras_result(backend: str, check: str) -> dict:
-    """One check's results from ``backend``'s worker; fails (not errors) when the worker crashed."""
-    return pick(_run(backend), check)
+def keras_result(backend: str, check: str) -> Any:
+    """One check of ``tests/keras/_reliability_checks.py`` on ``backend`` (one launch per backend)."""
+    return pick(_reliability(backend), check)
+
+
+def main(target: str, out: str, argv: str) -> None:
+    module, function = target.split(":")
+    value = getattr(importlib.import_module(module), function)(*json.loads(argv))
+    if out.endswith(".pickle"):
+        Path(out).write_bytes(pickle.dumps(value))
+    else:
+        Path(out).write_text(json.dumps(value, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

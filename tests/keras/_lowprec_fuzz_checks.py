@@ -1,43 +1,37 @@
 """Keras low-precision training and fuzzed single steps, run with ``KERAS_BACKEND`` set (one backend per process).
 
-``python _lowprec_fuzz_keras_worker.py OUT.json`` runs both checks and writes
-measured values; the pytest side (``test_reliability_lowprec_keras.py``,
-``test_reliability_fuzz.py``) decides pass or fail. ``JAX_ENABLE_X64=1`` is set
+:func:`checks` (launched by ``_lowprec_fuzz.py``) runs both and returns
+measured values; the pytest side (``test_keras_lowprec.py``,
+``tests/conformance/test_adapters_fuzz.py``) decides pass or fail. ``JAX_ENABLE_X64=1`` is set
 by the caller so that float64 variables exist on jax.
 
-- ``lowprec``: the problem of ``_lowprec_data.py`` as a Keras model whose
+- ``lowprec``: the problem of ``tests/common/lowprec_data.py`` as a Keras model whose
   layers use the ``bfloat16`` / ``float16`` dtype policy (variables, activations
   and gradients in that dtype; the loss in float32), trained with ``fit`` by
   DualOpt (scratch; finetune backbone + scratch head) and by Keras's AdamW in
   the same dtype, and in float32. Final losses, finiteness, slot dtypes.
-- ``fuzz``: hypothesis examples of ``_fuzz_spec.problems`` (one set of
+- ``fuzz``: hypothesis examples of ``tests.common.fuzz_spec.problems`` (one set of
   hyperparameters, per-variable paradigms and layer keys, explicit anchors),
   applied with ``optimizer.apply`` step by step and checked against the spec
-  with ``_fuzz_spec.check_against_spec`` (TOLERANCES.md's ``traced-scalars``
+  with ``tests.common.fuzz_spec.check_against_spec`` (TOLERANCES.md's ``traced-scalars``
   class: the scalars are computed on the device in the variables' compute
   dtype, 16 eps per step of the running scale).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
+from keras import ops
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import keras  # noqa: E402
-from keras import ops  # noqa: E402
-
-import _fuzz_spec as fz  # noqa: E402
-import _lowprec_data as lp  # noqa: E402
-from dualopt.keras import DualOpt  # noqa: E402
+from dualopt.keras import DualOpt
+from tests.common import fuzz_spec as fz
+from tests.common import lowprec_data as lp
 
 BACKEND = keras.backend.backend()
 FUZZ_EXAMPLES = 20  # eager Keras ops compile per shape on jax: few examples, few shapes
@@ -146,7 +140,8 @@ def fuzz() -> dict[str, Any]:
             "bound_used": worst}
 
 
-def main(out_path: str) -> None:
+def checks() -> dict[str, Any]:
+    """Both checks' measured values (``{"__error__": traceback}`` for a check that raised)."""
     results: dict[str, Any] = {"backend": BACKEND, "seconds": {}}
     for name, fn in (("lowprec", lowprec), ("fuzz", fuzz)):
         t0 = time.perf_counter()
@@ -155,8 +150,4 @@ def main(out_path: str) -> None:
         except Exception:
             results[name] = {"__error__": traceback.format_exc()[-4000:]}
         results["seconds"][name] = round(time.perf_counter() - t0, 2)
-    Path(out_path).write_text(json.dumps(results, indent=1, default=str))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])
+    return results

@@ -1,33 +1,25 @@
 """Keras side of the reliability suite, run in a subprocess with ``KERAS_BACKEND`` set.
 
-``python _keras_worker.py checks OUT.json TMPDIR`` runs every check below and
-writes measured values (messages, bit-equality flags, counters) to OUT.json;
-the pytest side (``test_reliability_*.py``) decides pass or fail. A check that
-raises records ``{"__error__": traceback}``.
-
-``python _keras_worker.py train SPEC.json`` is the training job that the
-kill-and-resume check starts (and kills) in its own subprocesses.
+:func:`checks` (launched once per backend by ``_launcher.keras_result``) runs
+every check below and returns measured values (messages, bit-equality flags,
+counters); the pytest side (``test_keras_nonfinite.py``,
+``tests/conformance/test_adapters_validation.py``) decides pass or fail. A
+check that raises records ``{"__error__": traceback}``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any, Callable
 
+import keras
 import numpy as np
+from keras import ops
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import keras  # noqa: E402
-from keras import ops  # noqa: E402
-
-import decoupled_core as dc  # noqa: E402
-from _reliability_cases import CASES, PARAM_SHAPES, BadInput, adapter_kwargs, saved_setup  # noqa: E402
+import decoupled_core as dc
+from tests.common.cases import CASES, PARAM_SHAPES, BadInput, adapter_kwargs, saved_setup
 
 BACKEND = keras.backend.backend()
 CHECKS: dict[str, Callable[[], Any]] = {}
@@ -241,7 +233,8 @@ def nonfinite_fit() -> dict[str, Any]:
     return out
 
 
-def main_checks(out_path: str, tmp: str) -> None:
+def checks(tmp: str) -> dict[str, Any]:
+    """Every check's measured values; ``tmp`` is a scratch directory."""
     os.environ["DUALOPT_REL_TMP"] = tmp
     results: dict[str, Any] = {"backend": BACKEND, "seconds": {}}
     for name, fn in CHECKS.items():
@@ -251,11 +244,4 @@ def main_checks(out_path: str, tmp: str) -> None:
         except Exception:
             results[name] = {"__error__": traceback.format_exc()[-4000:]}
         results["seconds"][name] = round(time.perf_counter() - t0, 2)
-    Path(out_path).write_text(json.dumps(results, indent=1, default=str))
-
-
-if __name__ == "__main__":
-    if sys.argv[1] == "checks":
-        main_checks(sys.argv[2], sys.argv[3])
-    else:
-        raise SystemExit(f"unknown command {sys.argv[1]!r}")
+    return results

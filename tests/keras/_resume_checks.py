@@ -1,19 +1,19 @@
 """Keras resume checks, run in a subprocess with ``KERAS_BACKEND`` set (one backend per process).
 
-Commands (``python _resume_keras_worker.py COMMAND ...``):
+Functions (each launched by ``test_keras_resume.py`` through ``_launcher.launch``):
 
-- ``checks OUT.json TMPDIR LEVEL``: the in-process resumes of ``LEVEL`` (``default``,
+- ``checks(TMPDIR, LEVEL)``: the in-process resumes of ``LEVEL`` (``default``,
   ``extra`` or ``all``, see ``TRAIN_ON_BATCH_RESUMES``) and every refused state;
-  writes measured values (bitwise flags, the names of differing variables,
-  messages) to OUT.json, and the uninterrupted run of the kill job to
+  returns measured values (bitwise flags, the names of differing variables,
+  messages) and writes the uninterrupted run of the kill job to
   ``TMPDIR/uninterrupted.npz``. The pytest side decides pass or fail.
-- ``checks OUT.json TMPDIR LEVEL JOBDIR``: first resume the killed job of ``JOBDIR``
+- ``checks(TMPDIR, LEVEL, JOBDIR)``: first resume the killed job of ``JOBDIR``
   (``resume``, below), then the checks.
-- ``train TMPDIR KILL_EPOCH``: the kill job: ``fit`` with
+- ``train(TMPDIR, KILL_EPOCH)``: the kill job: ``fit`` with
   ``BackupAndRestore`` and a ``ModelCheckpoint`` writing ``.keras`` files;
   right after the backups of epoch ``KILL_EPOCH`` the process sends itself
   SIGKILL.
-- ``resume TMPDIR KILL_EPOCH``: in a new process, resume that job twice: with
+- ``resume(TMPDIR, KILL_EPOCH)``: in a new process, resume that job twice: with
   the same ``BackupAndRestore`` (a plain ``fit`` call picks it up) and from
   the ``ModelCheckpoint`` file (``load_model`` + ``fit(initial_epoch=...)``);
   writes ``TMPDIR/resumed_backup.npz`` and ``TMPDIR/resumed_checkpoint.npz``.
@@ -26,24 +26,20 @@ update is skipped and counted in ``skipped``). float32, as Keras defaults.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sys
 import tempfile
 import time
 import traceback
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
+import keras  # backend chosen by KERAS_BACKEND
 import numpy as np
+from keras import ops
 
-import keras  # noqa: E402  (backend chosen by KERAS_BACKEND)
-from keras import ops  # noqa: E402
-
-from _resume_common import differences  # noqa: E402  (this directory is sys.path[0])
-from dualopt.keras import DualOpt  # noqa: E402
+from dualopt.keras import DualOpt
+from tests.common.resume import differences
 
 BACKEND = keras.backend.backend()
 B, N_BATCHES, EPOCHS = 16, 4, 4  # fit jobs: 4 epochs of 4 batches
@@ -293,7 +289,8 @@ def refused_states() -> dict[str, Any]:
 LEVEL = "default"
 
 
-def main_checks(out_path: str, tmp: str, level: str, job_dir: str | None = None) -> None:
+def checks(tmp: str, level: str, job_dir: str | None = None) -> dict[str, Any]:
+    """The checks of ``level``, after resuming the killed job of ``job_dir`` (module docstring)."""
     global LEVEL
     LEVEL = level
     os.environ["DUALOPT_RESUME_TMP"] = tmp
@@ -301,7 +298,7 @@ def main_checks(out_path: str, tmp: str, level: str, job_dir: str | None = None)
         # First thing in this process, which has never seen the killed job: resume it from its files.
         t0 = time.perf_counter()
         try:
-            main_resume(job_dir, KILL_EPOCH)
+            resume(job_dir, KILL_EPOCH)
             RESULTS["resume_process"] = {"ok": True}
         except Exception:
             RESULTS["resume_process"] = {"__error__": traceback.format_exc()[-4000:]}
@@ -315,16 +312,15 @@ def main_checks(out_path: str, tmp: str, level: str, job_dir: str | None = None)
         except Exception:
             RESULTS[name] = {"__error__": traceback.format_exc()[-4000:]}
         RESULTS["seconds"][name] = round(time.perf_counter() - t0, 2)
-    Path(out_path).write_text(json.dumps(RESULTS, indent=1, default=str))
     if level == "extra":
-        return
+        return RESULTS
     # The uninterrupted kill job, for the pytest side to compare the new process's resumes with.
     t0 = time.perf_counter()
     straight = model(*KILL_JOB)
     fit(straight, EPOCHS)
     save_npz(os.path.join(tmp, "uninterrupted.npz"), snapshot(straight))
     RESULTS["seconds"]["uninterrupted"] = round(time.perf_counter() - t0, 2)
-    Path(out_path).write_text(json.dumps(RESULTS, indent=1, default=str))
+    return RESULTS
 
 
 # ------------------------------------------------------------------------------------------------ kill job
@@ -344,14 +340,14 @@ class Kill(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def main_train(tmp: str, kill_epoch: int) -> None:
+def train(tmp: str, kill_epoch: int) -> None:
     m = model(*KILL_JOB)
     fit(m, EPOCHS, callbacks=[keras.callbacks.BackupAndRestore(os.path.join(tmp, "backup")),
                               keras.callbacks.ModelCheckpoint(os.path.join(tmp, "e{epoch}.keras")), Kill(kill_epoch)])
     raise SystemExit("the kill job was not killed")
 
 
-def main_resume(tmp: str, kill_epoch: int) -> None:
+def resume(tmp: str, kill_epoch: int) -> None:
     m = model(*KILL_JOB)
     fit(m, EPOCHS, callbacks=[keras.callbacks.BackupAndRestore(os.path.join(tmp, "backup"))])
     save_npz(os.path.join(tmp, "resumed_backup.npz"), snapshot(m))
@@ -359,14 +355,3 @@ def main_resume(tmp: str, kill_epoch: int) -> None:
     fit(m, EPOCHS, initial_epoch=kill_epoch)
     save_npz(os.path.join(tmp, "resumed_checkpoint.npz"), snapshot(m))
 
-
-if __name__ == "__main__":
-    command = sys.argv[1]
-    if command == "checks":
-        main_checks(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] if len(sys.argv) > 5 else None)
-    elif command == "train":
-        main_train(sys.argv[2], int(sys.argv[3]))
-    elif command == "resume":
-        main_resume(sys.argv[2], int(sys.argv[3]))
-    else:
-        raise SystemExit(f"unknown command {command!r}")

@@ -1,6 +1,6 @@
 """``dualopt.keras.DualOpt`` under the Keras distribution API (jax backend, 4 host devices).
 
-One subprocess (``_keras_worker.py``, ``KERAS_BACKEND=jax``, ``JAX_ENABLE_X64=1``,
+One subprocess (``_distributed_checks.py``, ``KERAS_BACKEND=jax``, ``JAX_ENABLE_X64=1``,
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4``) fits the conformance
 problem's float64 MLP for 25 epochs (200 steps) without a distribution and
 under
@@ -16,21 +16,23 @@ per device and all-reduced by XLA, in another order than on one device, and
 every difference feeds the next step: the closed-loop budget of
 ``spec/TOLERANCES.md`` (1e-12 scaled) applies, not bitwise equality.
 
-Run: ``pytest -m distributed tests/distributed`` (CI: ``make test``).
+Run: ``pytest -m distributed tests`` (CI: ``make test``).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from _launch import once_per_session, report, run_workers
+from tests.common.distributed import once_per_session, report
 from dualopt.conformance.metrics import compare
 from dualopt.conformance.problem import NAMES, make_problem
 from dualopt.conformance.tolerances import CLOSED_BUDGET
+from tests.keras._launcher import run_checks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]
 
-ENV = {"KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+ENV = {"JAX_ENABLE_X64": "1", "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "OMP_NUM_THREADS": "1",
+       "MKL_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 EPOCHS = 25
 FINETUNE = {f"dense_{i}/{w}" for i in (0, 1) for w in ("kernel", "bias")}  # mode "mixed": the head is scratch
 JOBS = [dict(name="data", mode="mixed", epochs=EPOCHS, distribution="data"),
@@ -40,8 +42,13 @@ MODEL_SPEC = {"kernel": "P(None, 'model')", "bias": "P('model',)"}
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    answer = once_per_session(tmp_path_factory, "keras",
-                              lambda: run_workers("_keras_worker.py", {"jobs": JOBS}, env=ENV)[0])
+    def compute() -> dict:
+        answer = run_checks("jax", "tests.keras._distributed_checks:run", {"jobs": JOBS}, env=ENV, result="pickle")
+        if "__crash__" in answer:
+            raise RuntimeError(answer["__crash__"])
+        return answer
+
+    answer = once_per_session(tmp_path_factory, "keras", compute)
     return answer["jobs"]
 
 

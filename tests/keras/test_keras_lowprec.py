@@ -1,9 +1,9 @@
 """bfloat16 and float16 variables with ``dualopt.keras.DualOpt`` (SPEC 6: float32 compute and slots).
 
-The problem of ``_lowprec_data.py`` as a Keras model whose Dense layers use the
+The problem of ``tests/common/lowprec_data.py`` as a Keras model whose Dense layers use the
 ``bfloat16`` / ``float16`` dtype policy (variables, activations and gradients
 in that dtype; the loss in float32), trained with ``fit`` in a subprocess per
-backend (``_lowprec_fuzz_keras_worker.py``; jax in the default run,
+backend (``_lowprec_fuzz_checks.py``; jax in the default run,
 tensorflow and torch slow). DualOpt (scratch; finetune backbone + scratch
 head) must stay finite, keep every float slot (moments, anchors) float32,
 decrease the loss and end within ``LOSS_TOLERANCE`` of its float32 run, and
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pytest
 
-import _lowprec_data as lp
-from _lowprec_fuzz_keras import keras_backends, keras_result
+from tests.common import lowprec_data as lp
+from tests.keras._lowprec_fuzz import keras_backends, keras_result
 
 
 @pytest.mark.keras_backend

@@ -1,6 +1,6 @@
 """Non-finite gradients inside Keras's ``model.fit`` train step, on every backend (spec section 8).
 
-``_keras_worker.py``'s ``nonfinite_fit`` check (one subprocess per backend,
+``_reliability_checks.py``'s ``nonfinite_fit`` check (one subprocess per backend,
 shared with the bad-input table; about 30 s per backend, so every backend is
 in the default run) trains a float32 two-layer model
 twice with ``model.fit``: once on four clean batches, once with bad copies of
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import pytest
 
-from _reliability_keras import keras_result, worker_backends
+from tests.keras._launcher import keras_result, worker_backends
 
 pytestmark = pytest.mark.keras_backend
 

@@ -1,6 +1,6 @@
 """Kill-and-resume with ``dualopt.keras.DualOpt`` reproduces the uninterrupted run bit for bit.
 
-Runs ``_resume_keras_worker.py`` in subprocesses, one Keras backend per
+Runs ``_resume_checks.py`` in subprocesses (``_launcher.launch``), one Keras backend per
 process (jax in the default run; tensorflow and torch, and jax's extra
 resumes, are ``slow``). Resumes checked (every model weight and every
 optimizer variable — iterations, t, skipped, layout, moments, anchors —
@@ -27,23 +27,18 @@ the refused load leaves the optimizer untouched.
 from __future__ import annotations
 
 import functools
-import json
 import signal
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from _reliability_keras import backend_marks, pick, worker_env
-from _resume_common import differences
+from tests.common.resume import differences
+from tests.keras._launcher import backend_marks, launch, pick, reliability_env
 
-HERE = Path(__file__).parent
-WORKER = str(HERE / "_resume_keras_worker.py")
+CHECKS = "tests.keras._resume_checks"
 KILL_EPOCH = 2
-_MODULE = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
 
 
 def _params(default_level: str = "default") -> list:
@@ -59,23 +54,21 @@ def _run(backend: str, level: str) -> dict:
     """The kill job (killed), then the worker's ``checks`` in a new process, which first resumes the killed
     job from its files and then runs the in-process checks (``extra``: the checks only)."""
     pytest.importorskip("keras")
-    pytest.importorskip(_MODULE[backend])
-    env = worker_env(backend)
+    pytest.importorskip(backend)
+    env = reliability_env()
     with tempfile.TemporaryDirectory(prefix=f"dualopt-resume-keras-{backend}-") as tmp:
-        out = Path(tmp) / "results.json"
         job = Path(tmp) / "job"
         job.mkdir()
         kill = None
         if level != "extra":
-            killed = subprocess.run([sys.executable, WORKER, "train", str(job), str(KILL_EPOCH)], env=env,
-                                    capture_output=True, text=True, timeout=600)
+            killed = launch(backend, f"{CHECKS}:train", str(job), KILL_EPOCH, env=env, timeout=600)
             kill = {"returncode": killed.returncode, "stderr": killed.stderr[-3000:],
                     "files": sorted(p.name for p in job.iterdir())}
-        args = [sys.executable, WORKER, "checks", str(out), tmp, level] + ([str(job)] if level != "extra" else [])
-        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1200)
-        if proc.returncode != 0 or not out.exists():
-            return {"__crash__": f"checks rc={proc.returncode}\n{proc.stderr[-5000:]}"}
-        results = json.loads(out.read_text())
+        args = [tmp, level] + ([str(job)] if level != "extra" else [])
+        proc = launch(backend, f"{CHECKS}:checks", *args, env=env, timeout=1200)
+        if proc.returncode != 0 or proc.result is None:
+            return {"__crash__": f"checks rc={proc.returncode}\n{proc.stderr}"}
+        results = proc.result
         if kill is None:
             return results
         results["kill"] = kill
