@@ -1,10 +1,10 @@
-"""An independent statement of SPEC sections 3-5, and the hypothesis strategies of the fuzz suite.
+"""The fuzz suite's evaluation of the spec and its hypothesis strategies.
 
-Nothing here calls ``decoupled_core``: the layer rates (section 3), the rule
-(section 4) and the host scalars (section 5) are written again from the
-spec's text with numpy and Python floats, so that the fuzz tests compare two
-independent readings of the spec. Framework-free (numpy, ml_dtypes for the
-bfloat16 rounding, hypothesis), so the Keras worker can import it too.
+Nothing here calls ``decoupled_core``: the layer rates and the rule come from
+:mod:`tests.common.oracle` (the tests' one independent reading of SPEC
+sections 3-5), so the fuzz tests compare two independent readings of the
+spec. Framework-free (numpy, ml_dtypes for the bfloat16 rounding,
+hypothesis), so the Keras subprocess can import it too.
 
 ``evaluate`` runs one tensor's trajectory in a chosen compute precision:
 float64 (the reference every precision is held to), or the spec's own
@@ -24,6 +24,9 @@ import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
+from tests.common.oracle import Group, layer_rates, spec_step  # noqa: F401  (the fuzz tests use fz.Group)
+
 
 #: The fuzz profile: a fixed number of examples, derandomized (the same examples on every run and
 #: machine, so CI is deterministic), no deadline (first calls compile), no example database.
@@ -50,81 +53,7 @@ def finfo(name: str) -> Any:
     return ml_dtypes.finfo(NP_DTYPES[name]) if name == "bfloat16" else np.finfo(NP_DTYPES[name])
 
 
-# --------------------------------------------------------------------------------------- spec section 3
-
-def layer_rates(groups: list["Group"], keys: list[int] | None) -> list[float]:
-    """rho of every tensor: per paradigm the distinct keys are ranked (l) and counted (L)."""
-    paradigms = [g.paradigm for g in groups]
-    keys = list(range(len(groups))) if keys is None else list(keys)
-    rates = []
-    for g, key in zip(groups, keys):
-        distinct = sorted({k for k, p in zip(keys, paradigms) if p == g.paradigm})
-        l, n = distinct.index(key), len(distinct)
-        if g.paradigm == "scratch":
-            rates.append(g.weight_decay * ((l + 1) / n))
-        elif g.paradigm == "finetune":
-            rates.append(g.rollback_max if n == 1 else
-                         g.rollback_min + (1.0 - l / (n - 1)) ** g.rollback_power * (g.rollback_max - g.rollback_min))
-        else:
-            rates.append(0.0)
-    return rates
-
-
-# --------------------------------------------------------------------------------------- spec sections 4, 5
-
-@dataclass(frozen=True)
-class Group:
-    """One tensor's hyperparameters, under the spec's canonical names (a plain record, not the core's)."""
-
-    direction: str = "adam"
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    momentum: float = 0.9
-    nesterov: bool = False
-    paradigm: str = "scratch"
-    weight_decay: float = 0.01
-    rollback_max: float = 1.0
-    rollback_min: float = 0.0
-    rollback_power: float = 1.0
-
-    def core_kwargs(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
-
-
-def spec_step(theta: np.ndarray, g: np.ndarray, state: tuple, anchor: np.ndarray, *, hp: Group, lr: float, t: int,
-              rho: float) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """One update in ``theta``'s dtype: returns ``(theta, pre_weight, state)``.
-
-    Host scalars are float64 Python values (``**`` is C ``pow``, ``math.sqrt``
-    correctly rounded), each rounded once to the array dtype where it meets an
-    array; every array operation is one IEEE operation, in the spec's order.
-    """
-    k = theta.dtype.type  # rounds a host float64 scalar to the compute dtype
-    if hp.direction == "adam":
-        m, v = state
-        step_size = lr / (1.0 - hp.beta1 ** t)
-        inv_sqrt_bc2 = 1.0 / math.sqrt(1.0 - hp.beta2 ** t)
-        m = k(hp.beta1) * m + k(1.0 - hp.beta1) * g                      # 1
-        v = k(hp.beta2) * v + k(1.0 - hp.beta2) * (g * g)                # 2
-        d = np.sqrt(v) * k(inv_sqrt_bc2) + k(hp.eps)                     # 3
-        pre = theta - k(step_size) * (m / d)                             # 4
-        state = (m, v)
-    else:
-        (b,) = state
-        b = k(hp.momentum) * b + g                                       # 1
-        u = g + k(hp.momentum) * b if hp.nesterov else b                 # 2
-        pre = theta - k(lr) * u                                          # 3
-        state = (b,)
-    c = min(max(lr * rho, 0.0), 1.0)
-    if c == 0.0:
-        new = pre                                                        # 4.2: skipped when c is 0
-    elif hp.paradigm == "finetune":
-        new = pre - k(c) * (pre - anchor)                                # 5
-    else:
-        new = pre - k(c) * pre                                           # 5, a = 0
-    return np.asarray(new), np.asarray(pre), tuple(np.asarray(s) for s in state)
-
+# --------------------------------------------------------------------------------------- evaluation
 
 @dataclass
 class Trajectory:
