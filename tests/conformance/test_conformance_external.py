@@ -77,7 +77,7 @@ def test_pytest_entry_point_in_an_outside_project(tmp_path):
     (tmp_path / "test_port.py").write_text(textwrap.dedent("""
         from dualopt.conformance.external import pytest_suite
         from dualopt.conformance.impl_core import replay_reference
-        from tests.conformance._conformance_wrong import replay_wrong
+        from _conformance_wrong import replay_wrong
 
         test_good = pytest_suite(replay_reference, "numpy port")
         test_wrong = pytest_suite(replay_wrong, "wrong port", dtypes=("float64",))
