@@ -53,8 +53,7 @@ from typing import Callable
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from olor_naive import NaiveOLOR, lpwd_rates, olor_kappas  # noqa: E402
+from olor_naive import NaiveOLOR, lpwd_rates, olor_kappas  # noqa: E402  (run as a script, from its own directory)
 
 LR = 1e-3
 WORD = 4  # float32

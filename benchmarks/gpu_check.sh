@@ -39,12 +39,12 @@ row() {  # row <label> <pytest args...>: one table row from pytest's summary lin
     echo "|---|---|"
 } >"$OUT"
 DUALOPT_TORCH_DEVICE=cuda row "sync-free step, GradScaler, fullgraph compile" tests/torch/test_torch_gpu_ready.py
-PYTHONPATH=tests/torch row "fast vs reference equivalence (default device cuda)" -p _cuda_default \
+row "fast vs reference equivalence (default device cuda)" -p tests.torch._cuda_default \
     tests/torch/test_torch_equivalence.py
-PYTHONPATH=tests/torch row "torch.compile tests (default device cuda)" -p _cuda_default \
+row "torch.compile tests (default device cuda)" -p tests.torch._cuda_default \
     tests/torch/test_torch_integration.py -k compil
-PYTHONPATH=tests/torch row "non-finite reliability (default device cuda)" -p _cuda_default \
-    tests/reliability/test_reliability_nonfinite_torch.py
+row "non-finite reliability (default device cuda)" -p tests.torch._cuda_default \
+    tests/torch/test_torch_nonfinite.py
 if [ -s "$OUT.failures" ]; then { echo; echo "Failures:"; echo; cat "$OUT.failures"; } >>"$OUT"; fi
 rm -f "$OUT.failures"
 {

@@ -49,7 +49,7 @@ def command(part: str, tiny: bool, out: Path) -> list[str] | None:
     if part == "whole":
         return [sys.executable, str(HERE / "whole_step.py"), *t]
     if part in ("finetune", "scratch"):
-        return [sys.executable, str(HERE / "quality" / f"{part}.py"), *t, "--out", str(out / "quality")]
+        return [sys.executable, "-m", f"benchmarks.quality.{part}", *t, "--out", str(out / "quality")]
     script = HERE / f"step_cost_{part}.py"
     if not script.exists():
         return None

@@ -2,8 +2,8 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/quality/finetune.py            # full: 3 seeds, ~9 min on 2 idle cores
-    .venv/bin/python benchmarks/quality/finetune.py --tiny     # seconds (CI smoke run)
+    .venv/bin/python -m benchmarks.quality.finetune            # full: 3 seeds, ~9 min on 2 idle cores
+    .venv/bin/python -m benchmarks.quality.finetune --tiny     # seconds (CI smoke run)
 
 Protocol (see ``benchmarks/README.md``):
 
@@ -34,18 +34,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from quality import data  # noqa: E402
-from quality.methods import Method  # noqa: E402
-from quality.report import finetune_table, plot_finetune  # noqa: E402
-from quality.runner import FULL, TINY, default_workers, finetune_job, pretrain_job, run_jobs  # noqa: E402
+from . import data
+from .methods import Method
+from .report import finetune_table, plot_finetune
+from .runner import FULL, TINY, default_workers, finetune_job, pretrain_job, run_jobs
 
 
 def methods(cfg) -> list[Method]:

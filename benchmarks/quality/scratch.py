@@ -2,8 +2,8 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/quality/scratch.py             # full: 3 seeds x (6 lambdas x 2 + Adam), ~6 min on 2 idle cores
-    .venv/bin/python benchmarks/quality/scratch.py --tiny      # seconds (CI smoke run)
+    .venv/bin/python -m benchmarks.quality.scratch             # full: 3 seeds x (6 lambdas x 2 + Adam), ~6 min on 2 idle cores
+    .venv/bin/python -m benchmarks.quality.scratch --tiny      # seconds (CI smoke run)
 
 The same ``CharMLP`` is trained from a fresh initialisation on the downstream
 corpus (stdlib Python source, ~140 kB: small enough to overfit, so weight decay
@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from quality import data  # noqa: E402
-from quality.methods import Method  # noqa: E402
-from quality.report import plot_scratch, scratch_table  # noqa: E402
-from quality.runner import FULL, TINY, default_workers, run_jobs, scratch_job  # noqa: E402
+from . import data
+from .methods import Method
+from .report import plot_scratch, scratch_table
+from .runner import FULL, TINY, default_workers, run_jobs, scratch_job
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,8 +107,7 @@ def test_finetune_table_selection_and_retention(run):
     by_label: dict = {}
     for r in res["runs"]:
         by_label.setdefault(r["label"], []).append(r)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from quality.report import finetune_selection
+    from benchmarks.quality.report import finetune_selection
     chosen = finetune_selection(res["runs"])
     assert set(chosen) == {"adamw", "l2sp", "probe", "dualopt"}
     for fam, label in chosen.items():

@@ -22,7 +22,7 @@ from dualopt.spec.vectors import vector_files
 from dualopt.conformance.runner import run_suite
 from dualopt.spec.vectors import load_case, load_cases
 
-from _conformance_wrong import replay_wrong
+from tests.conformance._conformance_wrong import replay_wrong
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

@@ -31,7 +31,7 @@ from dualopt.spec import VECTORS_DIR
 from dualopt.spec.vectors import (VectorFormatError, invariant_errors, load_case, load_cases, schema, schema_errors,
                                   vector_files)
 
-from _conformance_wrong import replay_in_place, replay_zeros_cheat
+from tests.conformance._conformance_wrong import replay_in_place, replay_zeros_cheat
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

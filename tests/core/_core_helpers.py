@@ -1,7 +1,7 @@
 """Shared helpers of the core tests: moving arrays between namespaces, ulp distances, replaying a case.
 
 Kept out of conftest.py so that test modules import plain functions rather
-than fixtures; the module name is prefixed to stay unique on ``sys.path``.
+than fixtures (``from tests.core._core_helpers import ...``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 
 import decoupled_core as dc
 
-from _core_helpers import backend_name, to_numpy
+from tests.core._core_helpers import backend_name, to_numpy
 
 
 @pytest.mark.parametrize("step", [1, 2, 10, 1000, 10**6])

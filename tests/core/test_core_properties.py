@@ -14,7 +14,8 @@ from hypothesis.extra import numpy as hnp
 import decoupled_core as dc
 from decoupled_core import HyperParams
 
-from _core_helpers import from_numpy, to_numpy
+from tests.common.oracle import spec_step
+from tests.core._core_helpers import from_numpy, to_numpy
 
 PROPERTY = settings(max_examples=150, deadline=None)
 TINY32 = float(np.finfo(np.float32).smallest_normal)
@@ -44,40 +45,6 @@ def assert_same_bits(a, b, msg=""):
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
     np.testing.assert_array_equal(bits(a), bits(b), err_msg=msg)
-
-
-# --------------------------------------------------------------------------------------------------
-# An independent statement of the spec (spec/SPEC.md sections 4 and 5), written here with numpy and
-# Python floats only: it does not call decoupled_core. ``as_array_scalar`` rounds a host float64
-# scalar to the array dtype once, as the spec says an array operation does.
-
-def spec_step(theta, g, state, anchor, *, hp, lr, t, rho):
-    dt = theta.dtype.type
-
-    def k(x):  # host float64 scalar -> array dtype, rounded once
-        return dt(x)
-
-    if hp.direction == "adam":
-        m, v = state
-        s = lr / (1.0 - hp.beta1 ** t)
-        r = 1.0 / math.sqrt(1.0 - hp.beta2 ** t)
-        m = k(hp.beta1) * m + k(1.0 - hp.beta1) * g
-        v = k(hp.beta2) * v + k(1.0 - hp.beta2) * (g * g)
-        d = np.sqrt(v) * k(r) + k(hp.eps)
-        pre = theta - k(s) * (m / d)
-        state = (m, v)
-    else:
-        (b,) = state
-        b = k(hp.momentum) * b + g
-        u = g + k(hp.momentum) * b if hp.nesterov else b
-        pre = theta - k(lr) * u
-        state = (b,)
-    c = min(max(lr * rho, 0.0), 1.0)
-    if c == 0.0:
-        return pre, state
-    if hp.paradigm == "finetune":
-        return pre - k(c) * (pre - anchor), state
-    return pre - k(c) * pre, state
 
 
 # ------------------------------------------------------------------------------------------ strategies
@@ -137,9 +104,8 @@ def run_spec(p, dtype=None):
     state = (zeros, zeros) if p["hp"].direction == "adam" else (zeros,)
     out = []
     for i, (g, lr) in enumerate(zip(p["grads"], p["lrs"])):
-        theta, state = spec_step(theta, g.astype(dtype), state, anchor, hp=p["hp"], lr=lr, t=p["t0"] + i + 1,
-                                 rho=p["rho"])
-        theta, state = np.asarray(theta), tuple(np.asarray(s) for s in state)
+        theta, _, state = spec_step(theta, g.astype(dtype), state, anchor, hp=p["hp"], lr=lr, t=p["t0"] + i + 1,
+                                    rho=p["rho"])
         out.append((theta, list(state)))
     return out
 

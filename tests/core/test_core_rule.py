@@ -10,7 +10,7 @@ import pytest
 import decoupled_core as dc
 from decoupled_core import HyperParams
 
-from _core_helpers import backend_name, from_numpy, to_numpy
+from tests.core._core_helpers import backend_name, from_numpy, to_numpy
 
 ADAM_FT = HyperParams(paradigm="finetune", rollback_max=2.0)
 SGD_NESTEROV_SC = HyperParams(direction="sgd", nesterov=True, momentum=0.7, weight_decay=0.5)

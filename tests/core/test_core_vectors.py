@@ -17,7 +17,7 @@ import pytest
 
 from dualopt.spec.vectors import load_cases
 
-from _core_helpers import backend_name, replay, ulp_distance
+from tests.core._core_helpers import backend_name, replay, ulp_distance
 
 CASES = {f"{c.name}.{c.dtype}": c for c in load_cases()}
 CASE_NAMES = sorted({c.name for c in CASES.values()})

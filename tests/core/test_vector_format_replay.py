@@ -1,6 +1,7 @@
 """A replayer written only from spec/vectors/FORMAT.md reproduces every committed vector bit for bit.
 
-It reads the JSON itself and uses numpy and the Python standard library, never
+It reads the JSON itself and uses numpy, the Python standard library and the
+tests' independent reading of the rule (``tests/common/oracle.py``), never
 ``decoupled_core`` or ``dualopt.spec.vectors``: if FORMAT.md left out anything a
 porter needs, this test could not have been written to pass.
 """
@@ -8,12 +9,12 @@ porter needs, this test could not have been written to pass.
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 
 from dualopt.spec import VECTORS_DIR
+from tests.common.oracle import Group, layer_rates, spec_step
 
 FILES = sorted(p for p in VECTORS_DIR.glob("*.json") if p.name != "schema.json")
 
@@ -33,32 +34,21 @@ def group_value(v):
     return hexf(v) if isinstance(v, str) and v not in ("adam", "sgd", "scratch", "finetune", "none") else v
 
 
+def groups_of(doc: dict) -> list[Group]:
+    """Every tensor's hyperparameters."""
+    groups = [Group(**{k: group_value(v) for k, v in g.items()}) for g in doc["groups"]]
+    return [groups[t["group"]] for t in doc["tensors"]]
+
+
 def rates_of(doc: dict) -> list[float]:
-    tensors = doc["tensors"]
-    groups = [{k: group_value(v) for k, v in g.items()} for g in doc["groups"]]
-    keys = doc["layer_index"] if doc["layer_index"] is not None else list(range(len(tensors)))
-    paradigm = [groups[t["group"]]["paradigm"] for t in tensors]
-    out = []
-    for i, t in enumerate(tensors):
-        h = groups[t["group"]]
-        distinct = sorted({k for k, p in zip(keys, paradigm) if p == paradigm[i]})
-        l, L = distinct.index(keys[i]), len(distinct)
-        if h["paradigm"] == "scratch":
-            out.append(h["weight_decay"] * ((l + 1) / L))
-        elif h["paradigm"] == "finetune":
-            kmax, kmin, p = h["rollback_max"], h["rollback_min"], h["rollback_power"]
-            out.append(kmax if L == 1 else kmin + (1 - l / (L - 1)) ** p * (kmax - kmin))
-        else:
-            out.append(0.0)
-    return out
+    return layer_rates(groups_of(doc), doc["layer_index"])
 
 
 def replay(doc: dict) -> list[dict[str, np.ndarray]]:
     dt = np.dtype(doc["dtype"]).type
     shapes = {t["name"]: t["shape"] for t in doc["tensors"]}
-    groups = [{k: group_value(v) for k, v in g.items()} for g in doc["groups"]]
     names = [t["name"] for t in doc["tensors"]]
-    h_of = {t["name"]: groups[t["group"]] for t in doc["tensors"]}
+    h_of = dict(zip(names, groups_of(doc)))
     rho = dict(zip(names, rates_of(doc)))
     theta = {n: tensor(v, shapes[n], doc["dtype"]) for n, v in doc["initial"].items()}
     anchor = {n: tensor(v, shapes[n], doc["dtype"]) for n, v in doc["anchor"].items()}
@@ -78,25 +68,12 @@ def replay(doc: dict) -> list[dict[str, np.ndarray]]:
             if g is None:
                 continue
             t[n] += 1
-            h = h_of[n]
-            if h["direction"] == "adam":
-                s = eta / (1 - h["beta1"] ** t[n])
-                r = 1 / math.sqrt(1 - h["beta2"] ** t[n])
-                m[n] = dt(h["beta1"]) * m[n] + dt(1 - h["beta1"]) * g
-                v[n] = dt(h["beta2"]) * v[n] + dt(1 - h["beta2"]) * (g * g)
-                pre = theta[n] - dt(s) * (m[n] / (np.sqrt(v[n]) * dt(r) + dt(h["eps"])))
+            state = (m[n], v[n]) if h_of[n].direction == "adam" else (b[n],)
+            theta[n], _, state = spec_step(theta[n], g, state, anchor.get(n), hp=h_of[n], lr=eta, t=t[n], rho=rho[n])
+            if h_of[n].direction == "adam":
+                m[n], v[n] = state
             else:
-                b[n] = dt(h["momentum"]) * b[n] + g
-                u = g + dt(h["momentum"]) * b[n] if h["nesterov"] else b[n]
-                pre = theta[n] - dt(eta) * u
-            c = min(max(eta * rho[n], 0.0), 1.0)
-            if c == 0:
-                theta[n] = pre
-            elif h["paradigm"] == "finetune":
-                theta[n] = pre - dt(c) * (pre - anchor[n])
-            else:
-                theta[n] = pre - dt(c) * pre
-            theta[n] = np.asarray(theta[n], dtype=dt)
+                (b[n],) = state
         results.append({n: theta[n].copy() for n in names})
     return results
 

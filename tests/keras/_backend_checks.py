@@ -1,7 +1,7 @@
 """Every Keras check that needs a backend, batched into one process per backend.
 
-Run as ``KERAS_BACKEND=<backend> JAX_ENABLE_X64=1 python tests/keras/_backend_checks.py out.json``;
-``test_keras_backends.py`` does so for each backend and asserts on the JSON
+:func:`run_all` is launched by ``test_keras_backends.py`` (``_launcher``, with
+``JAX_ENABLE_X64=1``) once per backend, which asserts on the JSON it returns
 (importing Keras with a backend costs 5-7 s, so the checks share one process).
 Each check records measured values (max differences, counters, flags); the
 pytest side decides pass or fail, so a broken check shows its numbers.
@@ -1136,7 +1136,8 @@ def imports() -> dict[str, Any]:
     return {"loaded_by_keras": sorted(_LOADED_BY_KERAS), "added_by_dualopt": sorted(_LOADED_BY_DUALOPT)}
 
 
-def main(out_path: str) -> None:
+def run_all() -> dict[str, Any]:
+    """Every check (or those named in ``DUALOPT_KERAS_CHECKS``, comma-separated), in float64 floatx."""
     keras.config.set_floatx("float64")
     t0 = time.perf_counter()
     only = set(os.environ.get("DUALOPT_KERAS_CHECKS", "").split(",")) - {""}
@@ -1144,9 +1145,4 @@ def main(out_path: str) -> None:
         if not only or name in only:
             run()
     RESULTS["total_seconds"] = round(time.perf_counter() - t0, 2)
-    with open(out_path, "w") as fh:
-        json.dump(RESULTS, fh, indent=1, default=str)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])
+    return RESULTS

@@ -1,8 +1,8 @@
 """Keras's own optimizer tests, imported from the installed wheel, run against ``dualopt.keras.DualOpt``.
 
-Run as ``KERAS_BACKEND=<backend> python tests/keras/_keras_suite.py OUT_DIR``;
-``test_keras_own_suite.py`` does so per backend and asserts on the JUnit XML
-files written to ``OUT_DIR`` (one per paradigm).
+:func:`main` is launched per backend by ``test_keras_own_suite.py``
+(``_launcher``), which asserts on the JUnit XML files written to ``OUT_DIR``
+(one per paradigm; also the working directory of Keras's tests).
 
 Keras's tests build ``optimizers.SGD(...)`` and ``optimizers.Adam(...)`` (and
 ``"sgd"`` / ``"adam"`` by name). Here those names are classes that *are*
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from typing import Any
 
 import pytest
@@ -119,7 +118,9 @@ class SkipPlugin:
 
 
 def main(out_dir: str) -> int:
+    """Keras's tests in every paradigm; pytest's worst exit code."""
     global PARADIGM
+    os.chdir(out_dir)  # where Keras's tests write their files
     install()
     worst = 0
     for paradigm in PARADIGMS:
@@ -133,6 +134,3 @@ def main(out_dir: str) -> int:
         worst = max(worst, int(code))
     return worst
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))

@@ -1,4 +1,4 @@
-"""dualopt.keras on jax, torch and tensorflow: one subprocess per backend runs ``_backend_checks.py``.
+"""dualopt.keras on jax, torch and tensorflow: one subprocess per backend runs ``_backend_checks.py`` (``_launcher``).
 
 Importing Keras with a backend takes 5-7 s and a process can hold only one
 backend, so every check that needs a backend runs in one subprocess per
@@ -24,15 +24,11 @@ errors are ``max|got - expected| / max|expected|`` per tensor):
 from __future__ import annotations
 
 import functools
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).parent
+from tests.keras._launcher import run_checks
+
 BACKENDS = ("jax", "torch", "tensorflow")
 FIT_EPS = 64.0
 F32_EPS = 64.0
@@ -45,15 +41,10 @@ pytestmark = pytest.mark.keras_backend
 def results(backend: str) -> dict:
     pytest.importorskip("keras")
     pytest.importorskip({"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}[backend])
-    out = HERE / f".keras_checks_{backend}_{os.getpid()}.json"
-    env = dict(os.environ, KERAS_BACKEND=backend, JAX_ENABLE_X64="1", TF_CPP_MIN_LOG_LEVEL="2")
-    try:
-        proc = subprocess.run([sys.executable, str(HERE / "_backend_checks.py"), str(out)], env=env,
-                              capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"keras[{backend}] checks crashed:\n{proc.stderr[-4000:]}"
-        return json.loads(out.read_text())
-    finally:
-        out.unlink(missing_ok=True)
+    env = {"JAX_ENABLE_X64": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    r = run_checks(backend, "tests.keras._backend_checks:run_all", env=env, timeout=900)
+    assert "__crash__" not in r, f"keras[{backend}] checks crashed:\n{r.get('__crash__')}"
+    return r
 
 
 def check(backend: str, name: str) -> dict:

@@ -7,13 +7,9 @@ default rollback_max was refused at build, and ``base_learning_rate`` was an unk
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.keras._launcher import run_checks
 
 pytestmark = pytest.mark.keras_backend
 
@@ -22,11 +18,9 @@ pytestmark = pytest.mark.keras_backend
 def found() -> dict:
     pytest.importorskip("keras")
     pytest.importorskip("jax")
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_defaults_checks.py"))], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_checks("jax", "tests.keras._defaults_checks:run", env={"TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
+    assert "__crash__" not in r, r.get("__crash__")
+    return r
 
 
 def test_layer_rates_is_public_and_gives_the_issue_table(found):

@@ -16,16 +16,13 @@ Measured here (2 shared cores, load ~5): jax about 2.5 min, tensorflow about 45 
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).parent
+from tests.keras._launcher import launch
 #: Skips decided by Keras's own tests for a backend (their reason as Keras words it).
 KERAS_OWN_SKIPS = {"Requires TF", "LossScaleOptimizer must use stateless_apply with JAX.",
                    "The tf.Variable test can only run with TensorFlow backend.",
@@ -41,11 +38,9 @@ def suite(backend: str) -> dict[str, dict[str, tuple[str, str]]]:
     """{paradigm: {test name: (outcome, message)}} from the subprocess's JUnit files."""
     pytest.importorskip("keras")
     pytest.importorskip(backend)
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("JAX_ENABLE_X64", None)  # Keras's tests expect float32 defaults
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "JAX_ENABLE_X64": None}  # Keras's tests expect float32 defaults
     with tempfile.TemporaryDirectory(prefix=f"dualopt-keras-suite-{backend}-") as tmp:
-        proc = subprocess.run([sys.executable, str(HERE / "_keras_suite.py"), tmp], env=env, cwd=tmp,
-                              capture_output=True, text=True, timeout=900)
+        proc = launch(backend, "tests.keras._keras_suite:main", tmp, env=env, timeout=900)
         out: dict[str, dict[str, tuple[str, str]]] = {}
         for xml in sorted(Path(tmp).glob("*.xml")):
             cases = {}

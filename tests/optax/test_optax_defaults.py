@@ -122,7 +122,7 @@ def test_zero_weight_decay_on_finetune_leaves_warns():
 def test_flax_nnx_state_numbers_like_torch_without_a_warning():
     """Old code: nnx.state(...) leaves end in the Variable's 'value' attribute (flax 0.12), so the roles were
     unknown and the order was bias first; anchors taken at init were not found at update
-    (tests/integrations/test_flax_nnx.py failed the same way)."""
+    (tests/optax/test_optax_flax_nnx.py failed the same way)."""
     nnx = pytest.importorskip("flax.nnx")
     torch = pytest.importorskip("torch")
     from dualopt.torch import DualOpt

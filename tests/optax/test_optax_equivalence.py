@@ -8,7 +8,7 @@ import pytest
 
 from decoupled_core import HyperParams, ReferenceOptimizer
 
-from _optax_helpers import mlp_params
+from tests.optax._optax_helpers import mlp_params
 
 
 def _run(tx, params, grads_fn, steps):

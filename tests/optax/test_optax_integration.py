@@ -8,7 +8,7 @@ import pytest
 
 from decoupled_core import HyperParams, ReferenceOptimizer, layer_rates
 
-from _optax_helpers import mlp_params, tree_equal
+from tests.optax._optax_helpers import mlp_params, tree_equal
 
 RTOL = 1e-13  # float64, two jitted programs that may fuse differently
 

@@ -20,7 +20,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from _optax_helpers import mlp_params, tree_equal
+from tests.optax._optax_helpers import mlp_params, tree_equal
 
 MIXED = dict(paradigm={"Dense_0": "finetune", "Dense_1": "finetune", "Dense_2": "scratch"},
              direction={"Dense_0": "adam", "Dense_1": "sgd", "Dense_2": "adam"},

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _optax_helpers import tree_equal
+from tests.optax._optax_helpers import tree_equal
 
 
 def _model():

@@ -12,7 +12,7 @@ import pytest
 
 from decoupled_core import HyperParams, ReferenceOptimizer
 
-from _optax_helpers import mlp_params, tree_equal
+from tests.optax._optax_helpers import mlp_params, tree_equal
 
 MIXED = dict(paradigm={"Dense_0": "finetune", "Dense_1": "finetune", "Dense_2": "scratch"},
              direction={"Dense_0": "adam", "Dense_1": "sgd", "Dense_2": "adam"},

@@ -14,7 +14,7 @@ import pytest
 
 from dualopt.spec.vectors import load_cases
 
-from _optax_helpers import XLA_JIT_EPS_PER_STEP, assert_bitwise, assert_within
+from tests.optax._optax_helpers import XLA_JIT_EPS_PER_STEP, assert_bitwise, assert_within
 
 CASES = list(load_cases())
 SUPPORTED = [c for c in CASES if "missing_grads" not in c.features]

@@ -1,6 +1,6 @@
 """pytest plugin for ``benchmarks/gpu_check.sh``: torch's default device is cuda in every test.
 
-Loaded with ``-p _cuda_default`` (``tests/torch`` on ``PYTHONPATH``). Tests written for CPU
+Loaded with ``-p tests.torch._cuda_default`` (from the repository root). Tests written for CPU
 tensors then create their models and data on the GPU; a failure that only says a CPU
 generator or a CPU tensor met a cuda one is the test's, not the optimizer's.
 """

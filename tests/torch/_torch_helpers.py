@@ -1,4 +1,4 @@
-"""Shared helpers of the torch adapter tests (imported by module name; the prefix keeps it unique on sys.path).
+"""Shared helpers of the torch adapter tests (``from tests.torch._torch_helpers import ...``).
 
 - bit-level comparison of tensors (``-0.0`` and NaN payloads count, bfloat16 included);
 - the fast path's documented tolerance (``conformance.tolerances.FAST_PATH_TOLERANCE``) as an assertion;

@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 import pytest
 
+import tests.common.offline_hub  # noqa: F401  (before any test module imports transformers or peft)
+
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_torch_thread: Any) -> Iterator[None]:

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 import decoupled_core as dc  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
 
-from _torch_helpers import (  # noqa: E402
+from tests.torch._torch_helpers import (  # noqa: E402
     ScaledTracker, assert_same_bits, fixed_data, loss_of, make_mlp, reference_optimizer, same_bits)
 
 PATHS = [pytest.param(False, id="reference"), pytest.param(True, id="fast")]

@@ -2,7 +2,7 @@
 
 ``torch.distributed.checkpoint`` works without a process group too, so the
 recipes of its docs run here on a plain model (the sharded FSDP2 case is
-``tests/distributed/test_dist_torch.py``):
+``tests/torch/test_torch_distributed.py``):
 
 - ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` (nested, or with
   ``StateDictOptions(flatten_optimizer_state_dict=True)``, or ``full_state_dict=True``);
@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (  # noqa: E402
 
 from dualopt.torch import STATE_FORMAT, DualOpt  # noqa: E402
 
-from _torch_helpers import assert_same_bits, fixed_data, loss_of, make_mlp, same_bits  # noqa: E402
+from tests.torch._torch_helpers import assert_same_bits, fixed_data, loss_of, make_mlp, same_bits  # noqa: E402
 
 STEPS, SPLIT = 16, 7
 # dcp.save/load without a process group say once that they run in one process: the intent here.

@@ -20,7 +20,7 @@ from dualopt._shared.torch_lists import grads_finite  # noqa: E402
 from dualopt.torch._kernels import DEFAULT_POLICY  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
 
-from _torch_helpers import ScaledTracker, assert_same_bits  # noqa: E402
+from tests.torch._torch_helpers import ScaledTracker, assert_same_bits  # noqa: E402
 
 FOLD_MIN_NUMEL = DEFAULT_POLICY.fold_min_numel
 BIG = (FOLD_MIN_NUMEL // 64 + 3, 64)  # just over the threshold

@@ -17,7 +17,7 @@ import torch
 from dualopt.torch._kernels import Policy
 from dualopt.torch import DualOpt
 
-from _torch_helpers import assert_same_bits, fixed_data, loss_of, make_mlp
+from tests.torch._torch_helpers import assert_same_bits, fixed_data, loss_of, make_mlp
 
 DEVICE = torch.device(os.environ.get("DUALOPT_TORCH_DEVICE", "cpu"))
 if DEVICE.type == "cuda" and not torch.cuda.is_available():

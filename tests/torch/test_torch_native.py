@@ -27,7 +27,7 @@ import dualopt.torch._native as native  # noqa: E402
 from decoupled_core import AdamState, HyperParams, adam_coefficients, pull_coefficient, step_tensor  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
 
-from _torch_helpers import assert_same_bits  # noqa: E402
+from tests.torch._torch_helpers import assert_same_bits  # noqa: E402
 
 HAVE_CC = shutil.which(os.environ.get("CC", "cc")) is not None
 SIZES = [1, 70_001, 3, 200_000, 65_536]  # with 2+ threads a slice ends inside the second tensor

@@ -344,9 +344,8 @@ def test_a_dtype_change_after_construction_is_refused_on_the_torch_paths(to, pat
 # In a fresh process: before the fix this wrote float64 values into float32 buffers (a crash) or read
 # float32 memory as float64 (weights of about 1e18).
 _KERNEL_CASE = textwrap.dedent("""
-    import sys, pytest, torch
-    sys.path.insert(0, {here!r})
-    import test_torch_native_safety as t
+    import pytest, torch
+    from tests.torch import test_torch_native_safety as t
     import dualopt.torch._native as n
     for to in ("double", "float"):
         model, opt = t._converted(to, "kernel")
@@ -354,16 +353,15 @@ _KERNEL_CASE = textwrap.dedent("""
             (plan,) = opt._plans.values()
             assert plan.buckets[0].native == [0], "the kernel took the first step"
         t._check_refused(model, opt, to)
-    print("{{}}")
+    print("{}")
 """)
 
 
 @pytest.mark.parametrize("native_env", ["1", "0"])
 def test_a_dtype_change_after_construction_is_refused_on_the_kernel_path(tmp_path, native_env):
-    code = _KERNEL_CASE.format(here=str(Path(__file__).parent))
+    code = _KERNEL_CASE
     env = _env(tmp_path, DUALOPT_NATIVE=native_env, DUALOPT_NATIVE_CACHE=str(_private_dir(tmp_path / "cache")))
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    assert _run(env, code) == {}
+    assert _run(env, code, cwd=Path(__file__).resolve().parents[2]) == {}  # the repository root: imports tests.torch
 
 
 def test_the_kernel_refuses_operands_of_another_dtype_or_size():

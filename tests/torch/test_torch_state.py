@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 
 from dualopt.torch import STATE_FORMAT, DualOpt  # noqa: E402
 
-from _torch_helpers import assert_same_bits, fixed_data, loss_of, make_mlp, same_bits  # noqa: E402
+from tests.torch._torch_helpers import assert_same_bits, fixed_data, loss_of, make_mlp, same_bits  # noqa: E402
 
 STEPS, SPLIT = 30, 13
 

@@ -24,7 +24,7 @@ from dualopt.spec.vectors import load_cases  # noqa: E402
 from dualopt.torch import DualOpt  # noqa: E402
 from dualopt.torch._kernels import Policy  # noqa: E402
 
-from _torch_helpers import ScaledTracker, assert_same_bits, reference_optimizer  # noqa: E402
+from tests.torch._torch_helpers import ScaledTracker, assert_same_bits, reference_optimizer  # noqa: E402
 
 CASES = list(load_cases())
 IDS = [f"{c.name}.{c.dtype}" for c in CASES]
