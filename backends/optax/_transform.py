@@ -12,6 +12,7 @@ from decoupled_core import check_anchor, compute_dtype, init_anchor, invalid
 
 from ._config import HP_ARGS, Settings, check_settings, is_schedule, resolve_anchors, resolve_leaves
 from ._step import step_leaves
+from .._shared.jax import all_finite
 from ._state import AnchorsStandIn, anchor_tree, check_params, check_state, sgd_nu_shape
 from ._tree import Path, leaf_paths, natural_key, natural_layer_index, path_str
 
@@ -235,11 +236,12 @@ def dualopt(
         nu = treedef.flatten_up_to(state.nu)
         lr = learning_rate(state.count) if schedule else learning_rate
         t = optax.safe_increment(state.count)
-        out, new_mu, new_nu, ok = step_leaves(configs, leaves, grads, mu, nu, anchors, lr=lr, t=t,
-                                              check=nonfinite == "skip", output=output)
-        if ok is not None:
-            count = jnp.where(ok, t, state.count)
-            skipped = jnp.where(ok, state.skipped, optax.safe_increment(state.skipped))
+        keep = all_finite(grads) if nonfinite == "skip" else None
+        out, new_mu, new_nu = step_leaves(configs, leaves, grads, mu, nu, anchors, lr=lr, t=t, keep=keep,
+                                          output=output)
+        if keep is not None:
+            count = jnp.where(keep, t, state.count)
+            skipped = jnp.where(keep, state.skipped, optax.safe_increment(state.skipped))
         else:
             count, skipped = t, state.skipped
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
