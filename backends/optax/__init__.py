@@ -56,6 +56,6 @@ Only ``jax`` and ``optax`` are imported here (never torch or tensorflow).
 """
 
 
-from ._transform import dualopt, DualOptState, step, anchors, layer_rates, natural_layer_index, natural_key, leaf_paths, path_str, Path
+from ._transform import dualopt, DualOptState, step, anchors, check_state, layer_rates, natural_layer_index, natural_key, leaf_paths, path_str, Path
 
-__all__ = ['dualopt', 'DualOptState', 'step', 'anchors', 'layer_rates', 'natural_layer_index', 'natural_key', 'leaf_paths', 'path_str', 'Path']
+__all__ = ['dualopt', 'DualOptState', 'step', 'anchors', 'check_state', 'layer_rates', 'natural_layer_index', 'natural_key', 'leaf_paths', 'path_str', 'Path']

@@ -27,7 +27,7 @@ from decoupled_core import compute_dtype, dtype_name, invalid
 from ._config import LeafConfig
 from ._tree import leaf_paths, path_str
 
-__all__ = ["STATE_FIELDS", "AnchorsStandIn", "check_params", "sgd_nu_shape", "check_state", "anchor_tree",
+__all__ = ["STATE_FIELDS", "AnchorsStandIn", "check_params", "sgd_nu_shape", "state_anchors", "check_values", "anchor_tree",
            "anchors_by_path"]
 
 #: ``DualOptState``'s fields, in order (the state's format; see ``dualopt.optax.DualOptState``).
@@ -84,7 +84,7 @@ def _describe(x: Any) -> str:
     return f"<array of shape {tuple(x.shape)} and dtype {dtype_name(x.dtype)}>"
 
 
-def check_state(state: Any, params: Any, configs: Sequence[LeafConfig]) -> list[Any]:
+def state_anchors(state: Any, params: Any, configs: Sequence[LeafConfig]) -> list[Any]:
     """Raise the spec's ``"<name>=<value> is invalid: expected <accepted>."`` for a state that does not fit.
 
     Returns each leaf's anchor (flatten order; None for non-finetune leaves),
@@ -161,6 +161,25 @@ def check_state(state: Any, params: Any, configs: Sequence[LeafConfig]) -> list[
     for key, (cfg, p) in finetune.items():
         _check_leaf(f"state.anchor[{key!r}]", by_path[key], p, tuple(p.shape), "", cfg.hp)
     return [by_path[path_str(c.path)] if c.hp.paradigm == "finetune" else None for c in configs]
+
+
+def check_values(state: Any, configs: Sequence[LeafConfig], anchors: Sequence[Any]) -> None:
+    """The values a compiled update cannot read: every moment and anchor finite, Adam's ``v`` not negative."""
+    treedef = jax.tree_util.tree_structure(state.mu)
+    for cfg, m, v, a in zip(configs, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu), anchors):
+        key = path_str(cfg.path)
+        named = [("mu", m), ("nu", v)] if cfg.hp.direction == "adam" else [("mu", m)]
+        for name, x in named + ([("anchor", a)] if a is not None else []):
+            if isinstance(x, jax.core.Tracer):
+                raise invalid("state", "<traced>", "concrete arrays: dualopt.optax.check_state reads the values, "
+                              "call it outside jax.jit")
+            bad = int(jax.numpy.size(x) - jax.numpy.sum(jax.numpy.isfinite(x)))
+            if bad:
+                raise invalid(f"state.{name}[{key!r}]", f"<array with {bad} non-finite values>",
+                              "finite values (a diverged run or a damaged checkpoint?)")
+            if name == "nu" and bool(jax.numpy.any(x < 0)):
+                raise invalid(f"state.nu[{key!r}]", "<array with negative values>",
+                              "Adam's second moment, which is never negative (a damaged checkpoint?)")
 
 
 def _check_leaf(name: str, x: Any, p: Any, want: tuple, why: str, hp: Any) -> None:

@@ -13,10 +13,10 @@ from decoupled_core import check_anchor, compute_dtype, init_anchor, invalid
 from ._config import HP_ARGS, Settings, check_settings, is_schedule, resolve_anchors, resolve_leaves
 from ._step import step_leaves
 from .._shared.jax import all_finite
-from ._state import AnchorsStandIn, anchor_tree, check_params, check_state, sgd_nu_shape
+from ._state import AnchorsStandIn, anchor_tree, check_params, check_values, sgd_nu_shape, state_anchors
 from ._tree import Path, leaf_paths, natural_key, natural_layer_index, path_str
 
-__all__ = ["dualopt", "DualOptState", "step", "anchors", "layer_rates", "natural_layer_index", "natural_key",
+__all__ = ["dualopt", "DualOptState", "step", "anchors", "check_state", "layer_rates", "natural_layer_index", "natural_key",
            "leaf_paths", "path_str", "Path"]
 
 Setting = Any
@@ -32,10 +32,11 @@ class DualOptState(NamedTuple):
         Updates applied (skipped updates excluded); the step ``t`` of the next
         update is ``count + 1`` and a schedule is evaluated at ``count``. A
         negative count (a corrupted checkpoint) is refused where it is concrete
-        (an eager ``update``, :func:`step` or :func:`anchors`); under
-        ``jax.jit`` it is traced and cannot be read without a host sync.
+        (:func:`check_state`, an eager ``update``, :func:`step`); under
+        ``jax.jit``, ``nonfinite="skip"`` skips the update (see ``skipped``).
     skipped : int32 array
-        Updates skipped by ``nonfinite="skip"``.
+        Updates skipped by ``nonfinite="skip"``: non-finite gradients, or a
+        negative ``count`` under ``jax.jit``.
     mu : pytree
         Per leaf: Adam's first moment ``m``, or SGD's momentum buffer ``b``.
     nu : pytree
@@ -229,14 +230,16 @@ def dualopt(
         if params is None:
             raise ValueError("dualopt needs the params (the pull acts on them): call tx.update(grads, state, params).")
         configs, _ = resolve_leaves(settings, params)
-        anchors = check_state(state, params, configs)  # static shapes/dtypes only: free under jit
+        anchors = state_anchors(state, params, configs)  # static shapes/dtypes only: free under jit
         leaves, treedef = jax.tree_util.tree_flatten(params)
         grads = treedef.flatten_up_to(updates)
         mu = treedef.flatten_up_to(state.mu)
         nu = treedef.flatten_up_to(state.nu)
         lr = learning_rate(state.count) if schedule else learning_rate
         t = optax.safe_increment(state.count)
-        keep = all_finite(grads) if nonfinite == "skip" else None
+        # A negative count (a corrupted checkpoint) cannot be read under jit: "skip" skips it like a
+        # non-finite gradient (t <= 0 would make a bias correction zero or negative).
+        keep = all_finite(grads, count=state.count) if nonfinite == "skip" else None
         out, new_mu, new_nu = step_leaves(configs, leaves, grads, mu, nu, anchors, lr=lr, t=t, keep=keep,
                                           output=output)
         if keep is not None:
@@ -303,8 +306,53 @@ def anchors(tx: optax.GradientTransformation, state: DualOptState, params: Any) 
     ([1.0, 1.0], False)
     """
     configs, _ = resolve_leaves(_settings_of(tx), params)
-    found = check_state(_dualopt_state_in(state), params, configs)
+    found = state_anchors(_dualopt_state_in(state), params, configs)
     return anchor_tree([(c.path, a) for c, a in zip(configs, found) if a is not None])
+
+
+def check_state(tx: optax.GradientTransformation, state: Any, params: Any) -> None:
+    """Check a state restored from a checkpoint (Orbax, ``flax.serialization``...) before training on.
+
+    Raises what ``tx.update`` raises for a state that does not fit ``tx`` and
+    ``params`` (structure, shapes, dtypes, anchors; these checks also run in
+    every update, jitted or not), and checks the values, which a jitted update
+    cannot read: ``count`` and ``skipped`` not negative, every moment and
+    anchor finite, Adam's ``v`` not negative. Under ``jax.jit`` a negative
+    ``count`` is only caught by ``nonfinite="skip"``, which then skips every
+    update and counts it in ``skipped``; with ``"propagate"`` it makes Adam's
+    bias corrections zero or negative and the weights NaN. Eager only: it
+    reads the values (one pass over the state).
+
+    Parameters
+    ----------
+    tx : optax.GradientTransformation
+        The transform from :func:`dualopt`, or an ``optax.chain`` /
+        ``inject_hyperparams`` transform holding it.
+    state : DualOptState, or a state holding exactly one
+        The restored state.
+    params : pytree
+        The params it is used with.
+
+    Raises
+    ------
+    decoupled_core.HyperparameterError
+        ``"state.<field>=<value> is invalid: expected <what>."``
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = dualopt(0.1)
+    >>> state = tx.init(params)
+    >>> check_state(tx, state, params)
+    >>> check_state(tx, state._replace(count=jnp.asarray(-1, jnp.int32)), params)
+    Traceback (most recent call last):
+    ...
+    decoupled_core.hyperparams.HyperparameterError: state.count=-1 is invalid: expected a count >= 0 (updates applied or skipped so far; a corrupted or hand-edited checkpoint?).
+    """
+    configs, _ = resolve_leaves(_settings_of(tx), params)
+    state = _dualopt_state_in(state)
+    check_values(state, configs, state_anchors(state, params, configs))
 
 
 def _settings_of(tx: Any) -> Settings:

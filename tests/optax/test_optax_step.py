@@ -146,6 +146,23 @@ def test_all_finite_is_the_cores(jit, variant):
     assert bool(all_finite([jnp.zeros((0,))])) is True
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_all_finite_refuses_a_negative_count(jit):
+    """``count`` joins the one reduction: a negative step count reads as non-finite, with or without gradients
+    (and without becoming a per-leaf ``and`` fused into every select)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dualopt._shared.jax import all_finite
+
+    fn = jax.jit(all_finite) if jit else all_finite
+    grads = [jnp.ones((3, 2)), jnp.zeros((0,))]
+    for count, want in ((0, True), (7, True), (-1, False), (-(2**31), False)):
+        for gs in (grads, [], [jnp.ones(2).at[1].set(jnp.nan)]):
+            got = bool(fn(gs, count=jnp.asarray(count, jnp.int32)))
+            assert got is (want and all(bool(jnp.isfinite(g).all()) for g in gs)), (count, gs)
+
+
 def _compiled(tx, params):
     import jax
     import optax
