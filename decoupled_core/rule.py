@@ -10,7 +10,7 @@ the same IEEE operations in the same order gets the same bits.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from ._xp import as_coefficient, compute_dtype, namespace_of
 from .coefficients import AdamCoefficients, adam_coefficients, pull_coefficient
@@ -177,13 +177,14 @@ def step_tensor(param: Any, grad: Any, state: DirectionState, anchor: Any, *, hp
     dt = compute_dtype(param.dtype, xp)
     theta = xp.astype(param, dt)
     g = xp.astype(grad, dt)
+    new_state: DirectionState
     if hp.direction == "adam":
         coeffs = coefficients or adam_coefficients(lr, hp.beta1, hp.beta2, step, xp=xp)
-        pre_weight, new_state = adam_pre_weight(theta, g, state, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
-                                                step_size=coeffs.step_size, inv_sqrt_bc2=coeffs.inv_sqrt_bc2, xp=xp,
-                                                keep=keep)
+        pre_weight, new_state = adam_pre_weight(theta, g, cast(AdamState, state), beta1=hp.beta1, beta2=hp.beta2,
+                                                eps=hp.eps, step_size=coeffs.step_size,
+                                                inv_sqrt_bc2=coeffs.inv_sqrt_bc2, xp=xp, keep=keep)
     else:
-        pre_weight, new_state = sgd_pre_weight(theta, g, state, lr=lr, momentum=hp.momentum,
+        pre_weight, new_state = sgd_pre_weight(theta, g, cast(SGDState, state), lr=lr, momentum=hp.momentum,
                                                nesterov=hp.nesterov, xp=xp, keep=keep)
     c = pull_coefficient(lr, rate, xp=xp)
     if isinstance(c, float) and c == 0.0:
