@@ -24,41 +24,30 @@ Setting = Any
 
 
 class DualOptState(NamedTuple):
-    """State of :func:`dualopt`: a NamedTuple pytree whose leaves are arrays (checkpoint friendly).
+    """State of :func:`dualopt`: a NamedTuple pytree of arrays (checkpoint friendly).
 
     Attributes
     ----------
     count : int32 array
-        Updates applied (skipped updates excluded); the step ``t`` of the next
-        update is ``count + 1`` and a schedule is evaluated at ``count``. A
-        negative count (a corrupted checkpoint) is refused where it is concrete
-        (:func:`check_state`, an eager ``update``, :func:`step`); under
-        ``jax.jit``, ``nonfinite="skip"`` skips the update (see ``skipped``).
+        Updates applied; the next update's step is ``t = count + 1`` and a
+        schedule is evaluated at ``count``. A negative count (a corrupted
+        checkpoint) is refused eagerly (:func:`check_state`); under
+        ``jax.jit``, ``nonfinite="skip"`` skips the update instead.
     skipped : int32 array
-        Updates skipped by ``nonfinite="skip"``: non-finite gradients, or a
-        negative ``count`` under ``jax.jit``.
-    mu : pytree
-        Per leaf: Adam's first moment ``m``, or SGD's momentum buffer ``b``.
-    nu : pytree
-        Per leaf: Adam's second moment ``v``; for SGD leaves an empty
-        placeholder of the param's rank (shape ``(0, 0)`` for a matrix), so
-        that the param's sharding fits it.
+        Updates skipped by ``nonfinite="skip"``.
+    mu, nu : pytree
+        With the params' structure, in the compute dtype (float32 for
+        float16/bfloat16 params): Adam's ``m`` and ``v``, or SGD's buffer and
+        an empty placeholder of the param's rank (shape ``(0, 0)`` for a
+        matrix, so that the param's sharding fits it).
     anchor : dict
-        The anchor of every finetune leaf, an array of its param's shape
-        (sharded like its param), as nested dicts keyed by each entry of the
-        leaf's key path as a string (for dict params, the params' tree without
-        its other leaves: ``state.anchor["backbone"]["encoder"]["kernel"]``;
-        ``{}`` when there are none). A restored state may also key them flat
-        by :func:`path_str` (``"backbone/encoder/kernel"``): leaves are matched
-        by path. :func:`anchors` gives them for any params structure.
-
-    ``mu`` and ``nu`` have the params' structure; every array has the compute
-    dtype (float32 for float16/bfloat16 params, else the param's dtype).
-    Scratch and ``"none"`` leaves have no anchor: every array of a state is one
-    more input and output buffer of a jitted step, which on a model of many
-    small leaves costs more than its bytes (``benchmarks/README.md``).
-    ``optax.tree_map_params`` maps ``f`` over ``mu`` and ``nu``; the anchors
-    are not params-shaped and go to its ``transform_non_params``.
+        Every finetune leaf's anchor (its param's shape, sharded like it),
+        nested by key path as strings
+        (``state.anchor["backbone"]["encoder"]["kernel"]``; ``{}`` when there
+        are none); a restored state may key them flat by :func:`path_str`.
+        :func:`anchors` gives them for any params structure. They are not
+        params-shaped: ``optax.tree_map_params`` hands them to
+        ``transform_non_params``.
     """
 
     count: Any
@@ -111,13 +100,8 @@ def dualopt(
         when given, else the number, else ``schedule(0)``; give it explicitly
         when the learning rate is an array (``optax.inject_hyperparams``).
     layer_index : None, "leaf", "module", list of module paths, int, pytree of int, or function of the key path
-        Layer keys; ``None`` (= ``"leaf"``): every leaf its own layer, in the
-        canonical order of spec section 3 (modules in definition order as
-        their names number them, weight/kernel/scale before bias/offset),
-        with a :class:`decoupled_core.LayerOrderWarning` where the names do
-        not give the order. A list of module paths (``["Conv_0",
-        "BatchNorm_0", "Conv_1"]``, ``"a/b"`` strings or tuples) gives the
-        definition order explicitly. See the module docstring.
+        Layer keys (see the module docstring). ``None`` (= ``"leaf"``): every
+        leaf its own layer in the canonical order of spec section 3.
     anchor : pytree, optional
         Finetune anchors with the params' structure (``None`` entries and
         non-finetune leaves are ignored / snapshotted); default: ``init``'s params.
@@ -127,23 +111,16 @@ def dualopt(
         unchanged except ``skipped += 1``; works under ``jax.jit`` (a select,
         not a branch). The check sees the gradients this transform receives:
         inside ``optax.chain``, those after any clipping before it
-        (``optax.clip`` maps +-Inf to finite values; NaN stays NaN). The
-        check costs one read of the gradients before anything is written
-        (about 10% of a memory-bound Adam step on CPU, 4 of 44 bytes per
-        element). ``"propagate"``: no check.
+        (``optax.clip`` maps +-Inf to finite values; NaN stays NaN); it costs
+        one read of the gradients. ``"propagate"``: no check.
     base_learning_rate : float, optional
         eta_0 of a schedule: its peak (``peak_value`` of
-        ``optax.warmup_cosine_decay_schedule``), the rate the schedule is
-        built around. Needed for the default ``rollback_max`` when the
-        schedule starts at 0 (warmup); the same number gives the same kappa_max
-        as torch's group ``lr`` and Keras's schedule peak.
+        ``optax.warmup_cosine_decay_schedule``). Needed for the default
+        ``rollback_max`` when the schedule starts at 0 (warmup).
 
     A *setting* is a single value, a pytree whose structure is a prefix of the
     params' (``{"backbone": "finetune", "head": "scratch"}``), or a function of
-    the key path (a tuple of plain keys, see :func:`leaf_paths`). Under
-    ``optax.inject_hyperparams``, numeric hyperparameters may change at run
-    time; pass functions (and ``anchor``) through ``static_args`` (see the
-    module docstring).
+    the key path (a tuple of plain keys, see :func:`leaf_paths`).
 
     Returns
     -------
@@ -176,7 +153,6 @@ def dualopt(
     hyper = {"direction": direction, "b1": b1, "b2": b2, "eps": eps, "momentum": momentum, "nesterov": nesterov,
              "paradigm": paradigm, "weight_decay": weight_decay, "rollback_max": rollback_max,
              "rollback_min": rollback_min, "rollback_power": rollback_power}
-    assert set(hyper) == set(HP_ARGS)
     settings = Settings(learning_rate=learning_rate, hyper=hyper, layer_index=layer_index, anchor=anchor,
                         nonfinite=nonfinite, base_learning_rate=base_learning_rate)
     check_settings(settings)
@@ -207,10 +183,7 @@ def dualopt(
                                   "the pretrained params, use jax.eval_shape(tx.init, abstract_params) for the "
                                   "state's shapes, or pass the anchors with the anchor argument")
                 value = init_anchor(p, xp=jnp)
-            else:
-                # Shape and dtype in the core's words; a value without a dtype (a list) is
-                # converted like jnp.asarray would. Straight to the compute dtype: an explicit
-                # float32 anchor of a bfloat16 leaf must not round through bfloat16.
+            else:  # straight to the compute dtype: a float32 anchor of a bfloat16 leaf must not round
                 check_anchor(f"anchor[{key!r}]", tuple(jnp.shape(a)), getattr(a, "dtype", dt),
                              tuple(p.shape), p.dtype)
                 value = init_anchor(jnp.asarray(a, dtype=dt), xp=jnp)
@@ -226,7 +199,6 @@ def dualopt(
                             nu=unflat(nu), anchor=anchor_field)
 
     def apply_fn(updates: Any, state: DualOptState, params: Any, output: str) -> tuple[Any, DualOptState]:
-        """``(updates or new params, new state)``."""
         if params is None:
             raise ValueError("dualopt needs the params (the pull acts on them): call tx.update(grads, state, params).")
         configs, _ = resolve_leaves(settings, params)
@@ -267,12 +239,10 @@ def dualopt(
 def step(tx: optax.GradientTransformation, grads: Any, state: DualOptState, params: Any) -> tuple[Any, DualOptState]:
     """``(new_params, new_state)`` of ``tx`` from :func:`dualopt`, without the ``updates`` round trip.
 
-    ``tx.update`` returns ``new - params`` and ``optax.apply_updates`` adds it
-    back; ``params + (new - params)`` is rounded once more and can differ from
-    ``new`` in the last bit where the step is not small against the weight (a
-    weight crossing zero). This function returns ``new`` itself, bit for bit the
-    spec's result (eager, float64 or float32); the state is the same as
-    ``tx.update``'s. Pure and jittable.
+    ``params + (new - params)`` (``tx.update`` then ``optax.apply_updates``)
+    can differ from ``new`` in the last bit; this returns ``new`` itself, the
+    spec's result bit for bit when eager. The state is ``tx.update``'s. Pure
+    and jittable.
 
     Examples
     --------
@@ -290,11 +260,8 @@ def step(tx: optax.GradientTransformation, grads: Any, state: DualOptState, para
 
 
 def anchors(tx: optax.GradientTransformation, state: DualOptState, params: Any) -> dict[str, Any]:
-    """Every finetune leaf's anchor, as nested dicts keyed by each key-path entry as a string.
-
-    For dict params this is the params' tree without its non-finetune leaves;
-    each anchor has its param's shape and the compute dtype. Raises like
-    ``tx.update`` when ``state`` does not belong to ``tx`` and ``params``.
+    """Every finetune leaf's anchor (compute dtype), nested by key path as strings: for dict params, the params'
+    tree without its other leaves. Raises like ``tx.update`` when ``state`` does not fit ``tx`` and ``params``.
 
     Examples
     --------
@@ -314,14 +281,11 @@ def check_state(tx: optax.GradientTransformation, state: Any, params: Any) -> No
     """Check a state restored from a checkpoint (Orbax, ``flax.serialization``...) before training on.
 
     Raises what ``tx.update`` raises for a state that does not fit ``tx`` and
-    ``params`` (structure, shapes, dtypes, anchors; these checks also run in
-    every update, jitted or not), and checks the values, which a jitted update
-    cannot read: ``count`` and ``skipped`` not negative, every moment and
-    anchor finite, Adam's ``v`` not negative. Under ``jax.jit`` a negative
-    ``count`` is only caught by ``nonfinite="skip"``, which then skips every
-    update and counts it in ``skipped``; with ``"propagate"`` it makes Adam's
-    bias corrections zero or negative and the weights NaN. Eager only: it
-    reads the values (one pass over the state).
+    ``params`` (structure, shapes, dtypes, anchors), and checks what a jitted
+    update cannot read: ``count`` and ``skipped`` not negative, moments and
+    anchors finite, Adam's ``v`` not negative. (Under ``jax.jit`` a negative
+    ``count`` is skipped and counted in ``skipped`` by ``nonfinite="skip"``;
+    with ``"propagate"`` it makes the Adam weights NaN.) Eager only.
 
     Parameters
     ----------
@@ -356,12 +320,8 @@ def check_state(tx: optax.GradientTransformation, state: Any, params: Any) -> No
 
 
 def _settings_of(tx: Any) -> Settings:
-    """The settings of the :func:`dualopt` transform ``tx`` is or holds (``optax.chain``, ``inject_hyperparams``).
-
-    Optax keeps the parts of a combined transform only in its functions'
-    closures, so they are read there (guarded by tests against each optax
-    version); exactly one DualOpt transform must be found.
-    """
+    """The settings of the one :func:`dualopt` transform ``tx`` is or holds (``optax.chain``,
+    ``inject_hyperparams``): Optax keeps them only in closures, read here (guarded by tests)."""
     found: list[Settings] = []
     _collect_settings(getattr(tx, "init", None), found, set(), 0)
     if len(found) != 1:
@@ -418,9 +378,7 @@ def _dualopt_state_in(state: Any) -> Any:
 
 
 def layer_rates(tx: optax.GradientTransformation, params: Any) -> dict[str, Any]:
-    """rho_l of every leaf (``{"path/str": rate}``, flatten order) that ``tx`` from :func:`dualopt` uses on ``params``.
-
-    Use it to check a layer numbering before training (see :func:`dualopt`'s example).
-    """
+    """rho_l of every leaf (``{"path/str": rate}``, flatten order) that ``tx`` uses on ``params``: check a layer
+    numbering before training (see :func:`dualopt`'s example)."""
     configs, paths = resolve_leaves(_settings_of(tx), params, warn=True)
     return {path_str(p): c.rate for p, c in zip(paths, configs)}
