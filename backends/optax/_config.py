@@ -23,7 +23,7 @@ from decoupled_core import (HyperParams, accepted, invalid, number_layers, pull_
 from ._tree import Path, layer_keys, leaf_paths, path_str, per_leaf
 
 __all__ = ["PUBLIC_NAMES", "ALSO_ACCEPTED", "HP_ARGS", "Settings", "LeafConfig", "resolve_leaves", "check_settings",
-           "resolve_anchors", "concrete_float", "base_lr_of", "is_schedule"]
+           "resolve_anchors", "concrete_float", "base_lr_of", "is_schedule", "hashable"]
 
 #: dualopt.optax argument -> canonical HyperParams field (the rest share their name).
 HP_ARGS: dict[str, str] = {
@@ -44,11 +44,7 @@ _PLACEHOLDER = {"beta1": 0.0, "beta2": 0.0, "eps": 0.0, "momentum": 0.5, "weight
 
 def concrete_float(x: Any) -> float | None:
     """``x`` as a Python float when it is known now (number or concrete 0-d array), else ``None``."""
-    if isinstance(x, bool):
-        return None
-    if isinstance(x, (int, float)):
-        return float(x)
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, (bool, jax.core.Tracer)):
         return None
     try:
         return float(x)
@@ -88,7 +84,8 @@ class LeafConfig:
     path: Path
 
 
-def _hashable(v: Any) -> Any:
+def hashable(v: Any) -> Any:
+    """``v`` itself where it is hashable, else a key by identity (a traced array)."""
     try:
         hash(v)
         return v
@@ -97,7 +94,7 @@ def _hashable(v: Any) -> Any:
 
 
 def _validate_once(hp: HyperParams, lr: float | None, nonfinite: str, seen: set) -> None:
-    key = tuple(_hashable(v) for v in hp.as_dict().values())
+    key = tuple(hashable(v) for v in hp.as_dict().values())
     if key in seen:
         return
     seen.add(key)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from decoupled_core import AdamState, SGDState, adam_coefficients, step_tensor
 from decoupled_core.coefficients import AdamCoefficients
 
-from ._config import LeafConfig
+from ._config import LeafConfig, hashable
 
 __all__ = ["adam_scalars", "step_leaves"]
 
@@ -28,10 +28,6 @@ def adam_scalars(lr: Any, beta1: Any, beta2: Any, t: Any) -> AdamCoefficients:
     x64 = jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64
     return adam_coefficients(lr, beta1, beta2, t, xp=jnp, dtype=jnp.float64 if x64 else jnp.float32,
                              barrier=jax.lax.optimization_barrier)
-
-
-def _key(v: Any) -> Any:
-    return v if isinstance(v, (int, float, str, bool)) else ("id", id(v))
 
 
 def step_leaves(configs: Sequence[LeafConfig], params: Sequence[Any], grads: Sequence[Any], mu: Sequence[Any],
@@ -53,15 +49,14 @@ def step_leaves(configs: Sequence[LeafConfig], params: Sequence[Any], grads: Seq
         adam = hp.direction == "adam"
         coefficients = None
         if adam:
-            k = (_key(hp.beta1), _key(hp.beta2))
+            k = (hashable(hp.beta1), hashable(hp.beta2))
             if k not in scalars:
                 scalars[k] = adam_scalars(lr, hp.beta1, hp.beta2, t)
             coefficients = scalars[k]
-        state = AdamState(m, v) if adam else SGDState(m)
-        new, state = step_tensor(p, g, state, a, hp=hp, lr=lr, step=t, rate=cfg.rate, xp=jnp, keep=keep,
-                                 coefficients=coefficients)
+        new, state = step_tensor(p, g, AdamState(m, v) if adam else SGDState(m), a, hp=hp, lr=lr, step=t,
+                                 rate=cfg.rate, xp=jnp, keep=keep, coefficients=coefficients)
         new_mu.append(state[0])
-        new_nu.append(state[1] if adam else v)
+        new_nu.append(state.exp_avg_sq if isinstance(state, AdamState) else v)
         if output == "updates":
             out.append(new - p if keep is None else jnp.where(keep, new - p, jnp.asarray(-0.0, p.dtype)))
         else:

@@ -203,11 +203,12 @@ def dualopt(
             raise ValueError("dualopt needs the params (the pull acts on them): call tx.update(grads, state, params).")
         configs, _ = resolve_leaves(settings, params)
         anchors = state_anchors(state, params, configs)  # static shapes/dtypes only: free under jit
+        treedef: Any  # jax's stubs lack PyTreeDef.flatten_up_to
         leaves, treedef = jax.tree_util.tree_flatten(params)
         grads = treedef.flatten_up_to(updates)
         mu = treedef.flatten_up_to(state.mu)
         nu = treedef.flatten_up_to(state.nu)
-        lr = learning_rate(state.count) if schedule else learning_rate
+        lr = learning_rate(state.count) if callable(learning_rate) and schedule else learning_rate
         t = optax.safe_increment(state.count)
         # A negative count (a corrupted checkpoint) cannot be read under jit: "skip" skips it like a
         # non-finite gradient (t <= 0 would make a bias correction zero or negative).

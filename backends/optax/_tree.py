@@ -86,9 +86,7 @@ def natural_key(path: Path) -> tuple:
 def _module_of(path: Path, granularity: str | int) -> Path:
     if granularity == "leaf":
         return path
-    if granularity == "module":
-        return path[:-1]
-    return path[:granularity]
+    return path[:-1] if granularity == "module" else path[:int(granularity)]
 
 
 def natural_layer_index(params: Any, granularity: str | int = "module") -> Any:
