@@ -13,7 +13,7 @@ Where each formula lives:
 - a whole reference optimizer over a list of arrays: :mod:`decoupled_core.reference`
 """
 
-from .coefficients import AdamCoefficients, adam_coefficients, pull_coefficient
+from .coefficients import AdamCoefficients, adam_coefficients, bias_correction, pull_coefficient
 from .hyperparams import (
     DEFAULT_ROLLBACK_FRACTION,
     DIRECTIONS,
@@ -49,7 +49,7 @@ from ._xp import compute_dtype
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamCoefficients", "adam_coefficients", "pull_coefficient",
+    "AdamCoefficients", "adam_coefficients", "bias_correction", "pull_coefficient",
     "DEFAULT_ROLLBACK_FRACTION", "DIRECTIONS", "NONFINITE_POLICIES", "PARADIGMS",
     "HyperparameterError", "HyperParams", "ACCEPTED", "accepted", "check_anchor", "dtype_name", "invalid", "resolve_rollback_max", "validate", "WeightDecayWarning", "warn_finetune_weight_decay",
     "LayerOrderWarning", "canonical_order", "natural_sort_key", "role_rank", "check_layer_count", "check_layer_key", "finetune_rate", "layer_rates", "number_layers", "pull_rate", "scratch_rate",

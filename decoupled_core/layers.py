@@ -294,15 +294,15 @@ def _collect_ambiguities(paths: Sequence[tuple], out: list[str]) -> None:
         if len(kids) < 2:
             continue
         numbers = [_module_number(k) for k in kids]
-        prefixes = {_NUMBERED.match(str(k)).group(1) if not isinstance(k, int) and _NUMBERED.match(str(k)) else ""
-                    for k in kids}
+        matches = [None if isinstance(k, int) else _NUMBERED.match(str(k)) for k in kids]
+        prefixes = {m.group(1) if m else "" for m in matches}
         if None in numbers or len(set(numbers)) != len(numbers) or len(prefixes) > 1:
             where = "/".join(str(c) for c in parent) or "the root"
             names = ", ".join(repr(str(k)) for k in sorted(kids, key=natural_sort_key))
             out.append(f"modules {names} under {where} carry no distinct definition numbers")
-    for parent, names in leaves.items():
+    for parent, tensors in leaves.items():
         # List positions are an order of their own; only names without a known role are a guess.
-        unknown = [n for n in names if role_rank(n) == 1 and not (isinstance(n, int) and not isinstance(n, bool))]
+        unknown = [n for n in tensors if role_rank(n) == 1 and not (isinstance(n, int) and not isinstance(n, bool))]
         if len(unknown) > 1:
             where = "/".join(str(c) for c in parent) or "the root"
             listed = ", ".join(repr(str(n)) for n in sorted(unknown, key=natural_sort_key))

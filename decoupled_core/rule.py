@@ -10,10 +10,10 @@ the same IEEE operations in the same order gets the same bits.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from ._xp import as_coefficient, compute_dtype, namespace_of
-from .coefficients import adam_coefficients, pull_coefficient
+from .coefficients import AdamCoefficients, adam_coefficients, pull_coefficient
 from .hyperparams import HyperParams
 
 __all__ = [
@@ -134,7 +134,8 @@ def pull(pre_weight: Any, anchor: Any, coefficient: Any, *, xp: Any) -> Any:
 
 
 def step_tensor(param: Any, grad: Any, state: DirectionState, anchor: Any, *, hp: HyperParams, lr: Any,
-                step: Any, rate: Any, xp: Any = None) -> tuple[Any, DirectionState]:
+                step: Any, rate: Any, xp: Any = None, keep: Any = None,
+                coefficients: AdamCoefficients | None = None) -> tuple[Any, DirectionState]:
     """One DualOpt step for one tensor; returns ``(new_param, new_state)``.
 
     Parameters
@@ -155,6 +156,13 @@ def step_tensor(param: Any, grad: Any, state: DirectionState, anchor: Any, *, hp
         t, counting this step (1 on the first update of this tensor).
     rate : float or 0-d array
         rho_l from :func:`decoupled_core.layers.pull_rate`.
+    keep : 0-d bool array, optional
+        As in :func:`adam_pre_weight`: where false the returned state is the
+        old one and the returned param is meaningless (the caller keeps the
+        old one).
+    coefficients : AdamCoefficients, optional
+        :func:`adam_coefficients` of ``(lr, hp.beta1, hp.beta2, step)``,
+        when the caller computes them once for many tensors.
 
     Examples
     --------
@@ -169,13 +177,15 @@ def step_tensor(param: Any, grad: Any, state: DirectionState, anchor: Any, *, hp
     dt = compute_dtype(param.dtype, xp)
     theta = xp.astype(param, dt)
     g = xp.astype(grad, dt)
+    new_state: DirectionState
     if hp.direction == "adam":
-        coeffs = adam_coefficients(lr, hp.beta1, hp.beta2, step, xp=xp)
-        pre_weight, new_state = adam_pre_weight(theta, g, state, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
-                                                step_size=coeffs.step_size, inv_sqrt_bc2=coeffs.inv_sqrt_bc2, xp=xp)
+        coeffs = coefficients or adam_coefficients(lr, hp.beta1, hp.beta2, step, xp=xp)
+        pre_weight, new_state = adam_pre_weight(theta, g, cast(AdamState, state), beta1=hp.beta1, beta2=hp.beta2,
+                                                eps=hp.eps, step_size=coeffs.step_size,
+                                                inv_sqrt_bc2=coeffs.inv_sqrt_bc2, xp=xp, keep=keep)
     else:
-        pre_weight, new_state = sgd_pre_weight(theta, g, state, lr=lr, momentum=hp.momentum,
-                                               nesterov=hp.nesterov, xp=xp)
+        pre_weight, new_state = sgd_pre_weight(theta, g, cast(SGDState, state), lr=lr, momentum=hp.momentum,
+                                               nesterov=hp.nesterov, xp=xp, keep=keep)
     c = pull_coefficient(lr, rate, xp=xp)
     if isinstance(c, float) and c == 0.0:
         new_theta = pre_weight

@@ -15,47 +15,42 @@
 >>> int(state.count), int(state.skipped)
 (1, 0)
 
-The rule (spec ``spec/SPEC.md``): per leaf, a direction (Adam or heavy-ball
-SGD) gives the pre-weight ``pre = theta - eta*u``, then the pull
-``theta = pre - c*(pre - a)`` with ``c = clip(eta*rho_l, 0, 1)``; ``a`` is 0
-for ``paradigm="scratch"`` (real-time layer-wise weight decay, ``rho_l`` grows
-with depth) and the anchor captured by ``init`` for ``"finetune"`` (weight
-rollback, ``rho_l`` shrinks with depth); ``"none"`` has no pull.
+The rule (spec ``spec/SPEC.md``): per leaf, Adam or heavy-ball SGD gives the
+pre-weight ``pre = theta - eta*u``, then the pull ``theta = pre - c*(pre - a)``
+with ``c = clip(eta*rho_l, 0, 1)``; ``a`` is 0 for ``paradigm="scratch"``
+(``rho_l`` grows with depth) and the anchor captured by ``init`` for
+``"finetune"`` (``rho_l`` shrinks with depth); ``"none"`` has no pull.
 
 Layer numbering. JAX flattens dicts in sorted key order (``Dense_10`` before
-``Dense_2``, ``bias`` before ``kernel``), so depth is never taken from flatten
-order. By default every leaf is its own layer, in the canonical order of spec
-section 3 that torch and Keras also follow (:func:`decoupled_core.canonical_order`):
-modules in definition order, read from the numbers their names carry
-(``layers_2 < layers_10``, Flax ``Dense_N`` / ``nn.Sequential``'s ``layers_N``,
-list positions), and within a module the kernel / weight / scale before other
-leaves and the bias / offset last. Where the names do not give the definition
-order (``encoder`` beside ``head``, linen's per-type ``Conv_0`` beside
-``BatchNorm_0``) and the leaves share a paradigm, ``init`` and
-:func:`layer_rates` warn (:class:`decoupled_core.LayerOrderWarning`); give the
-order as ``layer_index=["Conv_0", "BatchNorm_0", "Conv_1"]`` (module paths in
-definition order). ``layer_index="module"`` makes the leaves of one module
-(a Flax ``Dense_3``'s ``kernel`` and ``bias``) share a layer
-(:func:`natural_layer_index`); any other numbering can be given as a pytree of
-ints or a function of the key path. Within each paradigm the distinct layer
-keys are sorted: ``l`` is a key's rank and ``L`` their count.
-:func:`layer_rates` and :func:`anchors` also take an ``optax.chain`` or
-``optax.inject_hyperparams`` transform holding the DualOpt transform.
+``Dense_2``), so depth is never taken from flatten order. By default every leaf
+is its own layer in the canonical order of spec section 3 that torch and Keras
+also follow (:func:`decoupled_core.canonical_order`): modules in definition
+order as their names number them (``layers_2 < layers_10``), and within a
+module the kernel / weight / scale first and the bias / offset last. Where the
+names do not give the order (``encoder`` beside ``head``, linen's ``Conv_0``
+beside ``BatchNorm_0``), ``init`` and :func:`layer_rates` warn
+(:class:`decoupled_core.LayerOrderWarning`): give the module paths in
+definition order, ``layer_index=["Conv_0", "BatchNorm_0", "Conv_1"]``.
+``layer_index="module"`` makes a module's leaves share a layer
+(:func:`natural_layer_index`); any numbering can be given as a pytree of ints
+or a function of the key path. Within each paradigm the distinct layer keys
+are sorted: ``l`` is a key's rank and ``L`` their count.
 
-With ``optax.inject_hyperparams``: pass every function-valued argument
-(``paradigm``, ``layer_index``, a per-path rate) through ``static_args``
-(Optax calls any other callable as a schedule), and an ``int`` ``layer_index``
-too. To change a hyperparameter at run time without a recompile, assign an
-array of the injected dtype (``jnp.asarray(v, state.hyperparams[k].dtype)``).
-Optax casts injected numbers to the params' dtype, so with float32 params
-``b1 = 0.9`` becomes ``float32(0.9)``, as in ``optax.adam``; keep ``b1``/``b2``
-in ``static_args`` or use ``hyperparam_dtype=jnp.float64`` (x64 on) for the
-plain transform's exact arithmetic.
+With ``optax.inject_hyperparams``: pass function-valued arguments
+(``paradigm``, ``layer_index``, a per-path rate) and an ``int``
+``layer_index`` through ``static_args`` (Optax calls any other callable as a
+schedule). Optax casts injected numbers to the params' dtype (``b1 = 0.9``
+becomes ``float32(0.9)``, as in ``optax.adam``); keep ``b1``/``b2`` in
+``static_args`` or use ``hyperparam_dtype=jnp.float64`` (x64 on) for exact
+arithmetic; assign ``jnp.asarray(v, state.hyperparams[k].dtype)`` to change one
+without a recompile. :func:`layer_rates` and :func:`anchors` accept such a transform,
+or an ``optax.chain`` holding it.
+
+After restoring a state from a checkpoint, call :func:`check_state` once.
 
 Only ``jax`` and ``optax`` are imported here (never torch or tensorflow).
 """
 
+from ._transform import dualopt, DualOptState, step, anchors, check_state, layer_rates, natural_layer_index, natural_key, leaf_paths, path_str, Path
 
-from ._transform import dualopt, DualOptState, step, anchors, layer_rates, natural_layer_index, natural_key, leaf_paths, path_str, Path
-
-__all__ = ['dualopt', 'DualOptState', 'step', 'anchors', 'layer_rates', 'natural_layer_index', 'natural_key', 'leaf_paths', 'path_str', 'Path']
+__all__ = ['dualopt', 'DualOptState', 'step', 'anchors', 'check_state', 'layer_rates', 'natural_layer_index', 'natural_key', 'leaf_paths', 'path_str', 'Path']

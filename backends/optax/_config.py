@@ -17,14 +17,13 @@ from typing import Any, Sequence
 
 import jax
 
-from decoupled_core import (HyperParams, accepted, check_layer_count, check_layer_key, invalid, number_layers, pull_rate,
-                            resolve_rollback_max, validate,
+from decoupled_core import (HyperParams, accepted, invalid, number_layers, pull_rate, resolve_rollback_max, validate,
                             warn_finetune_weight_decay)
 
-from ._tree import Path, layer_keys, module_order_of, leaf_paths, path_str, per_leaf
+from ._tree import Path, layer_keys, leaf_paths, path_str, per_leaf
 
 __all__ = ["PUBLIC_NAMES", "ALSO_ACCEPTED", "HP_ARGS", "Settings", "LeafConfig", "resolve_leaves", "check_settings",
-           "resolve_anchors", "concrete_float", "base_lr_of", "is_schedule"]
+           "resolve_anchors", "concrete_float", "base_lr_of", "is_schedule", "hashable"]
 
 #: dualopt.optax argument -> canonical HyperParams field (the rest share their name).
 HP_ARGS: dict[str, str] = {
@@ -45,11 +44,7 @@ _PLACEHOLDER = {"beta1": 0.0, "beta2": 0.0, "eps": 0.0, "momentum": 0.5, "weight
 
 def concrete_float(x: Any) -> float | None:
     """``x`` as a Python float when it is known now (number or concrete 0-d array), else ``None``."""
-    if isinstance(x, bool):
-        return None
-    if isinstance(x, (int, float)):
-        return float(x)
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, (bool, jax.core.Tracer)):
         return None
     try:
         return float(x)
@@ -89,7 +84,8 @@ class LeafConfig:
     path: Path
 
 
-def _hashable(v: Any) -> Any:
+def hashable(v: Any) -> Any:
+    """``v`` itself where it is hashable, else a key by identity (a traced array)."""
     try:
         hash(v)
         return v
@@ -98,7 +94,7 @@ def _hashable(v: Any) -> Any:
 
 
 def _validate_once(hp: HyperParams, lr: float | None, nonfinite: str, seen: set) -> None:
-    key = tuple(_hashable(v) for v in hp.as_dict().values())
+    key = tuple(hashable(v) for v in hp.as_dict().values())
     if key in seen:
         return
     seen.add(key)
@@ -158,7 +154,7 @@ def resolve_leaves(settings: Settings, params: Any, warn: bool = False) -> tuple
         hps.append(hp)
     if warn:
         _warn_zero_decay(hps, _is_single(settings.hyper["weight_decay"]))
-    keys = _checked_layer_keys(settings.layer_index, params, paths, [hp.paradigm for hp in hps], warn)
+    keys = layer_keys(settings.layer_index, params, paths, [hp.paradigm for hp in hps], warn)
     layout = number_layers([hp.paradigm for hp in hps], keys)
     leaves = [LeafConfig(hp, pull_rate(hp.paradigm, l, L, hp), path) for hp, (l, L), path in zip(hps, layout, paths)]
     return leaves, paths
@@ -173,28 +169,6 @@ def _warn_zero_decay(hps: Sequence[HyperParams], single: bool) -> None:
     zero = [hp for hp in hps if hp.paradigm == "finetune" and concrete_float(hp.weight_decay) == 0.0]
     if zero and (not single or not any(hp.paradigm == "scratch" for hp in hps)):
         warn_finetune_weight_decay(where="finetune leaves", stacklevel=4)
-
-
-def _checked_layer_keys(layer_index: Any, params: Any, paths: Sequence[Path], paradigms: Sequence[str],
-                        warn: bool) -> list[int]:
-    """:func:`layer_keys`, with explicit keys checked first by the core so that errors are in its words.
-
-    A flat list of keys for a flat list of arrays is the torch-like spelling; a
-    length mismatch there is the core's "one layer index per parameter tensor"
-    (any other structure mismatch keeps the prefix-pytree message).
-    """
-    if layer_index is None or isinstance(layer_index, str) or module_order_of(layer_index) is not None:
-        return layer_keys(layer_index, params, paths, paradigms, warn)
-    is_leaf = jax.tree_util.treedef_is_leaf
-    if (isinstance(layer_index, (list, tuple)) and isinstance(params, (list, tuple))
-            and all(is_leaf(jax.tree_util.tree_structure(p)) for p in params)):
-        check_layer_count("layer_index", len(layer_index), len(params))
-        explicit = list(layer_index)  # entry i is leaf i's key (a flat list's paths are (0,), (1,), ...)
-    else:
-        explicit = per_leaf("layer_index", layer_index, params, paths)
-    for path, k in zip(paths, explicit):
-        check_layer_key(f"layer_index[{path_str(path)!r}]", k)
-    return layer_keys(layer_index, params, paths, paradigms, warn)
 
 
 def _is_single(v: Any) -> bool:

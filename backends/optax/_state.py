@@ -1,19 +1,11 @@
 """Checks that a state passed to :func:`dualopt.optax.dualopt`'s ``update`` belongs to these params.
 
-A state restored from a checkpoint (``flax.serialization.from_state_dict``,
-orbax, a hand-written ``.npz`` reader) is matched to its template by keys, not
-by shapes, so a state saved for another model, with other paradigms or
-directions, or by another transform would otherwise surface as an obscure
-broadcasting error deep inside the update, or not at all (a float32 state
-silently promoted by float64 params). Spec section 6 asks for a message
-naming the offending parameter. Everything here reads only static shapes,
-dtypes and tree structures, so it runs once per trace and costs nothing under
-``jax.jit``; the one value it reads, the step count, only where it is concrete.
-
-Where the anchors live: every finetune leaf's anchor is an array of its own in
-``state.anchor``, nested by key path and sharded like its param. The layout is
-a function of the params' structure, shapes and paradigms alone, so
-``jax.eval_shape(tx.init, params)`` describes it.
+A restored checkpoint is matched to its template by keys, not shapes, so a
+state saved for another model or with other settings would otherwise surface
+as an obscure broadcasting error, or not at all (a float32 state promoted by
+float64 params); spec section 6 asks for a message naming the parameter. The
+layout checks read only shapes, dtypes and tree structures: free under
+``jax.jit``. :func:`check_values` reads values (eager only).
 """
 
 from __future__ import annotations
@@ -27,15 +19,13 @@ from decoupled_core import compute_dtype, dtype_name, invalid
 from ._config import LeafConfig
 from ._tree import leaf_paths, path_str
 
-__all__ = ["STATE_FIELDS", "AnchorsStandIn", "check_params", "sgd_nu_shape", "check_state", "anchor_tree",
+__all__ = ["STATE_FIELDS", "AnchorsStandIn", "check_params", "sgd_nu_shape", "state_anchors", "check_values", "anchor_tree",
            "anchors_by_path"]
 
 #: ``DualOptState``'s fields, in order (the state's format; see ``dualopt.optax.DualOptState``).
 STATE_FIELDS = ("count", "skipped", "mu", "nu", "anchor")
 
-# How to move a state of the earlier layout, whose small finetune anchors were packed into one
-# array per dtype in a sixth field, to this one (no reader for it is shipped: the field held
-# anchors in flatten order, which only the transform that wrote it can unpack).
+# A state of the earlier layout packed small anchors in flatten order into a sixth field: no reader is shipped.
 _MIGRATE = ("a DualOptState with the fields ('count', 'skipped', 'mu', 'nu', 'anchor'): this state has the earlier "
             "layout, whose small finetune anchors were packed into 'packed_anchor'. To migrate, load it with the "
             "dualopt version that saved it, take dualopt.optax.anchors(tx, state, params) as the new 'anchor' field "
@@ -43,10 +33,8 @@ _MIGRATE = ("a DualOptState with the fields ('count', 'skipped', 'mu', 'nu', 'an
 
 
 class AnchorsStandIn:
-    """What ``init`` puts in ``anchor`` for a pytree node without leaves (``optax.tree_map_params``'s stand-in
-    for the params): one leaf standing for every anchor tree, which is not params-shaped and so cannot follow
-    the stand-in's structure. ``tree_map_params`` then hands the real anchors to ``transform_non_params``.
-    ``update`` accepts it where there are no finetune leaves (an empty custom node as params)."""
+    """``init``'s ``anchor`` for params without leaves (``optax.tree_map_params``'s stand-in): one leaf for the
+    anchors, which are not params-shaped; ``tree_map_params`` hands the real ones to ``transform_non_params``."""
 
     def __repr__(self) -> str:
         return "<the finetune anchors>"
@@ -63,12 +51,8 @@ def check_params(configs: Sequence[LeafConfig], leaves: Sequence[Any]) -> None:
 
 
 def sgd_nu_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    """The shape of an SGD leaf's empty ``nu`` placeholder: zero elements, the param's rank (at least 1).
-
-    Of the param's rank so that the param's sharding fits it (every axis of size
-    0 divides any mesh), as ``optax.tree_map_params`` + ``jax.device_put``
-    give it; a leaf rather than an empty node so that a checkpoint restored
-    without a template still has it.
+    """The shape of an SGD leaf's empty ``nu`` placeholder: zero elements, the param's rank (at least 1), so that
+    the param's sharding fits it; a leaf, not an empty node, so that a checkpoint restored without a template has it.
 
     Examples
     --------
@@ -84,11 +68,9 @@ def _describe(x: Any) -> str:
     return f"<array of shape {tuple(x.shape)} and dtype {dtype_name(x.dtype)}>"
 
 
-def check_state(state: Any, params: Any, configs: Sequence[LeafConfig]) -> list[Any]:
-    """Raise the spec's ``"<name>=<value> is invalid: expected <accepted>."`` for a state that does not fit.
-
-    Returns each leaf's anchor (flatten order; None for non-finetune leaves),
-    matched by path, so the update does not match them again.
+def state_anchors(state: Any, params: Any, configs: Sequence[LeafConfig]) -> list[Any]:
+    """Each leaf's anchor (flatten order; None for non-finetune leaves), matched by path; raises the spec's
+    ``"<name>=<value> is invalid: expected <accepted>."`` for a state that does not fit.
 
     Examples
     --------
@@ -112,12 +94,11 @@ def check_state(state: Any, params: Any, configs: Sequence[LeafConfig]) -> list[
         x = getattr(state, name)
         if getattr(x, "shape", None) != () or "int" not in dtype_name(getattr(x, "dtype", "")):
             raise invalid(f"state.{name}", x if not hasattr(x, "shape") else _describe(x), "a 0-d integer array")
-        # Only a concrete count can be read (under jax.jit it is traced): a negative one would make
-        # t = count + 1 <= 0, a zero or negative bias correction, and every weight NaN or Inf.
+        # t = count + 1 <= 0 would make a bias correction zero or negative (traced under jit: see _transform)
         if not isinstance(x, jax.core.Tracer) and int(x) < 0:
             raise invalid(f"state.{name}", int(x), "a count >= 0 (updates applied or skipped so far; a corrupted or "
                           "hand-edited checkpoint?)")
-    treedef = jax.tree_util.tree_structure(params)
+    treedef: Any = jax.tree_util.tree_structure(params)
     paths = [c.path for c in configs]
     for name in ("mu", "nu"):
         tree = getattr(state, name)
@@ -161,6 +142,25 @@ def check_state(state: Any, params: Any, configs: Sequence[LeafConfig]) -> list[
     for key, (cfg, p) in finetune.items():
         _check_leaf(f"state.anchor[{key!r}]", by_path[key], p, tuple(p.shape), "", cfg.hp)
     return [by_path[path_str(c.path)] if c.hp.paradigm == "finetune" else None for c in configs]
+
+
+def check_values(state: Any, configs: Sequence[LeafConfig], anchors: Sequence[Any]) -> None:
+    """The values a compiled update cannot read: every moment and anchor finite, Adam's ``v`` not negative."""
+    treedef: Any = jax.tree_util.tree_structure(state.mu)
+    for cfg, m, v, a in zip(configs, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu), anchors):
+        key = path_str(cfg.path)
+        named = [("mu", m), ("nu", v)] if cfg.hp.direction == "adam" else [("mu", m)]
+        for name, x in named + ([("anchor", a)] if a is not None else []):
+            if isinstance(x, jax.core.Tracer):
+                raise invalid("state", "<traced>", "concrete arrays: dualopt.optax.check_state reads the values, "
+                              "call it outside jax.jit")
+            bad = int(jax.numpy.size(x) - jax.numpy.sum(jax.numpy.isfinite(x)))
+            if bad:
+                raise invalid(f"state.{name}[{key!r}]", f"<array with {bad} non-finite values>",
+                              "finite values (a diverged run or a damaged checkpoint?)")
+            if name == "nu" and bool(jax.numpy.any(x < 0)):
+                raise invalid(f"state.nu[{key!r}]", "<array with negative values>",
+                              "Adam's second moment, which is never negative (a damaged checkpoint?)")
 
 
 def _check_leaf(name: str, x: Any, p: Any, want: tuple, why: str, hp: Any) -> None:

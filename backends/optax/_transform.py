@@ -12,10 +12,11 @@ from decoupled_core import check_anchor, compute_dtype, init_anchor, invalid
 
 from ._config import HP_ARGS, Settings, check_settings, is_schedule, resolve_anchors, resolve_leaves
 from ._step import step_leaves
-from ._state import AnchorsStandIn, anchor_tree, check_params, check_state, sgd_nu_shape
+from .._shared.jax import all_finite
+from ._state import AnchorsStandIn, anchor_tree, check_params, check_values, sgd_nu_shape, state_anchors
 from ._tree import Path, leaf_paths, natural_key, natural_layer_index, path_str
 
-__all__ = ["dualopt", "DualOptState", "step", "anchors", "layer_rates", "natural_layer_index", "natural_key",
+__all__ = ["dualopt", "DualOptState", "step", "anchors", "check_state", "layer_rates", "natural_layer_index", "natural_key",
            "leaf_paths", "path_str", "Path"]
 
 Setting = Any
@@ -23,40 +24,30 @@ Setting = Any
 
 
 class DualOptState(NamedTuple):
-    """State of :func:`dualopt`: a NamedTuple pytree whose leaves are arrays (checkpoint friendly).
+    """State of :func:`dualopt`: a NamedTuple pytree of arrays (checkpoint friendly).
 
     Attributes
     ----------
     count : int32 array
-        Updates applied (skipped updates excluded); the step ``t`` of the next
-        update is ``count + 1`` and a schedule is evaluated at ``count``. A
-        negative count (a corrupted checkpoint) is refused where it is concrete
-        (an eager ``update``, :func:`step` or :func:`anchors`); under
-        ``jax.jit`` it is traced and cannot be read without a host sync.
+        Updates applied; the next update's step is ``t = count + 1`` and a
+        schedule is evaluated at ``count``. A negative count (a corrupted
+        checkpoint) is refused eagerly (:func:`check_state`); under
+        ``jax.jit``, ``nonfinite="skip"`` skips the update instead.
     skipped : int32 array
         Updates skipped by ``nonfinite="skip"``.
-    mu : pytree
-        Per leaf: Adam's first moment ``m``, or SGD's momentum buffer ``b``.
-    nu : pytree
-        Per leaf: Adam's second moment ``v``; for SGD leaves an empty
-        placeholder of the param's rank (shape ``(0, 0)`` for a matrix), so
-        that the param's sharding fits it.
+    mu, nu : pytree
+        With the params' structure, in the compute dtype (float32 for
+        float16/bfloat16 params): Adam's ``m`` and ``v``, or SGD's buffer and
+        an empty placeholder of the param's rank (shape ``(0, 0)`` for a
+        matrix, so that the param's sharding fits it).
     anchor : dict
-        The anchor of every finetune leaf, an array of its param's shape
-        (sharded like its param), as nested dicts keyed by each entry of the
-        leaf's key path as a string (for dict params, the params' tree without
-        its other leaves: ``state.anchor["backbone"]["encoder"]["kernel"]``;
-        ``{}`` when there are none). A restored state may also key them flat
-        by :func:`path_str` (``"backbone/encoder/kernel"``): leaves are matched
-        by path. :func:`anchors` gives them for any params structure.
-
-    ``mu`` and ``nu`` have the params' structure; every array has the compute
-    dtype (float32 for float16/bfloat16 params, else the param's dtype).
-    Scratch and ``"none"`` leaves have no anchor: every array of a state is one
-    more input and output buffer of a jitted step, which on a model of many
-    small leaves costs more than its bytes (``benchmarks/README.md``).
-    ``optax.tree_map_params`` maps ``f`` over ``mu`` and ``nu``; the anchors
-    are not params-shaped and go to its ``transform_non_params``.
+        Every finetune leaf's anchor (its param's shape, sharded like it),
+        nested by key path as strings
+        (``state.anchor["backbone"]["encoder"]["kernel"]``; ``{}`` when there
+        are none); a restored state may key them flat by :func:`path_str`.
+        :func:`anchors` gives them for any params structure. They are not
+        params-shaped: ``optax.tree_map_params`` hands them to
+        ``transform_non_params``.
     """
 
     count: Any
@@ -109,13 +100,8 @@ def dualopt(
         when given, else the number, else ``schedule(0)``; give it explicitly
         when the learning rate is an array (``optax.inject_hyperparams``).
     layer_index : None, "leaf", "module", list of module paths, int, pytree of int, or function of the key path
-        Layer keys; ``None`` (= ``"leaf"``): every leaf its own layer, in the
-        canonical order of spec section 3 (modules in definition order as
-        their names number them, weight/kernel/scale before bias/offset),
-        with a :class:`decoupled_core.LayerOrderWarning` where the names do
-        not give the order. A list of module paths (``["Conv_0",
-        "BatchNorm_0", "Conv_1"]``, ``"a/b"`` strings or tuples) gives the
-        definition order explicitly. See the module docstring.
+        Layer keys (see the module docstring). ``None`` (= ``"leaf"``): every
+        leaf its own layer in the canonical order of spec section 3.
     anchor : pytree, optional
         Finetune anchors with the params' structure (``None`` entries and
         non-finetune leaves are ignored / snapshotted); default: ``init``'s params.
@@ -125,23 +111,16 @@ def dualopt(
         unchanged except ``skipped += 1``; works under ``jax.jit`` (a select,
         not a branch). The check sees the gradients this transform receives:
         inside ``optax.chain``, those after any clipping before it
-        (``optax.clip`` maps +-Inf to finite values; NaN stays NaN). The
-        check costs one read of the gradients before anything is written
-        (about 10% of a memory-bound Adam step on CPU, 4 of 44 bytes per
-        element). ``"propagate"``: no check.
+        (``optax.clip`` maps +-Inf to finite values; NaN stays NaN); it costs
+        one read of the gradients. ``"propagate"``: no check.
     base_learning_rate : float, optional
         eta_0 of a schedule: its peak (``peak_value`` of
-        ``optax.warmup_cosine_decay_schedule``), the rate the schedule is
-        built around. Needed for the default ``rollback_max`` when the
-        schedule starts at 0 (warmup); the same number gives the same kappa_max
-        as torch's group ``lr`` and Keras's schedule peak.
+        ``optax.warmup_cosine_decay_schedule``). Needed for the default
+        ``rollback_max`` when the schedule starts at 0 (warmup).
 
     A *setting* is a single value, a pytree whose structure is a prefix of the
     params' (``{"backbone": "finetune", "head": "scratch"}``), or a function of
-    the key path (a tuple of plain keys, see :func:`leaf_paths`). Under
-    ``optax.inject_hyperparams``, numeric hyperparameters may change at run
-    time; pass functions (and ``anchor``) through ``static_args`` (see the
-    module docstring).
+    the key path (a tuple of plain keys, see :func:`leaf_paths`).
 
     Returns
     -------
@@ -174,7 +153,6 @@ def dualopt(
     hyper = {"direction": direction, "b1": b1, "b2": b2, "eps": eps, "momentum": momentum, "nesterov": nesterov,
              "paradigm": paradigm, "weight_decay": weight_decay, "rollback_max": rollback_max,
              "rollback_min": rollback_min, "rollback_power": rollback_power}
-    assert set(hyper) == set(HP_ARGS)
     settings = Settings(learning_rate=learning_rate, hyper=hyper, layer_index=layer_index, anchor=anchor,
                         nonfinite=nonfinite, base_learning_rate=base_learning_rate)
     check_settings(settings)
@@ -205,10 +183,7 @@ def dualopt(
                                   "the pretrained params, use jax.eval_shape(tx.init, abstract_params) for the "
                                   "state's shapes, or pass the anchors with the anchor argument")
                 value = init_anchor(p, xp=jnp)
-            else:
-                # Shape and dtype in the core's words; a value without a dtype (a list) is
-                # converted like jnp.asarray would. Straight to the compute dtype: an explicit
-                # float32 anchor of a bfloat16 leaf must not round through bfloat16.
+            else:  # straight to the compute dtype: a float32 anchor of a bfloat16 leaf must not round
                 check_anchor(f"anchor[{key!r}]", tuple(jnp.shape(a)), getattr(a, "dtype", dt),
                              tuple(p.shape), p.dtype)
                 value = init_anchor(jnp.asarray(a, dtype=dt), xp=jnp)
@@ -224,22 +199,25 @@ def dualopt(
                             nu=unflat(nu), anchor=anchor_field)
 
     def apply_fn(updates: Any, state: DualOptState, params: Any, output: str) -> tuple[Any, DualOptState]:
-        """``(updates or new params, new state)``."""
         if params is None:
             raise ValueError("dualopt needs the params (the pull acts on them): call tx.update(grads, state, params).")
         configs, _ = resolve_leaves(settings, params)
-        anchors = check_state(state, params, configs)  # static shapes/dtypes only: free under jit
+        anchors = state_anchors(state, params, configs)  # static shapes/dtypes only: free under jit
+        treedef: Any  # jax's stubs lack PyTreeDef.flatten_up_to
         leaves, treedef = jax.tree_util.tree_flatten(params)
         grads = treedef.flatten_up_to(updates)
         mu = treedef.flatten_up_to(state.mu)
         nu = treedef.flatten_up_to(state.nu)
-        lr = learning_rate(state.count) if schedule else learning_rate
+        lr = learning_rate(state.count) if callable(learning_rate) and schedule else learning_rate
         t = optax.safe_increment(state.count)
-        out, new_mu, new_nu, ok = step_leaves(configs, leaves, grads, mu, nu, anchors, lr=lr, t=t,
-                                              check=nonfinite == "skip", output=output)
-        if ok is not None:
-            count = jnp.where(ok, t, state.count)
-            skipped = jnp.where(ok, state.skipped, optax.safe_increment(state.skipped))
+        # A negative count (a corrupted checkpoint) cannot be read under jit: "skip" skips it like a
+        # non-finite gradient (t <= 0 would make a bias correction zero or negative).
+        keep = all_finite(grads, count=state.count) if nonfinite == "skip" else None
+        out, new_mu, new_nu = step_leaves(configs, leaves, grads, mu, nu, anchors, lr=lr, t=t, keep=keep,
+                                          output=output)
+        if keep is not None:
+            count = jnp.where(keep, t, state.count)
+            skipped = jnp.where(keep, state.skipped, optax.safe_increment(state.skipped))
         else:
             count, skipped = t, state.skipped
         unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
@@ -262,12 +240,10 @@ def dualopt(
 def step(tx: optax.GradientTransformation, grads: Any, state: DualOptState, params: Any) -> tuple[Any, DualOptState]:
     """``(new_params, new_state)`` of ``tx`` from :func:`dualopt`, without the ``updates`` round trip.
 
-    ``tx.update`` returns ``new - params`` and ``optax.apply_updates`` adds it
-    back; ``params + (new - params)`` is rounded once more and can differ from
-    ``new`` in the last bit where the step is not small against the weight (a
-    weight crossing zero). This function returns ``new`` itself, bit for bit the
-    spec's result (eager, float64 or float32); the state is the same as
-    ``tx.update``'s. Pure and jittable.
+    ``params + (new - params)`` (``tx.update`` then ``optax.apply_updates``)
+    can differ from ``new`` in the last bit; this returns ``new`` itself, the
+    spec's result bit for bit when eager. The state is ``tx.update``'s. Pure
+    and jittable.
 
     Examples
     --------
@@ -285,11 +261,8 @@ def step(tx: optax.GradientTransformation, grads: Any, state: DualOptState, para
 
 
 def anchors(tx: optax.GradientTransformation, state: DualOptState, params: Any) -> dict[str, Any]:
-    """Every finetune leaf's anchor, as nested dicts keyed by each key-path entry as a string.
-
-    For dict params this is the params' tree without its non-finetune leaves;
-    each anchor has its param's shape and the compute dtype. Raises like
-    ``tx.update`` when ``state`` does not belong to ``tx`` and ``params``.
+    """Every finetune leaf's anchor (compute dtype), nested by key path as strings: for dict params, the params'
+    tree without its other leaves. Raises like ``tx.update`` when ``state`` does not fit ``tx`` and ``params``.
 
     Examples
     --------
@@ -301,17 +274,55 @@ def anchors(tx: optax.GradientTransformation, state: DualOptState, params: Any) 
     ([1.0, 1.0], False)
     """
     configs, _ = resolve_leaves(_settings_of(tx), params)
-    found = check_state(_dualopt_state_in(state), params, configs)
+    found = state_anchors(_dualopt_state_in(state), params, configs)
     return anchor_tree([(c.path, a) for c, a in zip(configs, found) if a is not None])
 
 
-def _settings_of(tx: Any) -> Settings:
-    """The settings of the :func:`dualopt` transform ``tx`` is or holds (``optax.chain``, ``inject_hyperparams``).
+def check_state(tx: optax.GradientTransformation, state: Any, params: Any) -> None:
+    """Check a state restored from a checkpoint (Orbax, ``flax.serialization``...) before training on.
 
-    Optax keeps the parts of a combined transform only in its functions'
-    closures, so they are read there (guarded by tests against each optax
-    version); exactly one DualOpt transform must be found.
+    Raises what ``tx.update`` raises for a state that does not fit ``tx`` and
+    ``params`` (structure, shapes, dtypes, anchors), and checks what a jitted
+    update cannot read: ``count`` and ``skipped`` not negative, moments and
+    anchors finite, Adam's ``v`` not negative. (Under ``jax.jit`` a negative
+    ``count`` is skipped and counted in ``skipped`` by ``nonfinite="skip"``;
+    with ``"propagate"`` it makes the Adam weights NaN.) Eager only.
+
+    Parameters
+    ----------
+    tx : optax.GradientTransformation
+        The transform from :func:`dualopt`, or an ``optax.chain`` /
+        ``inject_hyperparams`` transform holding it.
+    state : DualOptState, or a state holding exactly one
+        The restored state.
+    params : pytree
+        The params it is used with.
+
+    Raises
+    ------
+    decoupled_core.HyperparameterError
+        ``"state.<field>=<value> is invalid: expected <what>."``
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = dualopt(0.1)
+    >>> state = tx.init(params)
+    >>> check_state(tx, state, params)
+    >>> check_state(tx, state._replace(count=jnp.asarray(-1, jnp.int32)), params)
+    Traceback (most recent call last):
+    ...
+    decoupled_core.hyperparams.HyperparameterError: state.count=-1 is invalid: expected a count >= 0 (updates applied or skipped so far; a corrupted or hand-edited checkpoint?).
     """
+    configs, _ = resolve_leaves(_settings_of(tx), params)
+    state = _dualopt_state_in(state)
+    check_values(state, configs, state_anchors(state, params, configs))
+
+
+def _settings_of(tx: Any) -> Settings:
+    """The settings of the one :func:`dualopt` transform ``tx`` is or holds (``optax.chain``,
+    ``inject_hyperparams``): Optax keeps them only in closures, read here (guarded by tests)."""
     found: list[Settings] = []
     _collect_settings(getattr(tx, "init", None), found, set(), 0)
     if len(found) != 1:
@@ -368,9 +379,7 @@ def _dualopt_state_in(state: Any) -> Any:
 
 
 def layer_rates(tx: optax.GradientTransformation, params: Any) -> dict[str, Any]:
-    """rho_l of every leaf (``{"path/str": rate}``, flatten order) that ``tx`` from :func:`dualopt` uses on ``params``.
-
-    Use it to check a layer numbering before training (see :func:`dualopt`'s example).
-    """
+    """rho_l of every leaf (``{"path/str": rate}``, flatten order) that ``tx`` uses on ``params``: check a layer
+    numbering before training (see :func:`dualopt`'s example)."""
     configs, paths = resolve_leaves(_settings_of(tx), params, warn=True)
     return {path_str(p): c.rate for p, c in zip(paths, configs)}

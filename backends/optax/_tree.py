@@ -1,43 +1,24 @@
 """Pytree plumbing for :mod:`dualopt.optax`: key paths, natural order, per-leaf settings.
 
-JAX flattens dicts in *sorted key order*, so ``Dense_10`` comes before
-``Dense_2``. DualOpt's layer schedules depend on depth, so nothing here uses
-flatten order as depth: layer numbers come from the *natural* order of key
-paths (digit runs compared as numbers, so ``layers_2 < layers_10``) or from
-what the user passes.
-
-A per-leaf setting (``paradigm``, ``weight_decay``, ``layer_index``...) may be
-
-- a single value, used for every leaf;
-- a pytree whose structure is a prefix of the params' (``{"backbone": "finetune",
-  "head": "scratch"}`` covers every leaf under each key);
-- a function of the key path, called once per leaf with the path as a tuple
-  of plain keys (``("backbone", "Dense_0", "kernel")``: dict keys and
-  attribute names as they are, sequence positions as ``int``).
+JAX flattens dicts in sorted key order (``Dense_10`` before ``Dense_2``), so
+nothing here takes depth from flatten order. A per-leaf setting is a single
+value, a pytree whose structure is a prefix of the params', or a function of
+the key path (a tuple of plain keys: dict keys and attribute names as they
+are, sequence positions as ``int``).
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Hashable, Sequence
 
 import jax
 
-import warnings
+from decoupled_core import (LayerOrderWarning, canonical_order, check_layer_count, check_layer_key, invalid,
+                            natural_sort_key)
 
-from decoupled_core import LayerOrderWarning, canonical_order, invalid, natural_sort_key
-
-__all__ = [
-    "Path",
-    "leaf_paths",
-    "path_str",
-    "natural_key",
-    "natural_layer_index",
-    "layer_keys",
-    "canonical_keys",
-    "module_order_of",
-    "per_leaf",
-]
+__all__ = ["Path", "leaf_paths", "path_str", "natural_key", "natural_layer_index", "layer_keys", "per_leaf"]
 
 Path = tuple[Hashable, ...]
 """A leaf's key path as plain keys: ``("params", "Dense_0", "kernel")`` or ``("layers", 3, "w")``."""
@@ -92,11 +73,7 @@ def path_str(path: Path, sep: str = "/") -> str:
 
 
 def natural_key(path: Path) -> tuple:
-    """Sort key that orders key paths naturally: digit runs compare as integers.
-
-    Each component is split into text and digit runs; digits compare by value
-    (ties between ``"01"`` and ``"1"`` fall back to the text), text compares as
-    text, and a shorter path that is a prefix of a longer one sorts first.
+    """Sort key of a key path in natural order: digit runs compare as integers, a prefix sorts first.
 
     Examples
     --------
@@ -109,9 +86,7 @@ def natural_key(path: Path) -> tuple:
 def _module_of(path: Path, granularity: str | int) -> Path:
     if granularity == "leaf":
         return path
-    if granularity == "module":
-        return path[:-1]
-    return path[:granularity]
+    return path[:-1] if granularity == "module" else path[:int(granularity)]
 
 
 def natural_layer_index(params: Any, granularity: str | int = "module") -> Any:
@@ -191,10 +166,7 @@ def per_leaf(name: str, value: Any, params: Any, paths: Sequence[Path]) -> list[
             name, _short(value),
             "a single value, a function of the key path, or a pytree whose structure is a prefix of the "
             f"params' ({e})") from None
-    out = [b.value for b in jax.tree_util.tree_leaves(full)]
-    if len(out) != n:  # pragma: no cover - tree_map guarantees it; kept as a guard against silent damage
-        raise invalid(name, _short(value), f"one value per parameter leaf ({n})")
-    return out
+    return [b.value for b in jax.tree_util.tree_leaves(full)]
 
 
 def _short(value: Any) -> str:
@@ -203,11 +175,8 @@ def _short(value: Any) -> str:
 
 
 def module_order_of(layer_index: Any) -> list[tuple[str, ...]] | None:
-    """A ``layer_index`` given as module paths in definition order, as tuples of strings; else ``None``.
-
-    ``["Conv_0", "BatchNorm_0", "Conv_1"]`` or ``[("encoder", "layers_0"), "head"]``
-    (a string is split on ``/``).
-    """
+    """A ``layer_index`` given as module paths in definition order (``["Conv_0", "BatchNorm_0"]``, ``"a/b"``
+    strings or tuples), as tuples of strings; else ``None``."""
     if not isinstance(layer_index, (list, tuple)) or not layer_index:
         return None
     if not all(isinstance(m, str) or (isinstance(m, tuple) and m and all(isinstance(c, (str, int)) for c in m))
@@ -216,21 +185,20 @@ def module_order_of(layer_index: Any) -> list[tuple[str, ...]] | None:
     return [tuple(m.split("/")) if isinstance(m, str) else tuple(str(c) for c in m) for m in layer_index]
 
 
-def canonical_keys(paths: Sequence[Path], paradigms: Sequence[str] | None = None,
-                   module_order: Sequence[tuple[str, ...]] | None = None, warn: bool = False) -> list[int]:
+def canonical_keys(paths: Sequence[Path], paradigms: Sequence[str], module_order: Sequence[tuple[str, ...]] | None,
+                   warn: bool) -> list[int]:
     """Each leaf's default layer key: :func:`decoupled_core.canonical_order` of its key path.
 
     With ``warn``, the sibling modules whose order the names do not give are
-    reported in a :class:`decoupled_core.LayerOrderWarning`, for the leaves of
-    each pulled paradigm separately (siblings in different paradigms never
-    share a numbering, so their order does not matter).
+    reported in a :class:`decoupled_core.LayerOrderWarning`, per pulled
+    paradigm (siblings in different paradigms never share a numbering).
     """
     text = [tuple(str(c) for c in p) if module_order is not None else p for p in paths]
     keys, _ = canonical_order(text, module_order)
     if warn and module_order is None:
         found: list[str] = []
         for paradigm in ("finetune", "scratch"):
-            subset = [p for p, q in zip(paths, paradigms or ["scratch"] * len(paths)) if q == paradigm]
+            subset = [p for p, q in zip(paths, paradigms) if q == paradigm]
             if len(subset) > 1:
                 found += [a for a in canonical_order(subset)[1] if a not in found]
         if found:
@@ -239,39 +207,34 @@ def canonical_keys(paths: Sequence[Path], paradigms: Sequence[str] | None = None
                 "bias) is read from the key paths, and here they do not give it: " + "; ".join(found)
                 + ". The layers were numbered by natural name order. Pass layer_index=[module paths in definition "
                 "order] (e.g. ['Conv_0', 'BatchNorm_0', 'Conv_1']), or a pytree / function of layer keys; "
-                "check the result with dualopt.optax.layer_rates.", LayerOrderWarning, stacklevel=6)
+                "check the result with dualopt.optax.layer_rates.", LayerOrderWarning, stacklevel=5)
     return keys
 
 
-def layer_keys(layer_index: Any, params: Any, paths: Sequence[Path], paradigms: Sequence[str] | None = None,
+def layer_keys(layer_index: Any, params: Any, paths: Sequence[Path], paradigms: Sequence[str],
                warn: bool = False) -> list[int]:
     """Each leaf's layer key from the ``layer_index`` argument of :func:`dualopt.optax.dualopt`.
 
-    ``None`` or ``"leaf"``: every leaf its own layer in the canonical order
-    (:func:`canonical_keys`); a list of module paths: the same, modules in the
-    listed order; ``"module"``: see :func:`natural_layer_index`; otherwise a
-    per-leaf setting of non-negative ints (single int, prefix pytree or
-    function of the path).
+    ``None`` or ``"leaf"``: the canonical order (:func:`canonical_keys`); a
+    list of module paths: the same, modules in that order; ``"module"``: see
+    :func:`natural_layer_index`; otherwise a per-leaf setting of non-negative
+    ints, checked by the core. A flat list of keys for a flat list of arrays is
+    the torch-like spelling: its length must be the number of leaves.
     """
     order = module_order_of(layer_index)
-    if layer_index is None or layer_index == "leaf" or order is not None:
+    if layer_index is None or order is not None or (isinstance(layer_index, str) and layer_index == "leaf"):
         return canonical_keys(paths, paradigms, order, warn)
-    if isinstance(layer_index, str) and layer_index == "module":
-        return _natural_numbers(paths, layer_index)
     if isinstance(layer_index, str):
+        if layer_index == "module":
+            return _natural_numbers(paths, layer_index)
         raise invalid("layer_index", layer_index,
                       "None, 'leaf', 'module', a list of module paths, an int, a pytree of ints or a function of "
                       "the key path")
-    keys = per_leaf("layer_index", layer_index, params, paths)
-    out = []
-    for path, k in zip(paths, keys):
-        ok = hasattr(k, "__index__") and not isinstance(k, bool)
-        if ok:
-            try:
-                k = int(k.__index__())
-            except Exception:  # a traced array cannot be a layer key
-                ok = False
-        if not ok or k < 0:
-            raise invalid("layer_index", k, f"a non-negative integer layer key for every leaf (at {path_str(path)!r})")
-        out.append(k)
-    return out
+    is_leaf = jax.tree_util.treedef_is_leaf
+    if (isinstance(layer_index, (list, tuple)) and isinstance(params, (list, tuple))
+            and all(is_leaf(jax.tree_util.tree_structure(p)) for p in params)):
+        check_layer_count("layer_index", len(layer_index), len(params))
+        keys = list(layer_index)  # entry i is leaf i's key (a flat list's paths are (0,), (1,), ...)
+    else:
+        keys = per_leaf("layer_index", layer_index, params, paths)
+    return [check_layer_key(f"layer_index[{path_str(path)!r}]", k) for path, k in zip(paths, keys)]

@@ -269,3 +269,63 @@ def test_reference_per_tensor_learning_rates(xp, dtype):
     single[1].step([g[1]], 0.2)
     for i in (0, 1):
         assert_same_bits(to_numpy(both.params[i]), to_numpy(single[i].params[0]))
+
+
+# ------------------------------------------------------------------------ keep (device-side skip)
+
+@pytest.mark.parametrize("hp", [ADAM_FT, SGD_NESTEROV_SC, HyperParams(direction="sgd", momentum=0.5)],
+                         ids=["adam-finetune", "sgd-nesterov-scratch", "sgd-heavy-ball"])
+def test_keep_selects_the_state(xp, dtype, hp):
+    """``keep`` true (a 0-d bool array) is the same bits as no ``keep``; false returns the old state bit for bit
+    (a -0.0 in a moment keeps its sign) whatever the gradient holds, and with ``coefficients`` given the step
+    is the one that computes them."""
+    p, g, a = (from_numpy(xp, rand((6,), dtype, i)) for i in (1, 2, 3))
+    state = dc.init_direction_state(p, hp.direction, xp=xp)
+    for step in (1, 2):  # a second step from a non-zero state, with a -0.0 in the first moment
+        ref, new_state = dc.step_tensor(p, g, state, a, hp=hp, lr=0.05, step=step, rate=1.5, xp=xp)
+        kept, kept_state = dc.step_tensor(p, g, state, a, hp=hp, lr=0.05, step=step, rate=1.5, xp=xp,
+                                          keep=xp.asarray(True))
+        assert_same_bits(to_numpy(kept), to_numpy(ref))
+        for x, y in zip(kept_state, new_state):
+            assert_same_bits(to_numpy(x), to_numpy(y))
+        if hp.direction == "adam":
+            c = dc.adam_coefficients(0.05, hp.beta1, hp.beta2, step)
+            given, _ = dc.step_tensor(p, g, state, a, hp=hp, lr=0.05, step=step, rate=1.5, xp=xp, coefficients=c)
+            assert_same_bits(to_numpy(given), to_numpy(ref))
+        first = to_numpy(new_state[0]).copy()
+        first[0] = -0.0
+        state = type(new_state)(from_numpy(xp, first), *new_state[1:])
+    bad = from_numpy(xp, np.array([0.5, math.nan, -math.inf, math.inf, 1.0, 2.0], dtype=dtype))
+    _, old = dc.step_tensor(p, bad, state, a, hp=hp, lr=0.05, step=3, rate=1.5, xp=xp, keep=xp.asarray(False))
+    for x, y in zip(old, state):
+        assert_same_bits(to_numpy(x), to_numpy(y))
+    assert np.signbit(to_numpy(old[0])[0])
+
+
+def test_keep_under_jit_keeps_the_old_moments_bitwise():
+    """The same select compiled by XLA (which may fuse it into the moment updates)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    m = rand((6,), np.float32, 4)
+    m[0] = -0.0
+    v = np.abs(rand((6,), np.float32, 5))
+    g = rand((6,), np.float32, 6)
+    g[2], g[4] = np.nan, -np.inf
+
+    def adam(theta, grad, m, v, keep):
+        return dc.adam_pre_weight(theta, grad, dc.AdamState(m, v), beta1=0.9, beta2=0.999, eps=1e-8,
+                                  step_size=1e-2, inv_sqrt_bc2=31.6, xp=jnp, keep=keep)[1]
+
+    def sgd(theta, grad, m, keep):
+        return dc.sgd_pre_weight(theta, grad, dc.SGDState(m), lr=0.1, momentum=0.9, nesterov=True, xp=jnp,
+                                 keep=keep)[1]
+
+    args = [jnp.asarray(x) for x in (rand((6,), np.float32, 7), g, m)]
+    for fn in (adam, jax.jit(adam)):
+        out = fn(*args, jnp.asarray(v), jnp.asarray(False))
+        assert_same_bits(out.exp_avg, m)
+        assert_same_bits(out.exp_avg_sq, v)
+        assert np.signbit(np.asarray(out.exp_avg)[0])
+    for fn in (sgd, jax.jit(sgd)):
+        assert_same_bits(fn(*args, jnp.asarray(False)).momentum_buffer, m)

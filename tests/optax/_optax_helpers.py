@@ -6,14 +6,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dualopt.conformance.tolerances import OPEN
 from dualopt.spec.vectors import Case
 
-# Open-loop budget of the "xla-jit" numerics class (conformance/tolerances.py,
-# spec tolerance policy): after step t the scaled error is at most 4 * eps * t.
-# It covers XLA's fused multiply-adds under jit, the params + (new - params)
-# round trip of optax.apply_updates, and float32 bias corrections with x64 off
-# (measured worst on the vectors: 0.57 eps * t in every one of those settings).
-XLA_JIT_EPS_PER_STEP = 4.0
+# Open-loop budget of the "xla-jit" numerics class, in eps per step (4: after step t the scaled error is at
+# most 4 * eps * t). It covers XLA's fused multiply-adds under jit, the params + (new - params) round trip of
+# optax.apply_updates, and float32 bias corrections with x64 off (measured worst on the vectors: 0.57 eps * t
+# in every one of those settings).
+_XLA_JIT = OPEN[("xla-jit", "float64")]
+XLA_JIT_EPS_PER_STEP = _XLA_JIT.budget / _XLA_JIT.eps
 
 
 def scaled_errors(case: Case, traj: Sequence[dict[str, np.ndarray]]) -> list[float]:

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["dualopt.optax", "dualopt.optax._state", "dualopt.optax._tree"])
+@pytest.mark.parametrize("module", ["dualopt.optax", "dualopt.optax._transform", "dualopt.optax._state", "dualopt.optax._tree"])
 def test_docstring_examples(module):
     import jax
 

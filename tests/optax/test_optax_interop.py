@@ -195,6 +195,80 @@ def test_negative_count_is_refused(field):
     assert int(tx.update(grads, state, params)[1].count) == 1  # the valid state still works
 
 
+@pytest.mark.parametrize("chained", [False, True], ids=["dualopt", "chain"])
+def test_check_state_reads_the_values_a_jitted_update_cannot(chained):
+    """Issue 20 (left from 19): ``dualopt.optax.check_state`` refuses, eagerly and naming the leaf, what a
+    restored state may hold and a compiled update cannot read: a negative count, non-finite moments or
+    anchors, a negative second moment; it raises like ``update`` on a layout mismatch, and refuses to run on
+    traced values. It did not exist before."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from decoupled_core import HyperparameterError
+    from dualopt.optax import check_state, dualopt
+
+    params = _params()
+    inner = dualopt(1e-2, **MIXED)
+    tx = optax.chain(optax.clip(1.0), inner) if chained else inner
+    full = tx.init(params)
+    state = full[1] if chained else full
+    wrap = (lambda s: (full[0], s)) if chained else (lambda s: s)
+    assert check_state(tx, full, params) is None
+    poison = lambda tree, key, value: {**tree, "Dense_0": {**tree["Dense_0"], key: value}}  # noqa: E731
+    k = state.mu["Dense_0"]["kernel"]
+    assert k.shape == (6, 8)
+    bad = {
+        "state.count=-1 is invalid: expected a count >= 0": state._replace(count=jnp.asarray(-1, jnp.int32)),
+        "state.skipped=-2 is invalid": state._replace(skipped=jnp.asarray(-2, jnp.int32)),
+        "state.mu['Dense_0/kernel']='<array with 1 non-finite values>' is invalid: expected finite values":
+            state._replace(mu=poison(state.mu, "kernel", k.at[0, 0].set(jnp.nan))),
+        "state.nu['Dense_0/kernel']='<array with negative values>' is invalid":
+            state._replace(nu=poison(state.nu, "kernel", k.at[1, 0].set(-1e-30))),
+        "state.anchor['Dense_0/kernel']='<array with 8 non-finite values>'":
+            state._replace(anchor=poison(state.anchor, "kernel", k.at[0].set(jnp.inf))),
+        "state.mu['Dense_0/kernel']='<array of shape (3,) and dtype float64>' is invalid":
+            state._replace(mu=poison(state.mu, "kernel", jnp.zeros(3))),
+    }
+    for message, s in bad.items():
+        with pytest.raises(HyperparameterError) as info:
+            check_state(tx, wrap(s), params)
+        assert str(info.value).startswith(message), str(info.value)
+    with pytest.raises(HyperparameterError, match="call it outside jax.jit"):
+        jax.jit(lambda s: check_state(tx, s, params))(full)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["update", "step"])
+def test_negative_count_under_jit_is_skipped_and_counted(direct):
+    """Issue 20 (left from 19): under ``jax.jit`` the count is traced, so ``nonfinite="skip"`` treats a negative
+    one like a non-finite gradient: params, moments and count keep every bit and ``skipped`` grows by one. On
+    the code before, the jitted update advanced with t = count + 1 <= 0 and made every Adam weight NaN."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from dualopt.optax import dualopt, step
+
+    params = _params()
+    tx = dualopt(1e-2, **MIXED)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: 0.1 * p + 0.01, params)
+    state = tx.update(grads, state, params)[1]  # non-zero moments
+    bad = state._replace(count=jnp.asarray(-3, jnp.int32), skipped=jnp.asarray(5, jnp.int32))
+
+    def run(p, s, g):
+        if direct:
+            return step(tx, g, s, p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    new_params, new = jax.jit(run)(params, bad, grads)
+    assert tree_equal(new_params, params) and tree_equal(new.mu, bad.mu) and tree_equal(new.nu, bad.nu)
+    assert int(new.count) == -3 and int(new.skipped) == 6
+    ok_params, ok = jax.jit(run)(params, state, grads)  # the same step from a valid count advances
+    assert int(ok.count) == 2 and int(ok.skipped) == 0 and not tree_equal(ok_params, params)
+
+
 def test_no_home_directory_and_no_cache():
     """Issue 16, item 3 (optax half): with ``HOME`` unset and ``Path.home`` raising (a uid without a passwd
     entry, as in containers), an optax update works, eagerly and jitted, and nothing native is imported.

@@ -1,11 +1,11 @@
-"""The update kernel of dualopt.optax (``_optax_step``) against the core, and the shape of its compiled program.
+"""The update of dualopt.optax (``_step.step_leaves``) against the core, and the shape of its compiled program.
 
-``_optax_step`` repeats the core's direction op sequence so that, under
-``nonfinite="skip"``, the moments are selected before the pre-weight reads them
-(see its module docstring). These tests prove that the repetition is the core's
-arithmetic bit for bit, that the non-finite flag is the core's, and that the
-compiled update keeps the memory traffic and program size the fast path exists
-for. The traffic is XLA's own static count of bytes read and written
+``step_leaves`` calls the core's ``step_tensor`` per leaf with ``keep`` (the
+non-finite select) and the Adam scalars computed once per step on the device.
+These tests prove that the result is the core's host step bit for bit, that a
+skipped step keeps every bit, that the non-finite flag is the core's, and that
+the compiled update keeps the memory traffic and program size the fast path
+exists for. The traffic is XLA's own static count of bytes read and written
 (``compiled.cost_analysis()``), not a timing: it is deterministic for the
 pinned jax/jaxlib (requirements-lock.txt).
 """
@@ -33,57 +33,80 @@ def _bits_equal(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
+HPS = {"adam-finetune": core.HyperParams(beta1=0.8, beta2=0.99, eps=1e-7, paradigm="finetune", rollback_max=2.0),
+       "sgd-nesterov-scratch": core.HyperParams(direction="sgd", momentum=0.7, nesterov=True, weight_decay=0.5),
+       "sgd-none": core.HyperParams(direction="sgd", momentum=0.7, paradigm="none")}
+
+
+def _leaf(hp, dtype, seed=1):
+    import jax.numpy as jnp
+
+    from dualopt.optax._config import LeafConfig
+
+    theta, grad, m, v = (jnp.asarray(x) for x in _arrays(seed, (7, 5), dtype))
+    anchor = jnp.asarray(_arrays(seed + 1, (7, 5), dtype)[0]) if hp.paradigm == "finetune" else None
+    if hp.direction == "sgd":
+        v = jnp.zeros((0, 0), v.dtype)
+    return LeafConfig(hp, 1.5 if hp.paradigm != "none" else 0.0, ("w",)), theta, grad, m, v, anchor
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("ok", [None, True])
-def test_adam_pre_weight_is_the_cores(dtype, ok):
-    import jax.numpy as jnp
-
-    from dualopt.optax._step import adam_pre_weight
-
-    theta, grad, m, v = _arrays(1, (7, 5), dtype)
-    coeffs = core.adam_coefficients(3e-3, 0.8, 0.99, 4)
-    kw = dict(beta1=0.8, beta2=0.99, eps=1e-7, step_size=coeffs.step_size, inv_sqrt_bc2=coeffs.inv_sqrt_bc2)
-    want_pre, want = core.adam_pre_weight(jnp.asarray(theta), jnp.asarray(grad), core.AdamState(jnp.asarray(m),
-                                          jnp.asarray(v)), xp=jnp, **kw)
-    flag = None if ok is None else jnp.asarray(ok)
-    pre, m2, v2 = adam_pre_weight(jnp.asarray(theta), jnp.asarray(grad), jnp.asarray(m), jnp.asarray(v), flag, **kw)
-    assert _bits_equal(pre, want_pre) and _bits_equal(m2, want.exp_avg) and _bits_equal(v2, want.exp_avg_sq)
-    assert not np.array_equal(np.asarray(pre), theta)
-
-
-@pytest.mark.parametrize("nesterov", [False, True])
-@pytest.mark.parametrize("ok", [None, True])
-def test_sgd_pre_weight_is_the_cores(nesterov, ok):
-    import jax.numpy as jnp
-
-    from dualopt.optax._step import sgd_pre_weight
-
-    theta, grad, buf, _ = _arrays(2, (4, 3), np.float64)
-    want_pre, want = core.sgd_pre_weight(jnp.asarray(theta), jnp.asarray(grad), core.SGDState(jnp.asarray(buf)),
-                                         lr=0.05, momentum=0.7, nesterov=nesterov, xp=jnp)
-    flag = None if ok is None else jnp.asarray(ok)
-    pre, buf2 = sgd_pre_weight(jnp.asarray(theta), jnp.asarray(grad), jnp.asarray(buf), flag, lr=0.05, momentum=0.7,
-                               nesterov=nesterov)
-    assert _bits_equal(pre, want_pre) and _bits_equal(buf2, want.momentum_buffer)
-
-
-def test_not_ok_keeps_the_old_moments_bitwise():
+@pytest.mark.parametrize("keep", [None, True])
+@pytest.mark.parametrize("name", list(HPS))
+def test_step_leaves_is_the_cores_host_step(dtype, keep, name):
+    """Eager, x64 on: the new params, moments and updates of ``step_leaves`` equal the core's ``step_tensor``
+    with the host's float64 scalars, bit for bit, for ``keep`` absent or true."""
     import jax
     import jax.numpy as jnp
 
-    from dualopt.optax._step import adam_pre_weight, sgd_pre_weight
+    from dualopt.optax._step import step_leaves
 
-    theta, grad, m, v = _arrays(3, (6,), np.float32)
-    grad[2] = np.nan
-    grad[4] = -np.inf
-    kw = dict(beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-2, inv_sqrt_bc2=31.6)
-    for fn in (lambda *a: adam_pre_weight(*a, **kw), jax.jit(lambda *a: adam_pre_weight(*a, **kw))):
-        _, m2, v2 = fn(jnp.asarray(theta), jnp.asarray(grad), jnp.asarray(m), jnp.asarray(v), jnp.asarray(False))
-        assert _bits_equal(m2, m) and _bits_equal(v2, v)
-        assert np.signbit(np.asarray(m2)[0])
-    _, b2 = sgd_pre_weight(jnp.asarray(theta), jnp.asarray(grad), jnp.asarray(m), jnp.asarray(False), lr=0.1,
-                           momentum=0.9, nesterov=True)
-    assert _bits_equal(b2, m)
+    hp = HPS[name]
+    with jax.enable_x64(True):
+        cfg, theta, grad, m, v, anchor = _leaf(hp, dtype)
+        state = core.AdamState(m, v) if hp.direction == "adam" else core.SGDState(m)
+        want, want_state = core.step_tensor(theta, grad, state, anchor, hp=hp, lr=3e-3, step=4, rate=cfg.rate,
+                                            xp=jnp)
+        flag = None if keep is None else jnp.asarray(keep)
+        t = jnp.asarray(4, jnp.int32)
+        for output in ("params", "updates"):
+            out, mu, nu = step_leaves([cfg], [theta], [grad], [m], [v], [anchor], lr=3e-3, t=t, keep=flag,
+                                      output=output)
+            assert _bits_equal(out[0], want if output == "params" else want - theta), output
+            assert _bits_equal(mu[0], want_state[0])
+            assert _bits_equal(nu[0], want_state[1] if hp.direction == "adam" else v)
+        assert not np.array_equal(np.asarray(want), np.asarray(theta))
+
+
+@pytest.mark.parametrize("name", list(HPS))
+def test_skipped_step_keeps_every_bit(name):
+    """``keep`` false, eager and jitted, float32, gradients with NaN and -Inf: the moments are the old ones bit
+    for bit (a -0.0 keeps its sign), the updates are -0.0 (``p + -0.0 == p``, also for ``p == -0.0``) and the
+    ``"params"`` output is the old param."""
+    import jax
+    import jax.numpy as jnp
+
+    from dualopt.optax._step import step_leaves
+
+    hp = HPS[name]
+    cfg, theta, grad, m, v, anchor = _leaf(hp, np.float32, seed=3)
+    grad = grad.at[0, 2].set(jnp.nan).at[3, 4].set(-jnp.inf)
+    theta = theta.at[0, 0].set(-0.0)
+
+    def run(theta, grad, m, v, anchor, output):
+        return step_leaves([cfg], [theta], [grad], [m], [v], [anchor], lr=1e-2, t=jnp.asarray(2, jnp.int32),
+                           keep=jnp.asarray(False), output=output)
+
+    for fn in (run, jax.jit(run, static_argnums=5)):
+        for output in ("params", "updates"):
+            out, mu, nu = fn(theta, grad, m, v, anchor, output)
+            assert _bits_equal(mu[0], m) and _bits_equal(nu[0], v)
+            assert np.signbit(np.asarray(mu[0]).flat[0])
+            if output == "params":
+                assert _bits_equal(out[0], theta)
+            else:
+                assert _bits_equal(out[0], jnp.full(theta.shape, -0.0, theta.dtype))
+                assert _bits_equal(theta + out[0], theta)
 
 
 @pytest.mark.parametrize("variant", ["all_finite", "all_finite_cpu", "all_finite_one_pass"])
@@ -121,6 +144,23 @@ def test_all_finite_is_the_cores(jit, variant):
                 assert bool(fn(arrays)) is False, (leaf, where, bad)
                 assert bool(core.all_finite(arrays, xp=jnp)) is False
     assert bool(all_finite([jnp.zeros((0,))])) is True
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_all_finite_refuses_a_negative_count(jit):
+    """``count`` joins the one reduction: a negative step count reads as non-finite, with or without gradients
+    (and without becoming a per-leaf ``and`` fused into every select)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dualopt._shared.jax import all_finite
+
+    fn = jax.jit(all_finite) if jit else all_finite
+    grads = [jnp.ones((3, 2)), jnp.zeros((0,))]
+    for count, want in ((0, True), (7, True), (-1, False), (-(2**31), False)):
+        for gs in (grads, [], [jnp.ones(2).at[1].set(jnp.nan)]):
+            got = bool(fn(gs, count=jnp.asarray(count, jnp.int32)))
+            assert got is (want and all(bool(jnp.isfinite(g).all()) for g in gs)), (count, gs)
 
 
 def _compiled(tx, params):
