@@ -26,7 +26,7 @@ test-fast: $(STAMP)
 
 # mypy on the installed form of the package (the built wheel), as a user's checker sees it (py.typed).
 typecheck: $(STAMP)
-	rm -rf build/typecheck
+	rm -rf build  # setuptools reuses build/lib: a stale module there would enter the wheel
 	$(PY) -m pip wheel --quiet --no-deps -w build/typecheck .
 	cd build/typecheck && ../../$(PY) -m zipfile -e *.whl . && \
 	  ../../$(PY) -m mypy --ignore-missing-imports --no-incremental \
