@@ -42,22 +42,9 @@ class _VariableFacts:
     anchor: Any  # keras.Variable or None
 
 
-class _StepContext:
-    """Per-apply values every variable's update shares (traced tensors inside a train step)."""
-
-    def __init__(self, opt: "DualOpt", learning_rate: Any, finite: Any) -> None:
-        self.finite = finite  # None under nonfinite="propagate"
-        self.step_before = ops.convert_to_tensor(opt._step_count)
-        self.t_int = ops.add(self.step_before, 1)
-        # Cast once per compute dtype, before any branch, so every variable reuses the same tensors.
-        self.scalars = {dt: (ops.cast(learning_rate, dt), ops.cast(self.t_int, dt))
-                        for dt in {f.compute_dtype for f in opt._facts}}
-
-
 class _Runtime:
     """Holder for per-call tensors; a plain object so Keras's attribute tracking leaves them alone."""
 
-    context: _StepContext | None = None
     skips_before: Any = None
     #: Optimizer state that load_weights() gave this DualOpt before it was built (load_own_variables),
     #: by position; build() checks it against its layout and creates its variables from it.
@@ -245,8 +232,10 @@ class DualOpt(keras.optimizers.Optimizer):
         self.base_learning_rate = base_learning_rate
         self._anchor_values = anchor
         self._runtime = _Runtime()
-        # The torch backend's multi-tensor path (tests switch it off to compare with the generic path).
+        # The torch backend's multi-tensor path (tests switch it off to compare with the generic path)
+        # and its sizes (a dualopt.keras._torch.Policy; None: its defaults).
         self._use_fast_path = True
+        self._fast_path_policy: Any = None
         self._facts: list[_VariableFacts] = []
         self._pending_anchors: tuple[int, ...] = ()  # indices of anchors taken at the first apply (build)
 
@@ -414,7 +403,8 @@ class DualOpt(keras.optimizers.Optimizer):
                       "paradigm 'none', e.g. DualOpt(paradigm={'bias': 'none'})")
 
     def _backend_update_step(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
-        if keras.backend.backend() == "tensorflow":
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
             import tensorflow as tf
 
             # Embedding layers give tf.IndexedSlices. The rule is dense (every row's moments
@@ -424,35 +414,72 @@ class DualOpt(keras.optimizers.Optimizer):
             if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context() is False:
                 self._distributed_update(grads, trainable_variables, learning_rate)
                 return
-        if keras.backend.backend() == "torch":
+        if backend == "torch":
             import torch
 
             with torch.no_grad():
-                if self._use_fast_path:
-                    from . import _torch
-
-                    _torch.update(self, grads, trainable_variables, learning_rate)
-                    return
-                self._generic_update(grads, trainable_variables, learning_rate)
+                self._torch_update(grads, trainable_variables, learning_rate)
             return
-        self._generic_update(grads, trainable_variables, learning_rate)
+        finite = self._all_finite(grads)
+        base_update = super()._backend_update_step
+        if finite is None:
+            base_update(grads, trainable_variables, learning_rate)
+        elif backend == "jax":
+            self._jax_cond_update(finite, lambda: base_update(grads, trainable_variables, learning_rate),
+                                  trainable_variables)
+        else:
+            ops.cond(finite, lambda: base_update(grads, trainable_variables, learning_rate), lambda: None)
+        self._advance_counters(finite)
 
-    def _generic_update(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
-        finite = _all_finite(grads) if self.nonfinite == "skip" else None
-        ctx = _StepContext(self, learning_rate, finite)
-        self._runtime.context = ctx
-        try:
-            base_update = super()._backend_update_step
-            if finite is None:
-                base_update(grads, trainable_variables, learning_rate)
-            elif keras.backend.backend() == "jax":
-                self._jax_cond_update(finite, lambda: base_update(grads, trainable_variables, learning_rate),
-                                      trainable_variables)
-            else:
-                ops.cond(finite, lambda: base_update(grads, trainable_variables, learning_rate), lambda: None)
-            self._advance_counters(ctx)
-        finally:
-            self._runtime.context = None
+    def _all_finite(self, grads: Sequence[Any]) -> Any:
+        """The skip decision (None under ``nonfinite="propagate"``): one check per framework.
+
+        jax, inside a trace: the jax adapters' exact check (:mod:`dualopt._shared.jax`), which
+        reads each gradient once where XLA:CPU compiles the core's ``all(isfinite(g))`` into a
+        boolean array per gradient. torch: torch's (:mod:`dualopt.keras._torch`). Otherwise the
+        core's ``all_finite`` on ``keras.ops``.
+        """
+        if self.nonfinite != "skip":
+            return None
+        backend = keras.backend.backend()
+        if backend == "jax":
+            import jax
+
+            if any(isinstance(g, jax.core.Tracer) for g in grads):
+                from .._shared.jax import all_finite as jax_all_finite
+
+                return jax_all_finite(grads)
+        if backend == "torch":
+            from . import _torch
+
+            return _torch.all_finite(grads, self._fast_path_policy)
+        return all_finite(grads, xp=KERAS_XP)
+
+    def _torch_update(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
+        """The torch backend's update: a host-side skip decision, then the multi-tensor path.
+
+        Variables whose compute dtype is not their own (float16/bfloat16, computed in float32)
+        and every variable with ``_use_fast_path = False`` take Keras's per-variable loop.
+        """
+        from . import _torch
+
+        grads = [ops.convert_to_tensor(g) for g in grads]
+        finite = self._all_finite(grads)
+        if finite is None or bool(finite):
+            entries, generic = [], []
+            for g, v in zip(grads, trainable_variables):
+                f = self._facts[self._get_variable_index(v)]
+                if not self._use_fast_path or f.compute_dtype != keras.backend.standardize_dtype(v.dtype):
+                    generic.append((g, v))
+                    continue
+                entries.append(_torch.Entry(v.value, g.to(v.value.dtype), tuple(s.value for s in f.slots),
+                                            None if f.anchor is None else f.anchor.value, f.hp, f.rate))
+            if entries:
+                _torch.update(entries, ops.convert_to_tensor(learning_rate),
+                              ops.add(ops.convert_to_tensor(self._step_count), 1), self._fast_path_policy)
+            for g, v in generic:
+                self.update_step(g, v, learning_rate)
+        self._advance_counters(finite)
 
     def _distributed_update(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
         """The update under a ``tf.distribute`` strategy, called in a replica context.
@@ -469,16 +496,12 @@ class DualOpt(keras.optimizers.Optimizer):
 
         variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
         pairs = self._all_reduce_sum_gradients(list(zip(grads, variables)))
-        finite = all_finite([g for g, _ in pairs], xp=KERAS_XP) if self.nonfinite == "skip" else None
-        ctx = _StepContext(self, learning_rate, finite)
-        self._runtime.context = ctx
-        try:
-            tf.__internal__.distribute.interim.maybe_merge_call(
-                self._distributed_apply, self._distribution_strategy, pairs, learning_rate,
-                ops.convert_to_tensor(True) if finite is None else finite)
-            self._advance_counters(ctx)
-        finally:
-            self._runtime.context = None
+        finite = self._all_finite([g for g, _ in pairs])
+        # The flag travels as an argument: merge_call and extended.update regroup it per replica.
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_apply, self._distribution_strategy, pairs, learning_rate,
+            ops.convert_to_tensor(True) if finite is None else finite)
+        self._advance_counters(finite)
 
     def _distributed_apply(self, distribution: Any, pairs: list[tuple[Any, Any]], learning_rate: Any,
                            finite: Any) -> None:
@@ -526,12 +549,14 @@ class DualOpt(keras.optimizers.Optimizer):
             self.assign(variable, value)
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
-        """One variable's step: :func:`decoupled_core.step_tensor` on ``keras.ops``."""
-        ctx = self._runtime.context
-        if ctx is None:
-            raise RuntimeError("DualOpt.update_step runs inside apply(); call optimizer.apply(grads, variables).")
+        """One variable's step: :func:`decoupled_core.step_tensor` on ``keras.ops``.
+
+        ``learning_rate`` is the one Keras's ``apply`` passes; t counts this step
+        (``apply`` advances the shared step count after every variable's update).
+        """
         f = self._facts[self._get_variable_index(variable)]
-        lr, t = ctx.scalars[f.compute_dtype]
+        lr = ops.cast(learning_rate, f.compute_dtype)
+        t = ops.cast(ops.add(ops.convert_to_tensor(self._step_count), 1), f.compute_dtype)
         param = ops.convert_to_tensor(variable)
         values = tuple(ops.convert_to_tensor(s) for s in f.slots)
         state = AdamState(*values) if self.direction == "adam" else SGDState(*values)
@@ -542,13 +567,15 @@ class DualOpt(keras.optimizers.Optimizer):
         for slot, value in zip(f.slots, new_state):
             self.assign(slot, value)
 
-    def _advance_counters(self, ctx: _StepContext) -> None:
-        if ctx.finite is None:
-            self.assign(self._step_count, ctx.t_int)
+    def _advance_counters(self, finite: Any) -> None:
+        """t += 1 after an applied call; ``skipped`` += 1 after a skipped one (``finite`` false)."""
+        step = ops.convert_to_tensor(self._step_count)
+        if finite is None:
+            self.assign(self._step_count, ops.add(step, 1))
             return
-        self.assign(self._step_count, ops.where(ctx.finite, ctx.t_int, ctx.step_before))
+        self.assign(self._step_count, ops.where(finite, ops.add(step, 1), step))
         skipped = ops.convert_to_tensor(self._skipped)
-        self.assign(self._skipped, ops.add(skipped, ops.cast(ops.logical_not(ctx.finite), skipped.dtype)))
+        self.assign(self._skipped, ops.add(skipped, ops.cast(ops.logical_not(finite), skipped.dtype)))
 
     # EMA: Keras updates the averages after every apply; a skipped apply must leave them alone too.
     # Keras starts an average (zeros at build) with momentum 0 when iterations == 0; after skipped
@@ -711,27 +738,6 @@ def _float64_learning_rate(schedule: bool) -> Iterator[None]:
         yield
     finally:
         keras.config.set_floatx(previous)
-
-
-def _all_finite(grads: Sequence[Any]) -> Any:
-    """The core's ``all_finite``; inside a jitted jax step, the jax adapters' exact check instead.
-
-    XLA:CPU compiles ``all(isfinite(g))`` into a pass that writes a boolean
-    array the size of ``g`` and a window reduction over it: 6.4 ms on
-    8x1024^2 against 2.0 ms for the jax adapters' ``sum(g)`` check (exact,
-    with the one-pass fallback when a sum is not finite), and that difference
-    was most of Keras-on-jax's ``nonfinite="skip"`` overhead over AdamW
-    (benchmarks/README.md, "Keras on jax").
-    """
-    if keras.backend.backend() == "jax":
-        import jax
-
-        present = [g for g in grads if g is not None]
-        if present and any(isinstance(g, jax.core.Tracer) for g in present):
-            from .._shared.jax import all_finite as traced_all_finite
-
-            return traced_all_finite(present)
-    return all_finite(grads, xp=KERAS_XP)
 
 
 def _refuse_duplicates(opt: "DualOpt", variables: Sequence[Any]) -> None:

@@ -37,40 +37,63 @@ GradScaler's.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
-from keras import ops
 
-from decoupled_core import adam_coefficients
+from decoupled_core import HyperParams, adam_coefficients
 
 from ._xp import KERAS_XP
 
-__all__ = ["update", "all_finite_torch", "CHUNK_ELEMS", "BATCH_ELEMS", "SUM_CHECK_MIN_NUMEL"]
-
-#: Tensors with more elements are updated in flat pieces of at most this many elements ...
-CHUNK_ELEMS = 1 << 16
-#: ... and the op sequence runs on batches of pieces (and of small tensors) of about this many
-#: elements, so that its temporaries and the pieces it reads again stay in cache: on large
-#: tensors one sweep per op over main memory would cost ~15 sweeps per step. Every operation
-#: is element-wise, so the batching changes no bit (tests/keras compares with the generic path).
-BATCH_ELEMS = 1 << 18
-#: Gradients with at least this many elements are checked for NaN/Inf through their sum (one
-#: read; a non-finite sum is re-checked element-wise, since finite values may overflow).
-SUM_CHECK_MIN_NUMEL = 1 << 15
+__all__ = ["Policy", "Entry", "all_finite", "update"]
 
 
-def all_finite_torch(grads: list[torch.Tensor]) -> torch.Tensor:
+@dataclass(frozen=True)
+class Policy:
+    """The sizes the multi-tensor path works in (tests shrink them to exercise every split).
+
+    Tensors with more than ``chunk_elems`` elements are updated in flat pieces
+    of at most that many; the op sequence runs on batches of pieces (and small
+    tensors) of about ``batch_elems`` elements, so that its temporaries and the
+    pieces it reads again stay in cache. Every operation is element-wise, so
+    neither changes a bit. Gradients of at least ``sum_check_min_numel``
+    elements are checked for NaN/Inf through their sum.
+    """
+
+    chunk_elems: int = 1 << 16
+    batch_elems: int = 1 << 18
+    sum_check_min_numel: int = 1 << 15
+
+
+DEFAULT_POLICY = Policy()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One variable's tensors and facts: its value, gradient, slots (m, v or the momentum buffer), anchor
+    (None unless finetune), the hyperparameters of its paradigm and its pull rate rho."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    slots: tuple[torch.Tensor, ...]
+    anchor: torch.Tensor | None
+    hp: HyperParams
+    rate: float
+
+
+def all_finite(grads: Sequence[torch.Tensor], policy: Policy | None = None) -> torch.Tensor:
     """A 0-d bool tensor: every element of every gradient is finite.
 
     Large gradients: through their sum (NaN and Inf propagate through
     addition; a non-finite sum of finite values, an overflow, is re-checked
     element-wise). Small ones: one multi-tensor call per device.
     """
+    policy = policy or DEFAULT_POLICY
     by_device: dict[Any, list[torch.Tensor]] = defaultdict(list)
     finite = True
     for g in grads:
-        if g.numel() >= SUM_CHECK_MIN_NUMEL:
+        if g.numel() >= policy.sum_check_min_numel:
             total = g.sum(dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None)
             finite = finite and bool(torch.isfinite(total) or torch.isfinite(g).all())
         else:
@@ -82,37 +105,20 @@ def all_finite_torch(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.tensor(finite, device=grads[0].device if grads else None)
 
 
-def update(opt: Any, grads: list[Any], variables: list[Any], learning_rate: Any) -> None:
-    """One DualOpt apply over ``variables`` (runs under ``torch.no_grad``)."""
-    from ._optimizer import _StepContext
+def update(entries: Sequence[Entry], learning_rate: torch.Tensor, step: torch.Tensor,
+           policy: Policy | None = None) -> None:
+    """One step of every entry, in place, grouped by dtype and device.
 
-    grads = [ops.convert_to_tensor(g) for g in grads]
-    finite = all_finite_torch(grads) if opt.nonfinite == "skip" else None
-    ctx = _StepContext(opt, learning_rate, finite)
-    if finite is not None and not bool(finite):
-        opt._advance_counters(ctx)
-        return
-    groups: dict[tuple[Any, Any], list[int]] = defaultdict(list)
-    fallback = []
-    for i, v in enumerate(variables):
-        f = opt._facts[opt._get_variable_index(v)]
-        if f.compute_dtype != str(v.value.dtype).replace("torch.", ""):
-            fallback.append(i)  # float16/bfloat16 compute in float32: the generic per-variable path
-        else:
-            groups[(v.value.dtype, v.value.device)].append(i)
-            if grads[i].dtype != v.value.dtype:  # the core's astype(grad, compute dtype)
-                grads[i] = grads[i].to(v.value.dtype)
-    for idx in groups.values():
-        _update_group(opt, ctx, [opt._facts[opt._get_variable_index(variables[i])] for i in idx],
-                      [variables[i].value for i in idx], [grads[i] for i in idx])
-    if fallback:
-        opt._runtime.context = ctx
-        try:
-            for i in fallback:
-                opt.update_step(grads[i], variables[i], learning_rate)
-        finally:
-            opt._runtime.context = None
-    opt._advance_counters(ctx)
+    ``learning_rate`` is eta_t as Keras passes it and ``step`` is t counting
+    this step; both are cast once to each group's dtype, as the generic path
+    casts them for every variable.
+    """
+    policy = policy or DEFAULT_POLICY
+    groups: dict[tuple[Any, Any], list[Entry]] = defaultdict(list)
+    for e in entries:
+        groups[(e.param.dtype, e.param.device)].append(e)
+    for (dtype, _), group in groups.items():
+        _update_group(group, learning_rate.to(dtype), step.to(dtype), policy)
 
 
 def _pieces(t: torch.Tensor, chunk: int) -> list[torch.Tensor]:
@@ -122,64 +128,62 @@ def _pieces(t: torch.Tensor, chunk: int) -> list[torch.Tensor]:
     return list(t.view(-1).split(chunk))
 
 
-def _update_group(opt: Any, ctx: Any, facts: list[Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-    """One dtype/device group: the scalars once, then the op sequence batch by batch (see ``BATCH_ELEMS``)."""
-    lr, t = ctx.scalars[facts[0].compute_dtype]
-    coeffs = adam_coefficients(lr, opt.beta_1, opt.beta_2, t, xp=KERAS_XP) if opt.direction == "adam" else None
-    pulled = [i for i, f in enumerate(facts) if f.paradigm in ("finetune", "scratch") and f.rate != 0.0]
-    cs = dict(zip(pulled, _coefficients(lr, [facts[i].rate for i in pulled]))) if pulled else {}
-    # Rows of (param, grad, *slots, anchor, c, paradigm) pieces; a tensor is split only where all of
+def _update_group(entries: list[Entry], lr: torch.Tensor, t: torch.Tensor, policy: Policy) -> None:
+    """One dtype/device group: the scalars once, then the op sequence batch by batch (``Policy``)."""
+    hp = entries[0].hp  # the direction's hyperparameters are the same in every paradigm
+    coeffs = adam_coefficients(lr, hp.beta1, hp.beta2, t, xp=KERAS_XP) if hp.direction == "adam" else None
+    pulled = [i for i, e in enumerate(entries) if e.hp.paradigm in ("finetune", "scratch") and e.rate != 0.0]
+    cs = dict(zip(pulled, _coefficients(lr, [entries[i].rate for i in pulled]))) if pulled else {}
+    # Rows of (param, grad, slots, anchor, c, paradigm) pieces; a tensor is split only where all of
     # its in-place targets are contiguous (views), else it is updated whole.
     rows: list[tuple] = []
-    for i, (f, p, g) in enumerate(zip(facts, params, grads)):
-        slots = [s.value for s in f.slots]
-        anchor = f.anchor.value if f.anchor is not None else None
-        targets = [p, *slots] + ([anchor] if anchor is not None else [])
-        chunk = CHUNK_ELEMS if all(x.is_contiguous() for x in targets) else max(p.numel(), 1)
+    for i, e in enumerate(entries):
+        targets = [e.param, *e.slots] + ([e.anchor] if e.anchor is not None else [])
+        chunk = policy.chunk_elems if all(x.is_contiguous() for x in targets) else max(e.param.numel(), 1)
         split = [_pieces(x, chunk) for x in targets]
-        gs = _pieces(g if g.is_contiguous() else g.contiguous(), chunk)
-        c, paradigm = cs.get(i), f.paradigm
+        gs = _pieces(e.grad if e.grad.is_contiguous() else e.grad.contiguous(), chunk)
+        n = len(e.slots)
         for k in range(len(gs)):
             pieces = [s[k] for s in split]
-            rows.append((pieces[0], gs[k], pieces[1:1 + len(slots)], pieces[-1] if anchor is not None else None,
-                         c, paradigm))
+            rows.append((pieces[0], gs[k], pieces[1:1 + n], pieces[-1] if e.anchor is not None else None,
+                         cs.get(i), e.hp.paradigm))
     batch: list[tuple] = []
     size = 0
     for row in rows:
-        if batch and size + row[0].numel() > BATCH_ELEMS:
-            _update_batch(opt, coeffs, lr, batch)
+        if batch and size + row[0].numel() > policy.batch_elems:
+            _update_batch(hp, coeffs, lr, batch)
             batch, size = [], 0
         batch.append(row)
         size += row[0].numel()
     if batch:
-        _update_batch(opt, coeffs, lr, batch)
+        _update_batch(hp, coeffs, lr, batch)
 
 
-def _update_batch(opt: Any, coeffs: Any, lr: Any, rows: list[tuple]) -> None:
+def _update_batch(hp: HyperParams, coeffs: Any, lr: Any, rows: list[tuple]) -> None:
     """The core's operations (module docstring), each one ``torch._foreach_*`` call over the batch."""
     params = [r[0] for r in rows]
     grads = [r[1] for r in rows]
     slots = [[r[2][k] for r in rows] for k in range(len(rows[0][2]))]
-    if opt.direction == "adam":
+    if hp.direction == "adam":
         m, v = slots
-        torch._foreach_mul_(m, opt.beta_1)
-        torch._foreach_add_(m, torch._foreach_mul(grads, 1.0 - opt.beta_1))
-        torch._foreach_mul_(v, opt.beta_2)
+        torch._foreach_mul_(m, hp.beta1)
+        torch._foreach_add_(m, torch._foreach_mul(grads, 1.0 - hp.beta1))
+        torch._foreach_mul_(v, hp.beta2)
         gg = torch._foreach_mul(grads, grads)
-        torch._foreach_mul_(gg, 1.0 - opt.beta_2)
+        torch._foreach_mul_(gg, 1.0 - hp.beta2)
         torch._foreach_add_(v, gg)
         d = torch._foreach_sqrt(v)
         torch._foreach_mul_(d, coeffs.inv_sqrt_bc2)
-        torch._foreach_add_(d, opt.epsilon)
+        torch._foreach_add_(d, hp.eps)
         u = torch._foreach_div(m, d)
         torch._foreach_mul_(u, coeffs.step_size)
         torch._foreach_sub_(params, u)
     else:
         (b,) = slots
-        torch._foreach_mul_(b, opt.momentum)
+        torch._foreach_mul_(b, hp.momentum)
         torch._foreach_add_(b, grads)
-        if opt.nesterov:
-            u = torch._foreach_mul(b, opt.momentum)
+        if hp.nesterov:
+            u = torch._foreach_mul(b, hp.momentum)
             torch._foreach_add_(u, grads)  # g + mu*b: IEEE addition commutes exactly
         else:
             u = b
