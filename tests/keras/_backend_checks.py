@@ -229,9 +229,9 @@ def fast_path_equals_generic() -> dict[str, Any]:
         fast, generic = replay_case(case, fast_path=True), replay_case(case, fast_path=False)
         out[f"vector:{case.name}.{case.dtype}"] = all(np.array_equal(f[n], g[n], equal_nan=True)
                                                       for f, g in zip(fast, generic) for n in case.names)
-    from dualopt.keras import _torch as _keras_torch
+    from dualopt.keras._torch import Policy
 
-    defaults = (_keras_torch.CHUNK_ELEMS, _keras_torch.BATCH_ELEMS, _keras_torch.SUM_CHECK_MIN_NUMEL)
+    defaults = Policy()
 
     def as_torch(g: np.ndarray, dt: str, transposed: bool) -> Any:
         if transposed and g.ndim == 2:  # a non-contiguous gradient of the right shape
@@ -239,7 +239,7 @@ def fast_path_equals_generic() -> dict[str, Any]:
         return torch.as_tensor(g).to(getattr(torch, dt))
 
     def compare(shapes: list, dtype: str, direction: str, nesterov: bool, paradigm: Any, layer_index: list,
-                steps: int, inf_at: tuple, transposed: bool) -> bool:
+                steps: int, inf_at: tuple, transposed: bool, policy: Policy) -> bool:
         results = []
         for fast_path in (True, False):
             keras.config.set_floatx("float32" if dtype != "float64" else "float64")
@@ -252,6 +252,7 @@ def fast_path_equals_generic() -> dict[str, Any]:
                           default_paradigm="finetune", weight_decay=0.7, rollback_max=3.0, rollback_min=0.5,
                           layer_index=layer_index)
             opt._use_fast_path = fast_path
+            opt._fast_path_policy = policy
             for step in range(steps):
                 grads = [local.standard_normal(s) for s in shapes]
                 if step == 3:
@@ -264,26 +265,21 @@ def fast_path_equals_generic() -> dict[str, Any]:
 
     shapes = [(7, 5), (5,), (3, 4, 2), (), (0, 3), (16,), (9, 9), (1,)]
     mixed = {"v1": "scratch", "v5": "none", "v6": "scratch"}
-    try:
-        # "whole": every tensor fits one piece; "pieces": tiny pieces and batches, so that tensors are split,
-        # batches cut through tensors, the sum-based NaN/Inf check runs and a gradient is non-contiguous.
-        for mode, constants in (("whole", defaults), ("pieces", (5, 17, 10))):
-            _keras_torch.CHUNK_ELEMS, _keras_torch.BATCH_ELEMS, _keras_torch.SUM_CHECK_MIN_NUMEL = constants
-            for dtype in ("float32", "float64", "mixed16"):
-                for direction, nesterov in (("adam", False), ("sgd", True), ("sgd", False)):
-                    for paradigm in ("scratch", "finetune", "none", "mixed"):
-                        key = f"random:{mode}:{dtype}:{direction}{'+nesterov' if nesterov else ''}:{paradigm}"
-                        out[key] = compare(shapes, dtype, direction, nesterov, mixed if paradigm == "mixed"
-                                           else paradigm, [0, 0, 1, 2, 2, 3, 4, 4], 6, (2, (0, 1, 1)),
-                                           mode == "pieces")
-        _keras_torch.CHUNK_ELEMS, _keras_torch.BATCH_ELEMS, _keras_torch.SUM_CHECK_MIN_NUMEL = defaults
-        # Real sizes with the default constants: several pieces per tensor, batches across tensors.
-        big = [(300, 700), (3 * defaults[0] + 7,), (5,), (defaults[1] - 3,)]
-        for dtype, direction in (("float32", "adam"), ("float64", "sgd")):
-            out[f"large:{dtype}:{direction}"] = compare(big, dtype, direction, True, {"v1": "scratch"}, [0, 1, 2, 3],
-                                                        5, (0, (299, 699)), True)
-    finally:
-        _keras_torch.CHUNK_ELEMS, _keras_torch.BATCH_ELEMS, _keras_torch.SUM_CHECK_MIN_NUMEL = defaults
+    # "whole": every tensor fits one piece; "pieces": tiny pieces and batches, so that tensors are split,
+    # batches cut through tensors, the sum-based NaN/Inf check runs and a gradient is non-contiguous.
+    for mode, policy in (("whole", defaults), ("pieces", Policy(chunk_elems=5, batch_elems=17, sum_check_min_numel=10))):
+        for dtype in ("float32", "float64", "mixed16"):
+            for direction, nesterov in (("adam", False), ("sgd", True), ("sgd", False)):
+                for paradigm in ("scratch", "finetune", "none", "mixed"):
+                    key = f"random:{mode}:{dtype}:{direction}{'+nesterov' if nesterov else ''}:{paradigm}"
+                    out[key] = compare(shapes, dtype, direction, nesterov, mixed if paradigm == "mixed"
+                                       else paradigm, [0, 0, 1, 2, 2, 3, 4, 4], 6, (2, (0, 1, 1)),
+                                       mode == "pieces", policy)
+    # Real sizes with the default policy: several pieces per tensor, batches across tensors.
+    big = [(300, 700), (3 * defaults.chunk_elems + 7,), (5,), (defaults.batch_elems - 3,)]
+    for dtype, direction in (("float32", "adam"), ("float64", "sgd")):
+        out[f"large:{dtype}:{direction}"] = compare(big, dtype, direction, True, {"v1": "scratch"}, [0, 1, 2, 3],
+                                                    5, (0, (299, 699)), True, defaults)
     keras.config.set_floatx("float64")
     return out
 
