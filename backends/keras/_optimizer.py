@@ -11,7 +11,7 @@ import numpy as np
 from keras import ops
 
 from decoupled_core import (AdamState, HyperParams, SGDState, accepted, all_finite, check_anchor, compute_dtype,
-                            invalid, number_layers, pull_rate, resolve_rollback_max, step_tensor, validate,
+                            init_anchor, invalid, number_layers, pull_rate, resolve_rollback_max, step_tensor, validate,
                             warn_finetune_weight_decay)
 
 from ._layout import (PARADIGM_ALSO_ACCEPTED, check_layer_index_spec, check_paradigm_spec, check_saved_counts,
@@ -311,7 +311,7 @@ class DualOpt(keras.optimizers.Optimizer):
                     pending.append(i)
                 else:
                     source = anchors[i] if anchors[i] is not None else v
-                    anchor = self._slot(v, "anchor", dt, initializer=_copy_of(source, dt))
+                    anchor = self._slot(v, "anchor", dt, initializer=_anchor_initializer(source, dt))
             facts.append(_VariableFacts(variable_path(v), p, l, n, float(pull_rate(p, l, n, hps[p])), hps[p], dt,
                                         slots[i], anchor))
         self._facts = facts
@@ -603,7 +603,7 @@ class DualOpt(keras.optimizers.Optimizer):
         first = ops.equal(ops.convert_to_tensor(self.iterations), 0)
         for i in self._pending_anchors:
             anchor = self._facts[i].anchor
-            source = ops.cast(ops.convert_to_tensor(self._trainable_variables[i]), anchor.dtype)
+            source = init_anchor(ops.convert_to_tensor(self._trainable_variables[i]), xp=KERAS_XP)
             self.assign(anchor, ops.where(first, source, ops.convert_to_tensor(anchor)))
 
     def _update_model_variables_moving_average(self, trainable_variables: Any) -> None:
@@ -801,25 +801,22 @@ def _initialized_in_this_trace(variable: Any) -> bool:
         return not bool(value.is_initialized())
 
 
-def _copy_of(source: Any, dtype: str) -> Callable[..., Any]:
-    """An initializer returning a copy of ``source`` (a variable or an array) in ``dtype``.
+def _anchor_initializer(source: Any, dtype: str) -> Callable[..., Any]:
+    """An initializer returning the core's anchor snapshot (:func:`decoupled_core.init_anchor`) of ``source``.
 
-    The copy is taken when the slot variable is created. Using an initializer
-    (rather than assigning in build) matters on TensorFlow, where build runs
-    while the train step is traced: an assign would run on every step. There
-    the value is also read once, eagerly (``tf.init_scope``), before the
-    variable is created: an initializer that reads another variable cannot be
-    lifted out of an XLA-compiled train step (``jit_compile=True``).
+    ``source`` is the variable or an explicit anchor (a dtype-less one is read
+    in the compute ``dtype``). Keras forces an initializer rather than an
+    assign in build: on TensorFlow build runs while the train step is traced,
+    where an assign would run on every step. The snapshot is taken once,
+    eagerly (``tf.init_scope``), because an initializer that reads another
+    variable cannot be lifted out of an XLA-compiled step (``jit_compile=True``).
     """
-
-    target = dtype
+    eager = contextlib.nullcontext()
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        with tf.init_scope():
-            source = tf.identity(ops.cast(ops.convert_to_tensor(source), target))
-
-    def initializer(shape: Any, dtype: Any = None) -> Any:
-        return ops.copy(ops.cast(ops.convert_to_tensor(source), target))
-
-    return initializer
+        eager = tf.init_scope()
+    with eager:
+        snapshot = init_anchor(ops.convert_to_tensor(source, dtype=None if hasattr(source, "dtype") else dtype),
+                               xp=KERAS_XP)
+    return lambda shape, dtype=None: snapshot
