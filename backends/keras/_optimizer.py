@@ -436,7 +436,7 @@ class DualOpt(keras.optimizers.Optimizer):
 
         jax, inside a trace: the jax adapters' exact check (:mod:`dualopt._shared.jax`), which
         reads each gradient once where XLA:CPU compiles the core's ``all(isfinite(g))`` into a
-        boolean array per gradient. torch: torch's (:mod:`dualopt.keras._torch`). Otherwise the
+        boolean array per gradient. torch: torch's (:mod:`dualopt._shared.torch_lists`). Otherwise the
         core's ``all_finite`` on ``keras.ops``.
         """
         if self.nonfinite != "skip":
@@ -450,9 +450,9 @@ class DualOpt(keras.optimizers.Optimizer):
 
                 return jax_all_finite(grads)
         if backend == "torch":
-            from . import _torch
+            from .._shared.torch_lists import grads_finite
 
-            return _torch.all_finite(grads, self._fast_path_policy)
+            return grads_finite(grads)  # a host bool: torch runs eagerly
         return all_finite(grads, xp=KERAS_XP)
 
     def _torch_update(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
@@ -465,7 +465,7 @@ class DualOpt(keras.optimizers.Optimizer):
 
         grads = [ops.convert_to_tensor(g) for g in grads]
         finite = self._all_finite(grads)
-        if finite is None or bool(finite):
+        if finite is None or finite:
             entries, generic = [], []
             for g, v in zip(grads, trainable_variables):
                 f = self._facts[self._get_variable_index(v)]
@@ -475,8 +475,8 @@ class DualOpt(keras.optimizers.Optimizer):
                 entries.append(_torch.Entry(v.value, g.to(v.value.dtype), tuple(s.value for s in f.slots),
                                             None if f.anchor is None else f.anchor.value, f.hp, f.rate))
             if entries:
-                _torch.update(entries, ops.convert_to_tensor(learning_rate),
-                              ops.add(ops.convert_to_tensor(self._step_count), 1), self._fast_path_policy)
+                lr = learning_rate.value if isinstance(learning_rate, keras.Variable) else learning_rate
+                _torch.update(entries, lr, ops.add(ops.convert_to_tensor(self._step_count), 1), self._fast_path_policy)
             for g, v in generic:
                 self.update_step(g, v, learning_rate)
         self._advance_counters(finite)
