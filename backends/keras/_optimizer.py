@@ -34,7 +34,6 @@ class _VariableFacts:
     path: str
     paradigm: str
     layer: int
-    num_layers: int
     rate: float
     hp: HyperParams
     compute_dtype: str
@@ -43,13 +42,12 @@ class _VariableFacts:
 
 
 class _Runtime:
-    """Holder for per-call tensors; a plain object so Keras's attribute tracking leaves them alone."""
+    """Per-call values, in a plain object so that Keras's attribute tracking leaves them alone."""
 
-    skips_before: Any = None
-    #: Optimizer state that load_weights() gave this DualOpt before it was built (load_own_variables),
-    #: by position; build() checks it against its layout and creates its variables from it.
+    skips_before: Any = None  # ``skipped`` before this apply (EMA under nonfinite="skip")
+    #: The state load_weights() gave before build (by position); build() checks it and restores it
+    #: (``restoring`` while it creates the variables).
     deferred_state: list[np.ndarray] | None = None
-    #: While build() restores ``deferred_state``: add_variable takes each new variable's value from it.
     restoring: list[np.ndarray] | None = None
 
 
@@ -57,31 +55,13 @@ def _is_schedule(lr: Any) -> bool:
     return isinstance(lr, keras.optimizers.schedules.LearningRateSchedule) or callable(lr)
 
 
-def _initial_lr(lr: Any) -> float:
+def _initial_lr(lr: Any, peak: bool = False) -> float:
+    """A float; a schedule's value at step 0, or with ``peak`` (eta_0 of spec section 2) the peak that
+    Keras's warming-up schedules name, ``warmup_target`` (``CosineDecay(0.0, warmup_target=...)``)."""
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        return float(ops.convert_to_numpy(lr(0)))
-    if callable(lr):
-        return float(ops.convert_to_numpy(lr()))
-    return float(lr)
-
-
-def _eta_0(lr: Any) -> float:
-    """eta_0 of spec section 2: a schedule's peak where Keras's schedule says it, else its value at step 0.
-
-    Keras's warming-up schedules name their peak, ``warmup_target``
-    (``CosineDecay(0.0, warmup_target=...)``); torch's group ``lr`` and
-    optax's ``base_learning_rate`` are the same number.
-    """
-    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        # Only a warm-up's target: without one, the value at step 0 is the peak, in the schedule's own dtype.
-        for attr in ("warmup_target",):
-            value = getattr(lr, attr, None)
-            if value is not None and not callable(value):
-                try:
-                    return float(ops.convert_to_numpy(value))
-                except (TypeError, ValueError):
-                    continue
-    return _initial_lr(lr)
+        target = getattr(lr, "warmup_target", None) if peak else None
+        return float(ops.convert_to_numpy(lr(0) if target is None or callable(target) else target))
+    return float(ops.convert_to_numpy(lr())) if callable(lr) else float(lr)
 
 
 def _serialize_spec(spec: Any) -> Any:
@@ -205,7 +185,7 @@ class DualOpt(keras.optimizers.Optimizer):
                 raise invalid("base_learning_rate", base_learning_rate,
                               "None or a finite float > 0 (eta_0: a schedule's peak rate)")
             base_learning_rate = float(base_learning_rate)
-        eta0 = base_learning_rate if base_learning_rate is not None else (_eta_0(learning_rate) if schedule else lr0)
+        eta0 = base_learning_rate if base_learning_rate is not None else _initial_lr(learning_rate, peak=True)
         if rollback_max is None and "finetune" in candidates and eta0 > 0:
             rollback_max = resolve_rollback_max(None, eta0, names=_NAMES)
             validate(base.replace(paradigm="finetune", rollback_max=rollback_max), lr=None if schedule else lr0,
@@ -245,6 +225,8 @@ class DualOpt(keras.optimizers.Optimizer):
                            momentum=self.momentum, nesterov=self.nesterov, paradigm=paradigm,
                            weight_decay=self.weight_decay, rollback_max=self.rollback_max,
                            rollback_min=self.rollback_min, rollback_power=self.rollback_power)
+
+    built: bool  # Keras's flag (set by the base class)
 
     def build(self, var_list: Sequence[Any]) -> None:
         """Create the slots (module docstring, "Slot layout") and fix every variable's paradigm and rate."""
@@ -290,15 +272,12 @@ class DualOpt(keras.optimizers.Optimizer):
         self._skipped = self.add_variable((), initializer="zeros", dtype="int", name="skipped")
         self._layout = self.add_variable((len(var_list),), initializer=_constant(codes), dtype="int32",
                                          name="layout")
-        slots = []
-        for v in var_list:
-            dt = compute_dtype(keras.backend.standardize_dtype(v.dtype), KERAS_XP)
-            roles = ("m", "v") if self.direction == "adam" else ("momentum",)
-            slots.append(tuple(self._slot(v, role, dt) for role in roles))
+        dts = [compute_dtype(keras.backend.standardize_dtype(v.dtype), KERAS_XP) for v in var_list]
+        roles = ("m", "v") if self.direction == "adam" else ("momentum",)
+        slots = [tuple(self._slot(v, role, dt) for role in roles) for v, dt in zip(var_list, dts)]
         facts = []
         pending = []
-        for i, (v, p, (l, n)) in enumerate(zip(var_list, paradigms, numbering)):
-            dt = compute_dtype(keras.backend.standardize_dtype(v.dtype), KERAS_XP)
+        for i, (v, dt, p, (l, n)) in enumerate(zip(var_list, dts, paradigms, numbering)):
             anchor = None
             if p == "finetune":
                 if anchors[i] is None and not restored and _initialized_in_this_trace(v):
@@ -312,7 +291,7 @@ class DualOpt(keras.optimizers.Optimizer):
                 else:
                     source = anchors[i] if anchors[i] is not None else v
                     anchor = self._slot(v, "anchor", dt, initializer=_anchor_initializer(source, dt))
-            facts.append(_VariableFacts(variable_path(v), p, l, n, float(pull_rate(p, l, n, hps[p])), hps[p], dt,
+            facts.append(_VariableFacts(variable_path(v), p, l, float(pull_rate(p, l, n, hps[p])), hps[p], dt,
                                         slots[i], anchor))
         self._facts = facts
         self._pending_anchors = tuple(pending)
@@ -350,16 +329,9 @@ class DualOpt(keras.optimizers.Optimizer):
 
     def _restore_existing(self, state: list[np.ndarray]) -> None:
         """Assign the deferred values of the variables that exist before build (iterations, learning_rate)."""
-        existing = self.variables
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            with tf.init_scope():  # eagerly, once: build may run while the train step is traced
-                for v, a in zip(existing, state):
-                    v.assign(a)
-            return
-        for v, a in zip(existing, state):
-            v.assign(a)
+        with _eager():  # once: build may run while the train step is traced
+            for v, a in zip(self.variables, state):
+                v.assign(a)
 
     def _slot(self, variable: Any, role: str, dtype: str, initializer: Any = "zeros") -> Any:
         if dtype == keras.backend.standardize_dtype(variable.dtype):
@@ -524,7 +496,7 @@ class DualOpt(keras.optimizers.Optimizer):
         values, as Keras's LossScaleOptimizer does. A conditional rather than a
         select of new against old values: with selects XLA recomputed the
         moments inside every parameter's fusion and read every tensor twice
-        (about 1.6x the step's time measured here).
+        (benchmarks/README.md, "Keras: figures moved out of docstrings").
         """
         import jax
 
@@ -712,16 +684,12 @@ class DualOpt(keras.optimizers.Optimizer):
 
 @contextlib.contextmanager
 def _float64_learning_rate(schedule: bool) -> Iterator[None]:
-    """Make the base class create a float learning rate's variable in float64.
+    """Make the base class create a float learning rate's variable in float64 (the spec's eta).
 
-    Keras's base class creates it in ``floatx()``: with the default float32, a
-    float64 model (``dtype="float64"`` layers) would step with eta rounded to
-    float32 (~1e-8 relative). The spec's eta is a float64 scalar; each
-    variable's step casts it once to its compute dtype, so a float32 model sees
-    the same bits. ``floatx`` is switched for the base class's ``__init__``
-    only: replacing the variable afterwards mutated Keras's variable list in
-    place, which ``tf.train.Checkpoint`` refuses to save. jax without
-    ``jax_enable_x64`` cannot hold float64 and keeps floatx.
+    Keras creates it in ``floatx()``, and a float64 model would step with eta
+    rounded to float32; each step casts it to the compute dtype. Replacing the
+    variable after ``__init__`` mutated Keras's variable list in place, which
+    ``tf.train.Checkpoint`` refuses to save. jax without x64 keeps floatx.
     """
     previous = keras.config.floatx()
     if schedule or previous == "float64":
@@ -730,7 +698,7 @@ def _float64_learning_rate(schedule: bool) -> Iterator[None]:
     if keras.backend.backend() == "jax":
         import jax
 
-        if not jax.config.jax_enable_x64:
+        if not jax.config.read("jax_enable_x64"):
             yield
             return
     keras.config.set_floatx("float64")
@@ -811,12 +779,16 @@ def _anchor_initializer(source: Any, dtype: str) -> Callable[..., Any]:
     eagerly (``tf.init_scope``), because an initializer that reads another
     variable cannot be lifted out of an XLA-compiled step (``jit_compile=True``).
     """
-    eager = contextlib.nullcontext()
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        eager = tf.init_scope()
-    with eager:
+    with _eager():
         snapshot = init_anchor(ops.convert_to_tensor(source, dtype=None if hasattr(source, "dtype") else dtype),
                                xp=KERAS_XP)
-    return lambda shape, dtype=None: snapshot
+    return _constant(snapshot)
+
+
+def _eager() -> Any:
+    """``tf.init_scope()`` on TensorFlow (run eagerly, outside the step being traced); else nothing."""
+    if keras.backend.backend() != "tensorflow":
+        return contextlib.nullcontext()
+    import tensorflow as tf
+
+    return tf.init_scope()

@@ -1,8 +1,8 @@
 """Multi-tensor fast path of ``dualopt.keras.DualOpt`` on the torch backend.
 
 Keras runs a custom optimizer's ``update_step`` once per variable, in Python;
-on many small variables that loop is about 10x slower than Keras's built-in
-torch Adam, which uses ``torch._foreach_*``. Here the core's own functions
+on many small variables that loop is far slower than Keras's built-in torch
+Adam, which uses ``torch._foreach_*`` (benchmarks/README.md). Here the core's own functions
 (:func:`decoupled_core.adam_coefficients`, ``adam_pre_weight`` /
 ``sgd_pre_weight``, ``pull_coefficient``, ``pull``) run on lists of tensors
 (:mod:`dualopt._shared.torch_lists`), one ``torch._foreach_*`` call per core
@@ -18,7 +18,7 @@ bit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence, cast
 
 import torch
 
@@ -125,6 +125,7 @@ def _update_batch(hp: HyperParams, coeffs: Any, lr: torch.Tensor, rows: list[_Ro
     params = [r.param for r in rows]
     slots = [[r.slots[k] for r in rows] for k in range(len(rows[0].slots))]
     theta, grad = TensorList(params), TensorList([r.grad for r in rows])
+    state: AdamState | SGDState
     if hp.direction == "adam":
         pre, state = adam_pre_weight(theta, grad, AdamState(*map(TensorList, slots)), beta1=hp.beta1, beta2=hp.beta2,
                                      eps=hp.eps, step_size=coeffs.step_size, inv_sqrt_bc2=coeffs.inv_sqrt_bc2,
@@ -136,8 +137,9 @@ def _update_batch(hp: HyperParams, coeffs: Any, lr: torch.Tensor, rows: list[_Ro
     for paradigm in ("finetune", "scratch"):  # scratch: anchor None stands for 0
         idx = [i for i, r in enumerate(rows) if r.paradigm == paradigm and r.c is not None]
         if idx:
-            anchors = TensorList([rows[i].anchor for i in idx]) if paradigm == "finetune" else None
-            out = pull(TensorList([new[i] for i in idx]), anchors, TensorList([rows[i].c for i in idx]), xp=TORCH_LISTS)
+            anchors = TensorList(cast(torch.Tensor, rows[i].anchor) for i in idx) if paradigm == "finetune" else None
+            out = pull(TensorList(new[i] for i in idx), anchors, TensorList(cast(torch.Tensor, rows[i].c) for i in idx),
+                       xp=TORCH_LISTS)
             for i, x in zip(idx, out.tensors):
                 new[i] = x
     torch._foreach_copy_(params, new)
