@@ -25,6 +25,9 @@ _NAMES = {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "e
 _ALSO = {"lr": ("a LearningRateSchedule",), "paradigm": PARADIGM_ALSO_ACCEPTED}
 _PARADIGM_CODE = {"scratch": 1, "finetune": 2, "none": 3}
 _CALLABLE = "__callable__"  # marks a serialized callable in get_config (a plain mapping never has this key)
+_CONFIG_KEYS = ("direction", "beta_1", "beta_2", "epsilon", "momentum", "nesterov", "paradigm", "default_paradigm",
+                "weight_decay", "rollback_max", "rollback_min", "rollback_power", "layer_index", "nonfinite",
+                "base_learning_rate")
 
 
 @dataclass(frozen=True)
@@ -632,23 +635,8 @@ class DualOpt(keras.optimizers.Optimizer):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update({
-            "direction": self.direction,
-            "beta_1": self.beta_1,
-            "beta_2": self.beta_2,
-            "epsilon": self.epsilon,
-            "momentum": self.momentum,
-            "nesterov": self.nesterov,
-            "paradigm": _serialize_spec(self.paradigm),
-            "default_paradigm": self.default_paradigm,
-            "weight_decay": self.weight_decay,
-            "rollback_max": self.rollback_max,
-            "rollback_min": self.rollback_min,
-            "rollback_power": self.rollback_power,
-            "layer_index": _serialize_spec(self.layer_index),
-            "nonfinite": self.nonfinite,
-            "base_learning_rate": self.base_learning_rate,
-        })
+        config.update({key: getattr(self, key) for key in _CONFIG_KEYS})
+        config.update(paradigm=_serialize_spec(self.paradigm), layer_index=_serialize_spec(self.layer_index))
         return config
 
     def layer_rates(self) -> dict[str, float]:
