@@ -530,7 +530,10 @@ class DualOpt(keras.optimizers.Optimizer):
         (``apply`` advances the shared step count after every variable's update).
         """
         f = self._facts[self._get_variable_index(variable)]
-        lr = ops.cast(learning_rate, f.compute_dtype)
+        # A number (a callable learning rate's value) is read in the compute dtype: a cast would pass it
+        # through float32 on TensorFlow.
+        lr = (ops.cast(learning_rate, f.compute_dtype) if hasattr(learning_rate, "dtype")
+              else ops.convert_to_tensor(learning_rate, dtype=f.compute_dtype))
         t = ops.cast(ops.add(ops.convert_to_tensor(self._step_count), 1), f.compute_dtype)
         param = ops.convert_to_tensor(variable)
         values = tuple(ops.convert_to_tensor(s) for s in f.slots)
