@@ -286,6 +286,27 @@ def fast_path_equals_generic() -> dict[str, Any]:
 
 
 @check
+def update_step_uses_its_learning_rate() -> dict[str, Any]:
+    """``update_step`` steps with the learning rate it is given (Keras's ``apply`` passes it) and t = step + 1."""
+    from decoupled_core import AdamState, step_tensor
+
+    w0, g = np.array([1.0, -2.0, 3.0]), np.array([0.5, -0.25, 1.0])
+    out = {}
+    for lr in (0.03, 0.1):  # 0.1 is the optimizer's own rate
+        w = keras.Variable(w0, dtype="float64", name="w")
+        opt = dualopt(learning_rate=0.1, paradigm="finetune", rollback_max=2.0)
+        opt.build([w])
+        opt.update_step(ops.convert_to_tensor(g), w, lr)
+        hp = HyperParams(direction="adam", paradigm="finetune", rollback_max=2.0)
+        expected, _ = step_tensor(w0, g, AdamState(np.zeros(3), np.zeros(3)), w0, hp=hp, lr=lr, step=1,
+                                  rate=opt.layer_rates()["w"], xp=np)
+        out[str(lr)] = {"max_err_eps": float(np.max(np.abs(np.asarray(ops.convert_to_numpy(w)) - expected))
+                                             / np.max(np.abs(expected)) / 2.0**-52),
+                        "step_count": int(ops.convert_to_numpy(opt.step_count))}
+    return out
+
+
+@check
 def fit_matches_reference() -> dict[str, Any]:
     """Compiled fit (float64, backbone finetune / head scratch in one line) vs the core replaying its gradients.
 
