@@ -407,28 +407,8 @@ class DualOpt(keras.optimizers.Optimizer):
         self._advance_counters(finite)
 
     def _all_finite(self, grads: Sequence[Any]) -> Any:
-        """The skip decision (None under ``nonfinite="propagate"``): one check per framework.
-
-        jax, inside a trace: the jax adapters' exact check (:mod:`dualopt._shared.jax`), which
-        reads each gradient once where XLA:CPU compiles the core's ``all(isfinite(g))`` into a
-        boolean array per gradient. torch: torch's (:mod:`dualopt._shared.torch_lists`). Otherwise the
-        core's ``all_finite`` on ``keras.ops``.
-        """
-        if self.nonfinite != "skip":
-            return None
-        backend = keras.backend.backend()
-        if backend == "jax":
-            import jax
-
-            if any(isinstance(g, jax.core.Tracer) for g in grads):
-                from .._shared.jax import all_finite as jax_all_finite
-
-                return jax_all_finite(grads)
-        if backend == "torch":
-            from .._shared.torch_lists import grads_finite
-
-            return grads_finite(grads)  # a host bool: torch runs eagerly
-        return all_finite(grads, xp=KERAS_XP)
+        """The skip decision: :func:`_all_finite`, or None under ``nonfinite="propagate"``."""
+        return _all_finite(grads) if self.nonfinite == "skip" else None
 
     def _torch_update(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
         """The torch backend's update: a host-side skip decision, then the multi-tensor path.
@@ -697,6 +677,29 @@ def _float64_learning_rate(schedule: bool) -> Iterator[None]:
         yield
     finally:
         keras.config.set_floatx(previous)
+
+
+def _all_finite(grads: Sequence[Any]) -> Any:
+    """Every gradient element is finite: one check per framework.
+
+    jax, inside a trace: the jax adapters' exact check (:mod:`dualopt._shared.jax`), which
+    reads each gradient once where XLA:CPU compiles the core's ``all(isfinite(g))`` into a
+    boolean array per gradient. torch: torch's (:mod:`dualopt._shared.torch_lists`), a host
+    bool (torch runs eagerly). Otherwise the core's ``all_finite`` on ``keras.ops``.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        if any(isinstance(g, jax.core.Tracer) for g in grads):
+            from .._shared.jax import all_finite as jax_all_finite
+
+            return jax_all_finite(grads)
+    if backend == "torch":
+        from .._shared.torch_lists import grads_finite
+
+        return grads_finite(grads)
+    return all_finite(grads, xp=KERAS_XP)
 
 
 def _refuse_duplicates(opt: "DualOpt", variables: Sequence[Any]) -> None:
