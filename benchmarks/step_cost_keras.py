@@ -110,7 +110,7 @@ def _time_apply(backend: str, model: Any, opt: Any, grads_np: list[Any], guarded
     """A callable that runs one compiled optimizer step and returns its wall time.
 
     ``guarded``: the step runs only when every gradient is finite, checked as
-    DualOpt's ``nonfinite="skip"`` checks (``dualopt.keras._all_finite``):
+    DualOpt's ``nonfinite="skip"`` checks (``dualopt.keras._optimizer._all_finite``):
     AdamW under the same check, the reference of the skip rows (issue 21).
     """
     from keras import ops
@@ -124,7 +124,7 @@ def _time_apply(backend: str, model: Any, opt: Any, grads_np: list[Any], guarded
 
         def step(opt_vars: list[Any], gs: list[Any], model_vars: list[Any]) -> tuple[list[Any], list[Any]]:
             if guarded:
-                from dualopt.keras import _all_finite
+                from dualopt.keras._optimizer import _all_finite
 
                 new_vars, new_opt = jax.lax.cond(_all_finite(gs), lambda: opt.stateless_apply(opt_vars, gs, model_vars),
                                                  lambda: (model_vars, opt_vars))
@@ -154,7 +154,7 @@ def _time_apply(backend: str, model: Any, opt: Any, grads_np: list[Any], guarded
 
         def tf_step(gs: list[Any]) -> None:
             if guarded:
-                from dualopt.keras import _all_finite
+                from dualopt.keras._optimizer import _all_finite
 
                 def apply() -> Any:
                     opt.apply(gs, variables)
@@ -181,7 +181,7 @@ def _time_apply(backend: str, model: Any, opt: Any, grads_np: list[Any], guarded
         with torch.no_grad():
             t0 = time.perf_counter()
             if guarded:
-                from dualopt.keras import _all_finite
+                from dualopt.keras._optimizer import _all_finite
 
                 if bool(_all_finite(grads)):
                     opt.apply(grads, variables)

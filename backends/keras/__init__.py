@@ -4,9 +4,8 @@
 with it, ``fit``, ``save`` and ``load_model`` as with any built-in optimizer.
 Every tensor's update is :func:`decoupled_core.step_tensor`, run on
 ``keras.ops`` (see :mod:`dualopt.keras._xp`), so the rule is the spec's on
-every backend; the torch backend has a multi-tensor fast path
-(:mod:`dualopt.keras._torch`) that performs the same operations in the same
-order and is tested to give the same bits.
+every backend; on torch the same core functions run on lists of tensors
+(:mod:`dualopt.keras._torch`), tested to give the same bits.
 
 A pretrained backbone fine-tuned with rollback and a new head trained from
 scratch, in one line::
@@ -49,11 +48,9 @@ A finetune variable's anchor is a copy of its value when the optimizer is
 built, which ``fit`` does on its first step: **load the pretrained weights
 before the first ``fit``** (or pass ``anchor``, a mapping ``{variable path:
 array}`` or a sequence in ``var_list`` order). On TensorFlow the optimizer is
-built while the train step is traced; the anchor is therefore created from an
-initializer that copies the variable once (read eagerly under
-``tf.init_scope``, so that XLA, ``jit_compile=True``, can lift it), never by an
-``assign`` in ``build()`` that would become part of every step. The tests check
-on every backend and compile mode that the anchors are still the pre-fit
+built while the train step is traced, so the anchor is created by an
+initializer, never by an ``assign`` that would run on every step; the tests
+check on every backend and compile mode that the anchors are still the pre-fit
 weights after several steps. A model built lazily (no ``keras.Input``) on
 TensorFlow creates its variables in that same trace, with no value yet: their
 anchors are copied from them at the first ``apply`` (``iterations == 0``,
@@ -124,24 +121,18 @@ Keras's schedules).
 
 Float64 models: a known Keras limitation
 ----------------------------------------
-Keras 3.15 demotes float64 to float32 on the jax and torch backends:
-``keras.backend.result_type("float64", "float64")`` is ``"float32"`` there
-(``BIT64_TO_BIT32_DTYPE`` in ``keras/src/backend/common/dtypes.py``; see
-https://github.com/keras-team/keras/issues/23704 and
-https://github.com/keras-team/keras/issues/23223), and the ``keras.ops`` that
-consult it compute in float32 even on float64 inputs: ``ops.tanh`` and
-``ops.mean`` on jax, ``ops.matmul``, ``ops.mean``, ``ops.maximum`` and
-``ops.divide_no_nan`` on torch. So a "float64" model built from
-``keras.layers.Dense`` and Keras's losses computes its forward and backward
-pass partly in float32 on those backends (about 1e-7 relative), and
-``clipnorm`` / ``global_clipnorm`` clip in float32 on torch. DualOpt's own
-update is not affected: it uses only operators and the ``keras.ops`` of
-:mod:`dualopt.keras._xp`, which keep float64 on every backend (the tests
-replay the float64 spec vectors bit for bit and check every op's dtype). For
-a model that must really compute in float64 on jax or torch, write the
-affected layers and the loss with the backend's own ops, as
-``dualopt.conformance.impl_keras.float64_layers`` does, or use the
-tensorflow backend.
+Keras 3.15 demotes float64 to float32 on the jax and torch backends
+(``keras.backend.result_type("float64", "float64")`` is ``"float32"`` there;
+keras-team/keras#23704, #23223): ``ops.tanh`` and ``ops.mean`` on jax,
+``ops.matmul``, ``ops.mean``, ``ops.maximum`` and ``ops.divide_no_nan`` on
+torch compute in float32 even on float64 inputs. A "float64" model built from
+``keras.layers.Dense`` and Keras's losses therefore computes partly in float32
+there (about 1e-7 relative), and ``clipnorm`` / ``global_clipnorm`` clip in
+float32 on torch. DualOpt's own update keeps float64 on every backend (the
+tests replay the float64 spec vectors bit for bit). For a model that must
+compute in float64 on jax or torch, write the affected layers and the loss
+with the backend's own ops (as ``dualopt.conformance.impl_keras.float64_layers``
+does), or use the tensorflow backend.
 
 Slot layout (``optimizer.variables``; ``.keras`` files restore by position)
 --------------------------------------------------------------------------

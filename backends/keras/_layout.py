@@ -171,18 +171,14 @@ def check_layer_index_spec(layer_index: Any) -> None:
         for key, value in layer_index.items():
             if not isinstance(key, str) or not key.strip("/"):
                 raise invalid("layer_index", dict(layer_index), f"keys that are layer names or variable paths; {key!r} is not")
-            _check_key(f"layer_index[{key!r}]", value)
+            check_layer_key(f"layer_index[{key!r}]", value)
         return
     if isinstance(layer_index, Sequence):
         for i, value in enumerate(layer_index):
-            _check_key(f"layer_index[{i}]", value)
+            check_layer_key(f"layer_index[{i}]", value)
         return
     raise invalid("layer_index", layer_index, f"None, {LAYER_PER_KERAS_LAYER!r}, a sequence of int, a mapping from "
                   "layer name / variable path to int, or a callable taking the variable")
-
-
-def _check_key(name: str, value: Any) -> int:
-    return check_layer_key(name, value)
 
 
 def resolve_layer_keys(layer_index: Any, variables: Sequence[Any]) -> list[int] | None:
@@ -219,13 +215,13 @@ def resolve_layer_keys(layer_index: Any, variables: Sequence[Any]) -> list[int] 
             if k is None:
                 raise invalid("layer_index", dict(layer_index), f"a mapping with a key matching every variable; "
                               f"none matches {p!r}")
-            keys.append(_check_key(f"layer_index[{k!r}]", layer_index[k]))
+            keys.append(check_layer_key(f"layer_index[{k!r}]", layer_index[k]))
         return keys
     if isinstance(layer_index, Sequence):
         # One key per variable in var_list order (model.trainable_variables for fit).
         check_layer_count("layer_index", len(layer_index), len(variables))
         return [int(k) for k in layer_index]
-    return [_check_key(f"layer_index({p!r})", layer_index(v)) for v, p in zip(variables, paths)]
+    return [check_layer_key(f"layer_index({p!r})", layer_index(v)) for v, p in zip(variables, paths)]
 
 
 def check_saved_counts(entries: Sequence[Any], names: Sequence[str], positions: Sequence[int] | None = None) -> None:

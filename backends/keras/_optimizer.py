@@ -11,7 +11,7 @@ import numpy as np
 from keras import ops
 
 from decoupled_core import (AdamState, HyperParams, SGDState, accepted, all_finite, check_anchor, compute_dtype,
-                            invalid, number_layers, pull_rate, resolve_rollback_max, step_tensor, validate,
+                            init_anchor, invalid, number_layers, pull_rate, resolve_rollback_max, step_tensor, validate,
                             warn_finetune_weight_decay)
 
 from ._layout import (PARADIGM_ALSO_ACCEPTED, check_layer_index_spec, check_paradigm_spec, check_saved_counts,
@@ -25,6 +25,9 @@ _NAMES = {"lr": "learning_rate", "beta1": "beta_1", "beta2": "beta_2", "eps": "e
 _ALSO = {"lr": ("a LearningRateSchedule",), "paradigm": PARADIGM_ALSO_ACCEPTED}
 _PARADIGM_CODE = {"scratch": 1, "finetune": 2, "none": 3}
 _CALLABLE = "__callable__"  # marks a serialized callable in get_config (a plain mapping never has this key)
+_CONFIG_KEYS = ("direction", "beta_1", "beta_2", "epsilon", "momentum", "nesterov", "paradigm", "default_paradigm",
+                "weight_decay", "rollback_max", "rollback_min", "rollback_power", "layer_index", "nonfinite",
+                "base_learning_rate")
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,6 @@ class _VariableFacts:
     path: str
     paradigm: str
     layer: int
-    num_layers: int
     rate: float
     hp: HyperParams
     compute_dtype: str
@@ -42,27 +44,13 @@ class _VariableFacts:
     anchor: Any  # keras.Variable or None
 
 
-class _StepContext:
-    """Per-apply values every variable's update shares (traced tensors inside a train step)."""
-
-    def __init__(self, opt: "DualOpt", learning_rate: Any, finite: Any) -> None:
-        self.finite = finite  # None under nonfinite="propagate"
-        self.step_before = ops.convert_to_tensor(opt._step_count)
-        self.t_int = ops.add(self.step_before, 1)
-        # Cast once per compute dtype, before any branch, so every variable reuses the same tensors.
-        self.scalars = {dt: (ops.cast(learning_rate, dt), ops.cast(self.t_int, dt))
-                        for dt in {f.compute_dtype for f in opt._facts}}
-
-
 class _Runtime:
-    """Holder for per-call tensors; a plain object so Keras's attribute tracking leaves them alone."""
+    """Per-call values, in a plain object so that Keras's attribute tracking leaves them alone."""
 
-    context: _StepContext | None = None
-    skips_before: Any = None
-    #: Optimizer state that load_weights() gave this DualOpt before it was built (load_own_variables),
-    #: by position; build() checks it against its layout and creates its variables from it.
+    skips_before: Any = None  # ``skipped`` before this apply (EMA under nonfinite="skip")
+    #: The state load_weights() gave before build (by position); build() checks it and restores it
+    #: (``restoring`` while it creates the variables).
     deferred_state: list[np.ndarray] | None = None
-    #: While build() restores ``deferred_state``: add_variable takes each new variable's value from it.
     restoring: list[np.ndarray] | None = None
 
 
@@ -70,31 +58,13 @@ def _is_schedule(lr: Any) -> bool:
     return isinstance(lr, keras.optimizers.schedules.LearningRateSchedule) or callable(lr)
 
 
-def _initial_lr(lr: Any) -> float:
+def _initial_lr(lr: Any, peak: bool = False) -> float:
+    """A float; a schedule's value at step 0, or with ``peak`` (eta_0 of spec section 2) the peak that
+    Keras's warming-up schedules name, ``warmup_target`` (``CosineDecay(0.0, warmup_target=...)``)."""
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        return float(ops.convert_to_numpy(lr(0)))
-    if callable(lr):
-        return float(ops.convert_to_numpy(lr()))
-    return float(lr)
-
-
-def _eta_0(lr: Any) -> float:
-    """eta_0 of spec section 2: a schedule's peak where Keras's schedule says it, else its value at step 0.
-
-    Keras's warming-up schedules name their peak, ``warmup_target``
-    (``CosineDecay(0.0, warmup_target=...)``); torch's group ``lr`` and
-    optax's ``base_learning_rate`` are the same number.
-    """
-    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        # Only a warm-up's target: without one, the value at step 0 is the peak, in the schedule's own dtype.
-        for attr in ("warmup_target",):
-            value = getattr(lr, attr, None)
-            if value is not None and not callable(value):
-                try:
-                    return float(ops.convert_to_numpy(value))
-                except (TypeError, ValueError):
-                    continue
-    return _initial_lr(lr)
+        target = getattr(lr, "warmup_target", None) if peak else None
+        return float(ops.convert_to_numpy(lr(0) if target is None or callable(target) else target))
+    return float(ops.convert_to_numpy(lr())) if callable(lr) else float(lr)
 
 
 def _serialize_spec(spec: Any) -> Any:
@@ -218,7 +188,7 @@ class DualOpt(keras.optimizers.Optimizer):
                 raise invalid("base_learning_rate", base_learning_rate,
                               "None or a finite float > 0 (eta_0: a schedule's peak rate)")
             base_learning_rate = float(base_learning_rate)
-        eta0 = base_learning_rate if base_learning_rate is not None else (_eta_0(learning_rate) if schedule else lr0)
+        eta0 = base_learning_rate if base_learning_rate is not None else _initial_lr(learning_rate, peak=True)
         if rollback_max is None and "finetune" in candidates and eta0 > 0:
             rollback_max = resolve_rollback_max(None, eta0, names=_NAMES)
             validate(base.replace(paradigm="finetune", rollback_max=rollback_max), lr=None if schedule else lr0,
@@ -245,8 +215,10 @@ class DualOpt(keras.optimizers.Optimizer):
         self.base_learning_rate = base_learning_rate
         self._anchor_values = anchor
         self._runtime = _Runtime()
-        # The torch backend's multi-tensor path (tests switch it off to compare with the generic path).
+        # The torch backend's multi-tensor path (tests switch it off to compare with the generic path)
+        # and its sizes (a dualopt.keras._torch.Policy; None: its defaults).
         self._use_fast_path = True
+        self._fast_path_policy: Any = None
         self._facts: list[_VariableFacts] = []
         self._pending_anchors: tuple[int, ...] = ()  # indices of anchors taken at the first apply (build)
 
@@ -256,6 +228,8 @@ class DualOpt(keras.optimizers.Optimizer):
                            momentum=self.momentum, nesterov=self.nesterov, paradigm=paradigm,
                            weight_decay=self.weight_decay, rollback_max=self.rollback_max,
                            rollback_min=self.rollback_min, rollback_power=self.rollback_power)
+
+    built: bool  # Keras's flag (set by the base class)
 
     def build(self, var_list: Sequence[Any]) -> None:
         """Create the slots (module docstring, "Slot layout") and fix every variable's paradigm and rate."""
@@ -301,15 +275,12 @@ class DualOpt(keras.optimizers.Optimizer):
         self._skipped = self.add_variable((), initializer="zeros", dtype="int", name="skipped")
         self._layout = self.add_variable((len(var_list),), initializer=_constant(codes), dtype="int32",
                                          name="layout")
-        slots = []
-        for v in var_list:
-            dt = compute_dtype(keras.backend.standardize_dtype(v.dtype), KERAS_XP)
-            roles = ("m", "v") if self.direction == "adam" else ("momentum",)
-            slots.append(tuple(self._slot(v, role, dt) for role in roles))
+        dts = [compute_dtype(keras.backend.standardize_dtype(v.dtype), KERAS_XP) for v in var_list]
+        roles = ("m", "v") if self.direction == "adam" else ("momentum",)
+        slots = [tuple(self._slot(v, role, dt) for role in roles) for v, dt in zip(var_list, dts)]
         facts = []
         pending = []
-        for i, (v, p, (l, n)) in enumerate(zip(var_list, paradigms, numbering)):
-            dt = compute_dtype(keras.backend.standardize_dtype(v.dtype), KERAS_XP)
+        for i, (v, dt, p, (l, n)) in enumerate(zip(var_list, dts, paradigms, numbering)):
             anchor = None
             if p == "finetune":
                 if anchors[i] is None and not restored and _initialized_in_this_trace(v):
@@ -322,8 +293,8 @@ class DualOpt(keras.optimizers.Optimizer):
                     pending.append(i)
                 else:
                     source = anchors[i] if anchors[i] is not None else v
-                    anchor = self._slot(v, "anchor", dt, initializer=_copy_of(source, dt))
-            facts.append(_VariableFacts(variable_path(v), p, l, n, float(pull_rate(p, l, n, hps[p])), hps[p], dt,
+                    anchor = self._slot(v, "anchor", dt, initializer=_anchor_initializer(source, dt))
+            facts.append(_VariableFacts(variable_path(v), p, l, float(pull_rate(p, l, n, hps[p])), hps[p], dt,
                                         slots[i], anchor))
         self._facts = facts
         self._pending_anchors = tuple(pending)
@@ -361,16 +332,9 @@ class DualOpt(keras.optimizers.Optimizer):
 
     def _restore_existing(self, state: list[np.ndarray]) -> None:
         """Assign the deferred values of the variables that exist before build (iterations, learning_rate)."""
-        existing = self.variables
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            with tf.init_scope():  # eagerly, once: build may run while the train step is traced
-                for v, a in zip(existing, state):
-                    v.assign(a)
-            return
-        for v, a in zip(existing, state):
-            v.assign(a)
+        with _eager():  # once: build may run while the train step is traced
+            for v, a in zip(self.variables, state):
+                v.assign(a)
 
     def _slot(self, variable: Any, role: str, dtype: str, initializer: Any = "zeros") -> Any:
         if dtype == keras.backend.standardize_dtype(variable.dtype):
@@ -414,7 +378,8 @@ class DualOpt(keras.optimizers.Optimizer):
                       "paradigm 'none', e.g. DualOpt(paradigm={'bias': 'none'})")
 
     def _backend_update_step(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
-        if keras.backend.backend() == "tensorflow":
+        backend = keras.backend.backend()
+        if backend == "tensorflow":
             import tensorflow as tf
 
             # Embedding layers give tf.IndexedSlices. The rule is dense (every row's moments
@@ -424,35 +389,52 @@ class DualOpt(keras.optimizers.Optimizer):
             if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context() is False:
                 self._distributed_update(grads, trainable_variables, learning_rate)
                 return
-        if keras.backend.backend() == "torch":
+        if backend == "torch":
             import torch
 
             with torch.no_grad():
-                if self._use_fast_path:
-                    from . import _torch
-
-                    _torch.update(self, grads, trainable_variables, learning_rate)
-                    return
-                self._generic_update(grads, trainable_variables, learning_rate)
+                self._torch_update(grads, trainable_variables, learning_rate)
             return
-        self._generic_update(grads, trainable_variables, learning_rate)
+        finite = self._all_finite(grads)
+        base_update = super()._backend_update_step
+        if finite is None:
+            base_update(grads, trainable_variables, learning_rate)
+        elif backend == "jax":
+            self._jax_cond_update(finite, lambda: base_update(grads, trainable_variables, learning_rate),
+                                  trainable_variables)
+        else:
+            ops.cond(finite, lambda: base_update(grads, trainable_variables, learning_rate), lambda: None)
+        self._advance_counters(finite)
 
-    def _generic_update(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
-        finite = _all_finite(grads) if self.nonfinite == "skip" else None
-        ctx = _StepContext(self, learning_rate, finite)
-        self._runtime.context = ctx
-        try:
-            base_update = super()._backend_update_step
-            if finite is None:
-                base_update(grads, trainable_variables, learning_rate)
-            elif keras.backend.backend() == "jax":
-                self._jax_cond_update(finite, lambda: base_update(grads, trainable_variables, learning_rate),
-                                      trainable_variables)
-            else:
-                ops.cond(finite, lambda: base_update(grads, trainable_variables, learning_rate), lambda: None)
-            self._advance_counters(ctx)
-        finally:
-            self._runtime.context = None
+    def _all_finite(self, grads: Sequence[Any]) -> Any:
+        """The skip decision: :func:`_all_finite`, or None under ``nonfinite="propagate"``."""
+        return _all_finite(grads) if self.nonfinite == "skip" else None
+
+    def _torch_update(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
+        """The torch backend's update: a host-side skip decision, then the multi-tensor path.
+
+        Variables whose compute dtype is not their own (float16/bfloat16, computed in float32)
+        and every variable with ``_use_fast_path = False`` take Keras's per-variable loop.
+        """
+        from . import _torch
+
+        grads = [ops.convert_to_tensor(g) for g in grads]
+        finite = self._all_finite(grads)
+        if finite is None or finite:
+            entries, generic = [], []
+            for g, v in zip(grads, trainable_variables):
+                f = self._facts[self._get_variable_index(v)]
+                if not self._use_fast_path or f.compute_dtype != keras.backend.standardize_dtype(v.dtype):
+                    generic.append((g, v))
+                    continue
+                entries.append(_torch.Entry(v.value, g.to(v.value.dtype), tuple(s.value for s in f.slots),
+                                            None if f.anchor is None else f.anchor.value, f.hp, f.rate))
+            if entries:
+                lr = learning_rate.value if isinstance(learning_rate, keras.Variable) else learning_rate
+                _torch.update(entries, lr, ops.add(ops.convert_to_tensor(self._step_count), 1), self._fast_path_policy)
+            for g, v in generic:
+                self.update_step(g, v, learning_rate)
+        self._advance_counters(finite)
 
     def _distributed_update(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
         """The update under a ``tf.distribute`` strategy, called in a replica context.
@@ -469,16 +451,12 @@ class DualOpt(keras.optimizers.Optimizer):
 
         variables = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
         pairs = self._all_reduce_sum_gradients(list(zip(grads, variables)))
-        finite = all_finite([g for g, _ in pairs], xp=KERAS_XP) if self.nonfinite == "skip" else None
-        ctx = _StepContext(self, learning_rate, finite)
-        self._runtime.context = ctx
-        try:
-            tf.__internal__.distribute.interim.maybe_merge_call(
-                self._distributed_apply, self._distribution_strategy, pairs, learning_rate,
-                ops.convert_to_tensor(True) if finite is None else finite)
-            self._advance_counters(ctx)
-        finally:
-            self._runtime.context = None
+        finite = self._all_finite([g for g, _ in pairs])
+        # The flag travels as an argument: merge_call and extended.update regroup it per replica.
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_apply, self._distribution_strategy, pairs, learning_rate,
+            ops.convert_to_tensor(True) if finite is None else finite)
+        self._advance_counters(finite)
 
     def _distributed_apply(self, distribution: Any, pairs: list[tuple[Any, Any]], learning_rate: Any,
                            finite: Any) -> None:
@@ -501,7 +479,7 @@ class DualOpt(keras.optimizers.Optimizer):
         values, as Keras's LossScaleOptimizer does. A conditional rather than a
         select of new against old values: with selects XLA recomputed the
         moments inside every parameter's fusion and read every tensor twice
-        (about 1.6x the step's time measured here).
+        (benchmarks/README.md, "Keras: figures moved out of docstrings").
         """
         import jax
 
@@ -526,12 +504,17 @@ class DualOpt(keras.optimizers.Optimizer):
             self.assign(variable, value)
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
-        """One variable's step: :func:`decoupled_core.step_tensor` on ``keras.ops``."""
-        ctx = self._runtime.context
-        if ctx is None:
-            raise RuntimeError("DualOpt.update_step runs inside apply(); call optimizer.apply(grads, variables).")
+        """One variable's step: :func:`decoupled_core.step_tensor` on ``keras.ops``.
+
+        ``learning_rate`` is the one Keras's ``apply`` passes; t counts this step
+        (``apply`` advances the shared step count after every variable's update).
+        """
         f = self._facts[self._get_variable_index(variable)]
-        lr, t = ctx.scalars[f.compute_dtype]
+        # A number (a callable learning rate's value) is read in the compute dtype: a cast would pass it
+        # through float32 on TensorFlow.
+        lr = (ops.cast(learning_rate, f.compute_dtype) if hasattr(learning_rate, "dtype")
+              else ops.convert_to_tensor(learning_rate, dtype=f.compute_dtype))
+        t = ops.cast(ops.add(ops.convert_to_tensor(self._step_count), 1), f.compute_dtype)
         param = ops.convert_to_tensor(variable)
         values = tuple(ops.convert_to_tensor(s) for s in f.slots)
         state = AdamState(*values) if self.direction == "adam" else SGDState(*values)
@@ -542,13 +525,15 @@ class DualOpt(keras.optimizers.Optimizer):
         for slot, value in zip(f.slots, new_state):
             self.assign(slot, value)
 
-    def _advance_counters(self, ctx: _StepContext) -> None:
-        if ctx.finite is None:
-            self.assign(self._step_count, ctx.t_int)
+    def _advance_counters(self, finite: Any) -> None:
+        """t += 1 after an applied call; ``skipped`` += 1 after a skipped one (``finite`` false)."""
+        step = ops.convert_to_tensor(self._step_count)
+        if finite is None:
+            self.assign(self._step_count, ops.add(step, 1))
             return
-        self.assign(self._step_count, ops.where(ctx.finite, ctx.t_int, ctx.step_before))
+        self.assign(self._step_count, ops.where(finite, ops.add(step, 1), step))
         skipped = ops.convert_to_tensor(self._skipped)
-        self.assign(self._skipped, ops.add(skipped, ops.cast(ops.logical_not(ctx.finite), skipped.dtype)))
+        self.assign(self._skipped, ops.add(skipped, ops.cast(ops.logical_not(finite), skipped.dtype)))
 
     # EMA: Keras updates the averages after every apply; a skipped apply must leave them alone too.
     # Keras starts an average (zeros at build) with momentum 0 when iterations == 0; after skipped
@@ -576,7 +561,7 @@ class DualOpt(keras.optimizers.Optimizer):
         first = ops.equal(ops.convert_to_tensor(self.iterations), 0)
         for i in self._pending_anchors:
             anchor = self._facts[i].anchor
-            source = ops.cast(ops.convert_to_tensor(self._trainable_variables[i]), anchor.dtype)
+            source = init_anchor(ops.convert_to_tensor(self._trainable_variables[i]), xp=KERAS_XP)
             self.assign(anchor, ops.where(first, source, ops.convert_to_tensor(anchor)))
 
     def _update_model_variables_moving_average(self, trainable_variables: Any) -> None:
@@ -633,23 +618,8 @@ class DualOpt(keras.optimizers.Optimizer):
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
-        config.update({
-            "direction": self.direction,
-            "beta_1": self.beta_1,
-            "beta_2": self.beta_2,
-            "epsilon": self.epsilon,
-            "momentum": self.momentum,
-            "nesterov": self.nesterov,
-            "paradigm": _serialize_spec(self.paradigm),
-            "default_paradigm": self.default_paradigm,
-            "weight_decay": self.weight_decay,
-            "rollback_max": self.rollback_max,
-            "rollback_min": self.rollback_min,
-            "rollback_power": self.rollback_power,
-            "layer_index": _serialize_spec(self.layer_index),
-            "nonfinite": self.nonfinite,
-            "base_learning_rate": self.base_learning_rate,
-        })
+        config.update({key: getattr(self, key) for key in _CONFIG_KEYS})
+        config.update(paradigm=_serialize_spec(self.paradigm), layer_index=_serialize_spec(self.layer_index))
         return config
 
     def layer_rates(self) -> dict[str, float]:
@@ -685,16 +655,12 @@ class DualOpt(keras.optimizers.Optimizer):
 
 @contextlib.contextmanager
 def _float64_learning_rate(schedule: bool) -> Iterator[None]:
-    """Make the base class create a float learning rate's variable in float64.
+    """Make the base class create a float learning rate's variable in float64 (the spec's eta).
 
-    Keras's base class creates it in ``floatx()``: with the default float32, a
-    float64 model (``dtype="float64"`` layers) would step with eta rounded to
-    float32 (~1e-8 relative). The spec's eta is a float64 scalar; each
-    variable's step casts it once to its compute dtype, so a float32 model sees
-    the same bits. ``floatx`` is switched for the base class's ``__init__``
-    only: replacing the variable afterwards mutated Keras's variable list in
-    place, which ``tf.train.Checkpoint`` refuses to save. jax without
-    ``jax_enable_x64`` cannot hold float64 and keeps floatx.
+    Keras creates it in ``floatx()``, and a float64 model would step with eta
+    rounded to float32; each step casts it to the compute dtype. Replacing the
+    variable after ``__init__`` mutated Keras's variable list in place, which
+    ``tf.train.Checkpoint`` refuses to save. jax without x64 keeps floatx.
     """
     previous = keras.config.floatx()
     if schedule or previous == "float64":
@@ -703,7 +669,7 @@ def _float64_learning_rate(schedule: bool) -> Iterator[None]:
     if keras.backend.backend() == "jax":
         import jax
 
-        if not jax.config.jax_enable_x64:
+        if not jax.config.read("jax_enable_x64"):
             yield
             return
     keras.config.set_floatx("float64")
@@ -714,23 +680,25 @@ def _float64_learning_rate(schedule: bool) -> Iterator[None]:
 
 
 def _all_finite(grads: Sequence[Any]) -> Any:
-    """The core's ``all_finite``; inside a jitted jax step, the jax adapters' exact check instead.
+    """Every gradient element is finite: one check per framework.
 
-    XLA:CPU compiles ``all(isfinite(g))`` into a pass that writes a boolean
-    array the size of ``g`` and a window reduction over it: 6.4 ms on
-    8x1024^2 against 2.0 ms for the jax adapters' ``sum(g)`` check (exact,
-    with the one-pass fallback when a sum is not finite), and that difference
-    was most of Keras-on-jax's ``nonfinite="skip"`` overhead over AdamW
-    (benchmarks/README.md, "Keras on jax").
+    jax, inside a trace: the jax adapters' exact check (:mod:`dualopt._shared.jax`), which
+    reads each gradient once where XLA:CPU compiles the core's ``all(isfinite(g))`` into a
+    boolean array per gradient. torch: torch's (:mod:`dualopt._shared.torch_lists`), a host
+    bool (torch runs eagerly). Otherwise the core's ``all_finite`` on ``keras.ops``.
     """
-    if keras.backend.backend() == "jax":
+    backend = keras.backend.backend()
+    if backend == "jax":
         import jax
 
-        present = [g for g in grads if g is not None]
-        if present and any(isinstance(g, jax.core.Tracer) for g in present):
-            from .._shared.jax import all_finite as traced_all_finite
+        if any(isinstance(g, jax.core.Tracer) for g in grads):
+            from .._shared.jax import all_finite as jax_all_finite
 
-            return traced_all_finite(present)
+            return jax_all_finite(grads)
+    if backend == "torch":
+        from .._shared.torch_lists import grads_finite
+
+        return grads_finite(grads)
     return all_finite(grads, xp=KERAS_XP)
 
 
@@ -795,25 +763,26 @@ def _initialized_in_this_trace(variable: Any) -> bool:
         return not bool(value.is_initialized())
 
 
-def _copy_of(source: Any, dtype: str) -> Callable[..., Any]:
-    """An initializer returning a copy of ``source`` (a variable or an array) in ``dtype``.
+def _anchor_initializer(source: Any, dtype: str) -> Callable[..., Any]:
+    """An initializer returning the core's anchor snapshot (:func:`decoupled_core.init_anchor`) of ``source``.
 
-    The copy is taken when the slot variable is created. Using an initializer
-    (rather than assigning in build) matters on TensorFlow, where build runs
-    while the train step is traced: an assign would run on every step. There
-    the value is also read once, eagerly (``tf.init_scope``), before the
-    variable is created: an initializer that reads another variable cannot be
-    lifted out of an XLA-compiled train step (``jit_compile=True``).
+    ``source`` is the variable or an explicit anchor (a dtype-less one is read
+    in the compute ``dtype``). Keras forces an initializer rather than an
+    assign in build: on TensorFlow build runs while the train step is traced,
+    where an assign would run on every step. The snapshot is taken once,
+    eagerly (``tf.init_scope``), because an initializer that reads another
+    variable cannot be lifted out of an XLA-compiled step (``jit_compile=True``).
     """
+    with _eager():
+        snapshot = init_anchor(ops.convert_to_tensor(source, dtype=None if hasattr(source, "dtype") else dtype),
+                               xp=KERAS_XP)
+    return _constant(snapshot)
 
-    target = dtype
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
 
-        with tf.init_scope():
-            source = tf.identity(ops.cast(ops.convert_to_tensor(source), target))
+def _eager() -> Any:
+    """``tf.init_scope()`` on TensorFlow (run eagerly, outside the step being traced); else nothing."""
+    if keras.backend.backend() != "tensorflow":
+        return contextlib.nullcontext()
+    import tensorflow as tf
 
-    def initializer(shape: Any, dtype: Any = None) -> Any:
-        return ops.copy(ops.cast(ops.convert_to_tensor(source), target))
-
-    return initializer
+    return tf.init_scope()

@@ -1,210 +1,147 @@
 """Multi-tensor fast path of ``dualopt.keras.DualOpt`` on the torch backend.
 
 Keras runs a custom optimizer's ``update_step`` once per variable, in Python;
-on many small variables that loop is about 10x slower than Keras's built-in
-torch Adam, which uses ``torch._foreach_*``. This module performs the core's
-operations (:func:`decoupled_core.step_tensor`, spec section 4) in the same
-order, each as one ``torch._foreach_*`` call over a batch of variables:
+on many small variables that loop is far slower than Keras's built-in torch
+Adam, which uses ``torch._foreach_*`` (benchmarks/README.md). Here the core's own functions
+(:func:`decoupled_core.adam_coefficients`, ``adam_pre_weight`` /
+``sgd_pre_weight``, ``pull_coefficient``, ``pull``) run on lists of tensors
+(:mod:`dualopt._shared.torch_lists`), one ``torch._foreach_*`` call per core
+operation, so both paths perform the same operations in the same order
+(``tests/keras`` checks the bits, since ``torch._foreach_*`` is a private API).
 
-- adam: ``m*b1``, ``g*(1-b1)``, add; ``v*b2``, ``g*g``, ``*(1-b2)``, add;
-  ``sqrt(v)``, ``*inv_sqrt_bc2``, ``+eps``; ``m/d``, ``*step_size``,
-  ``theta - .``;
-- sgd: ``b*mu``, ``+g``; (nesterov: ``b*mu``, ``+g``); ``*lr``, ``theta - .``;
-- pull: finetune ``pre - c*(pre - a)``, scratch ``pre - c*pre``; skipped when
-  ``c`` is host-known 0.
-
-The scalars are the generic path's (:func:`decoupled_core.adam_coefficients`
-and :func:`decoupled_core.pull_coefficient` on ``keras.ops``), so both paths
-give the same bits; ``tests/keras`` checks it, since ``torch._foreach_*`` and
-``torch._amp_foreach_non_finite_check_and_unscale_`` are private APIs.
-
-Large tensors are updated in flat pieces, and the op sequence runs on batches
-of about ``BATCH_ELEMS`` elements (``CHUNK_ELEMS``, ``BATCH_ELEMS``): every
-operation is element-wise, so this changes no bit, but the temporaries and the
-pieces each op reads again stay in cache instead of making ~15 sweeps over main
-memory per step (about 2.5x less time for 8 M float32 parameters, measured
-here).
-
-The non-finite check reads each large gradient once through its sum (NaN and
-Inf propagate; an overflowing sum is re-checked element by element) and checks
-small gradients with ``torch._amp_foreach_non_finite_check_and_unscale_`` and
-a scale of 1 (GradScaler's check: one multi-tensor call), which multiplies them
-in place by 1.0 and so leaves every value, NaN and -0.0 included, unchanged.
-The decision to skip is taken on the host (torch runs eagerly), like
-GradScaler's.
+Large tensors are updated in flat pieces and the operations run on batches of
+pieces (:class:`Policy`), so that the temporaries and the pieces each operation
+reads again stay in cache; every operation is element-wise, so this changes no
+bit.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Sequence, cast
 
 import torch
-from keras import ops
 
-from decoupled_core import adam_coefficients
+from decoupled_core import (AdamState, HyperParams, SGDState, adam_coefficients, adam_pre_weight, pull,
+                            pull_coefficient, sgd_pre_weight)
 
-from ._xp import KERAS_XP
+from .._shared.torch_lists import TORCH_LISTS, TensorList
 
-__all__ = ["update", "all_finite_torch", "CHUNK_ELEMS", "BATCH_ELEMS", "SUM_CHECK_MIN_NUMEL"]
-
-#: Tensors with more elements are updated in flat pieces of at most this many elements ...
-CHUNK_ELEMS = 1 << 16
-#: ... and the op sequence runs on batches of pieces (and of small tensors) of about this many
-#: elements, so that its temporaries and the pieces it reads again stay in cache: on large
-#: tensors one sweep per op over main memory would cost ~15 sweeps per step. Every operation
-#: is element-wise, so the batching changes no bit (tests/keras compares with the generic path).
-BATCH_ELEMS = 1 << 18
-#: Gradients with at least this many elements are checked for NaN/Inf through their sum (one
-#: read; a non-finite sum is re-checked element-wise, since finite values may overflow).
-SUM_CHECK_MIN_NUMEL = 1 << 15
+__all__ = ["Policy", "Entry", "update"]
 
 
-def all_finite_torch(grads: list[torch.Tensor]) -> torch.Tensor:
-    """A 0-d bool tensor: every element of every gradient is finite.
+@dataclass(frozen=True)
+class Policy:
+    """The sizes the fast path works in (tests shrink them to exercise every split).
 
-    Large gradients: through their sum (NaN and Inf propagate through
-    addition; a non-finite sum of finite values, an overflow, is re-checked
-    element-wise). Small ones: one multi-tensor call per device.
+    Tensors with more than ``chunk_elems`` elements are updated in flat pieces
+    of at most that many; the operations run on batches of pieces (and small
+    tensors) of about ``batch_elems`` elements.
     """
-    by_device: dict[Any, list[torch.Tensor]] = defaultdict(list)
-    finite = True
-    for g in grads:
-        if g.numel() >= SUM_CHECK_MIN_NUMEL:
-            total = g.sum(dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None)
-            finite = finite and bool(torch.isfinite(total) or torch.isfinite(g).all())
-        else:
-            by_device[g.device].append(g)
-    for device, gs in by_device.items():
-        found = torch.zeros(1, dtype=torch.float32, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(gs, found, torch.ones(1, dtype=torch.float32, device=device))
-        finite = finite and bool(found == 0)
-    return torch.tensor(finite, device=grads[0].device if grads else None)
+
+    chunk_elems: int = 1 << 16
+    batch_elems: int = 1 << 18
 
 
-def update(opt: Any, grads: list[Any], variables: list[Any], learning_rate: Any) -> None:
-    """One DualOpt apply over ``variables`` (runs under ``torch.no_grad``)."""
-    from ._optimizer import _StepContext
+class Entry(NamedTuple):
+    """One variable: its value, gradient, slots (m, v or the momentum buffer), anchor (None unless
+    finetune), the hyperparameters of its paradigm and its pull rate rho."""
 
-    grads = [ops.convert_to_tensor(g) for g in grads]
-    finite = all_finite_torch(grads) if opt.nonfinite == "skip" else None
-    ctx = _StepContext(opt, learning_rate, finite)
-    if finite is not None and not bool(finite):
-        opt._advance_counters(ctx)
-        return
-    groups: dict[tuple[Any, Any], list[int]] = defaultdict(list)
-    fallback = []
-    for i, v in enumerate(variables):
-        f = opt._facts[opt._get_variable_index(v)]
-        if f.compute_dtype != str(v.value.dtype).replace("torch.", ""):
-            fallback.append(i)  # float16/bfloat16 compute in float32: the generic per-variable path
-        else:
-            groups[(v.value.dtype, v.value.device)].append(i)
-            if grads[i].dtype != v.value.dtype:  # the core's astype(grad, compute dtype)
-                grads[i] = grads[i].to(v.value.dtype)
-    for idx in groups.values():
-        _update_group(opt, ctx, [opt._facts[opt._get_variable_index(variables[i])] for i in idx],
-                      [variables[i].value for i in idx], [grads[i] for i in idx])
-    if fallback:
-        opt._runtime.context = ctx
-        try:
-            for i in fallback:
-                opt.update_step(grads[i], variables[i], learning_rate)
-        finally:
-            opt._runtime.context = None
-    opt._advance_counters(ctx)
+    param: torch.Tensor
+    grad: torch.Tensor
+    slots: tuple[torch.Tensor, ...]
+    anchor: torch.Tensor | None
+    hp: HyperParams
+    rate: float
+
+
+class _Row(NamedTuple):
+    """A piece of one entry (or the whole entry) and its pull coefficient (None: the pull is skipped)."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    slots: list[torch.Tensor]
+    anchor: torch.Tensor | None
+    c: torch.Tensor | None
+    paradigm: str
+
+
+def update(entries: Sequence[Entry], learning_rate: Any, step: torch.Tensor, policy: Policy | None = None) -> None:
+    """One step of every entry, in place, grouped by dtype and device.
+
+    ``learning_rate`` is eta_t as Keras passes it (a tensor or a number) and
+    ``step`` is t counting this step; both are cast once to each group's
+    dtype, as the generic path casts them for each variable.
+    """
+    groups: dict[tuple[Any, Any], list[Entry]] = {}
+    for e in entries:
+        groups.setdefault((e.param.dtype, e.param.device), []).append(e)
+    for (dtype, device), group in groups.items():
+        _update_group(group, torch.as_tensor(learning_rate, dtype=dtype, device=device),
+                      torch.as_tensor(step, dtype=dtype, device=device), policy or Policy())
 
 
 def _pieces(t: torch.Tensor, chunk: int) -> list[torch.Tensor]:
     """Flat views of at most ``chunk`` elements covering ``t`` (``t`` itself when it is small)."""
-    if t.numel() <= chunk:
-        return [t]
-    return list(t.view(-1).split(chunk))
+    return [t] if t.numel() <= chunk else list(t.view(-1).split(chunk))
 
 
-def _update_group(opt: Any, ctx: Any, facts: list[Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-    """One dtype/device group: the scalars once, then the op sequence batch by batch (see ``BATCH_ELEMS``)."""
-    lr, t = ctx.scalars[facts[0].compute_dtype]
-    coeffs = adam_coefficients(lr, opt.beta_1, opt.beta_2, t, xp=KERAS_XP) if opt.direction == "adam" else None
-    pulled = [i for i, f in enumerate(facts) if f.paradigm in ("finetune", "scratch") and f.rate != 0.0]
-    cs = dict(zip(pulled, _coefficients(lr, [facts[i].rate for i in pulled]))) if pulled else {}
-    # Rows of (param, grad, *slots, anchor, c, paradigm) pieces; a tensor is split only where all of
-    # its in-place targets are contiguous (views), else it is updated whole.
-    rows: list[tuple] = []
-    for i, (f, p, g) in enumerate(zip(facts, params, grads)):
-        slots = [s.value for s in f.slots]
-        anchor = f.anchor.value if f.anchor is not None else None
-        targets = [p, *slots] + ([anchor] if anchor is not None else [])
-        chunk = CHUNK_ELEMS if all(x.is_contiguous() for x in targets) else max(p.numel(), 1)
+def _update_group(entries: list[Entry], lr: torch.Tensor, t: torch.Tensor, policy: Policy) -> None:
+    """One dtype/device group: the scalars once, then the core's operations batch by batch."""
+    hp = entries[0].hp  # the direction's hyperparameters are the same in every paradigm
+    coeffs = adam_coefficients(lr, hp.beta1, hp.beta2, t, xp=TORCH_LISTS) if hp.direction == "adam" else None
+    # c is skipped where it is host-known 0 (rate 0 or paradigm "none"), as pull_coefficient says.
+    pulled = [i for i, e in enumerate(entries) if e.hp.paradigm != "none" and e.rate != 0.0]
+    cs: dict[int, torch.Tensor] = {}
+    if pulled:
+        rates = TensorList(torch.tensor([entries[i].rate for i in pulled], dtype=lr.dtype, device=lr.device).unbind(0))
+        cs = dict(zip(pulled, pull_coefficient(lr, rates, xp=TORCH_LISTS).tensors))
+    rows: list[_Row] = []
+    for i, e in enumerate(entries):
+        # A tensor is split only where all of its in-place targets are contiguous (views).
+        targets = [e.param, *e.slots] + ([e.anchor] if e.anchor is not None else [])
+        chunk = policy.chunk_elems if all(x.is_contiguous() for x in targets) else max(e.param.numel(), 1)
         split = [_pieces(x, chunk) for x in targets]
-        gs = _pieces(g if g.is_contiguous() else g.contiguous(), chunk)
-        c, paradigm = cs.get(i), f.paradigm
-        for k in range(len(gs)):
+        grads = _pieces(e.grad.contiguous(), chunk)
+        n = len(e.slots)
+        for k, g in enumerate(grads):
             pieces = [s[k] for s in split]
-            rows.append((pieces[0], gs[k], pieces[1:1 + len(slots)], pieces[-1] if anchor is not None else None,
-                         c, paradigm))
-    batch: list[tuple] = []
+            rows.append(_Row(pieces[0], g, pieces[1:1 + n], pieces[-1] if e.anchor is not None else None, cs.get(i),
+                             e.hp.paradigm))
+    batch: list[_Row] = []
     size = 0
     for row in rows:
-        if batch and size + row[0].numel() > BATCH_ELEMS:
-            _update_batch(opt, coeffs, lr, batch)
+        if batch and size + row.param.numel() > policy.batch_elems:
+            _update_batch(hp, coeffs, lr, batch)
             batch, size = [], 0
         batch.append(row)
-        size += row[0].numel()
+        size += row.param.numel()
     if batch:
-        _update_batch(opt, coeffs, lr, batch)
+        _update_batch(hp, coeffs, lr, batch)
 
 
-def _update_batch(opt: Any, coeffs: Any, lr: Any, rows: list[tuple]) -> None:
-    """The core's operations (module docstring), each one ``torch._foreach_*`` call over the batch."""
-    params = [r[0] for r in rows]
-    grads = [r[1] for r in rows]
-    slots = [[r[2][k] for r in rows] for k in range(len(rows[0][2]))]
-    if opt.direction == "adam":
-        m, v = slots
-        torch._foreach_mul_(m, opt.beta_1)
-        torch._foreach_add_(m, torch._foreach_mul(grads, 1.0 - opt.beta_1))
-        torch._foreach_mul_(v, opt.beta_2)
-        gg = torch._foreach_mul(grads, grads)
-        torch._foreach_mul_(gg, 1.0 - opt.beta_2)
-        torch._foreach_add_(v, gg)
-        d = torch._foreach_sqrt(v)
-        torch._foreach_mul_(d, coeffs.inv_sqrt_bc2)
-        torch._foreach_add_(d, opt.epsilon)
-        u = torch._foreach_div(m, d)
-        torch._foreach_mul_(u, coeffs.step_size)
-        torch._foreach_sub_(params, u)
+def _update_batch(hp: HyperParams, coeffs: Any, lr: torch.Tensor, rows: list[_Row]) -> None:
+    """The core's pre-weight and pull on the batch's lists, then the results written back in place."""
+    params = [r.param for r in rows]
+    slots = [[r.slots[k] for r in rows] for k in range(len(rows[0].slots))]
+    theta, grad = TensorList(params), TensorList([r.grad for r in rows])
+    state: AdamState | SGDState
+    if hp.direction == "adam":
+        pre, state = adam_pre_weight(theta, grad, AdamState(*map(TensorList, slots)), beta1=hp.beta1, beta2=hp.beta2,
+                                     eps=hp.eps, step_size=coeffs.step_size, inv_sqrt_bc2=coeffs.inv_sqrt_bc2,
+                                     xp=TORCH_LISTS)
     else:
-        (b,) = slots
-        torch._foreach_mul_(b, opt.momentum)
-        torch._foreach_add_(b, grads)
-        if opt.nesterov:
-            u = torch._foreach_mul(b, opt.momentum)
-            torch._foreach_add_(u, grads)  # g + mu*b: IEEE addition commutes exactly
-        else:
-            u = b
-        u = torch._foreach_mul(u, lr)
-        torch._foreach_sub_(params, u)
-    # params now hold the pre-weights; pull them (spec 4.2). c is None where it is host-known 0.
-    finetune = [r for r in rows if r[5] == "finetune" and r[4] is not None]
-    scratch = [r for r in rows if r[5] == "scratch" and r[4] is not None]
-    if finetune:
-        pre = [r[0] for r in finetune]
-        diff = torch._foreach_sub(pre, [r[3] for r in finetune])
-        torch._foreach_mul_(diff, [r[4] for r in finetune])
-        torch._foreach_sub_(pre, diff)
-    if scratch:
-        pre = [r[0] for r in scratch]
-        pulled = torch._foreach_mul(pre, [r[4] for r in scratch])
-        torch._foreach_sub_(pre, pulled)
-
-
-def _coefficients(lr: torch.Tensor, rates: list[float]) -> list[torch.Tensor]:
-    """Each tensor's c = clip(lr * rate, 0, 1) as 0-d tensors, computed as one vector op.
-
-    Element by element this is :func:`decoupled_core.pull_coefficient` on the
-    generic path: ``lr * rate`` with the Python float ``rate`` rounded to lr's
-    dtype (as torch does for a scalar operand), then clipped to [0, 1].
-    """
-    r = torch.tensor(rates, dtype=lr.dtype, device=lr.device)
-    return list(torch.clamp(lr * r, 0.0, 1.0).unbind(0))
+        pre, state = sgd_pre_weight(theta, grad, SGDState(*map(TensorList, slots)), lr=lr, momentum=hp.momentum,
+                                    nesterov=hp.nesterov, xp=TORCH_LISTS)
+    new = pre.tensors
+    for paradigm in ("finetune", "scratch"):  # scratch: anchor None stands for 0
+        idx = [i for i, r in enumerate(rows) if r.paradigm == paradigm and r.c is not None]
+        if idx:
+            anchors = TensorList(cast(torch.Tensor, rows[i].anchor) for i in idx) if paradigm == "finetune" else None
+            out = pull(TensorList(new[i] for i in idx), anchors, TensorList(cast(torch.Tensor, rows[i].c) for i in idx),
+                       xp=TORCH_LISTS)
+            for i, x in zip(idx, out.tensors):
+                new[i] = x
+    torch._foreach_copy_(params, new)
+    for target, value in zip(slots, state):
+        torch._foreach_copy_(target, value.tensors)

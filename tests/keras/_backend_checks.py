@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import doctest
 import hashlib
+import importlib
 import json
 import os
+import pkgutil
 import sys
 import tempfile
 import time
@@ -227,9 +229,9 @@ def fast_path_equals_generic() -> dict[str, Any]:
         fast, generic = replay_case(case, fast_path=True), replay_case(case, fast_path=False)
         out[f"vector:{case.name}.{case.dtype}"] = all(np.array_equal(f[n], g[n], equal_nan=True)
                                                       for f, g in zip(fast, generic) for n in case.names)
-    from dualopt.keras import _torch as _keras_torch
+    from dualopt.keras._torch import Policy
 
-    defaults = (_keras_torch.CHUNK_ELEMS, _keras_torch.BATCH_ELEMS, _keras_torch.SUM_CHECK_MIN_NUMEL)
+    defaults = Policy()
 
     def as_torch(g: np.ndarray, dt: str, transposed: bool) -> Any:
         if transposed and g.ndim == 2:  # a non-contiguous gradient of the right shape
@@ -237,7 +239,7 @@ def fast_path_equals_generic() -> dict[str, Any]:
         return torch.as_tensor(g).to(getattr(torch, dt))
 
     def compare(shapes: list, dtype: str, direction: str, nesterov: bool, paradigm: Any, layer_index: list,
-                steps: int, inf_at: tuple, transposed: bool) -> bool:
+                steps: int, inf_at: tuple, transposed: bool, policy: Policy) -> bool:
         results = []
         for fast_path in (True, False):
             keras.config.set_floatx("float32" if dtype != "float64" else "float64")
@@ -250,6 +252,7 @@ def fast_path_equals_generic() -> dict[str, Any]:
                           default_paradigm="finetune", weight_decay=0.7, rollback_max=3.0, rollback_min=0.5,
                           layer_index=layer_index)
             opt._use_fast_path = fast_path
+            opt._fast_path_policy = policy
             for step in range(steps):
                 grads = [local.standard_normal(s) for s in shapes]
                 if step == 3:
@@ -262,27 +265,44 @@ def fast_path_equals_generic() -> dict[str, Any]:
 
     shapes = [(7, 5), (5,), (3, 4, 2), (), (0, 3), (16,), (9, 9), (1,)]
     mixed = {"v1": "scratch", "v5": "none", "v6": "scratch"}
-    try:
-        # "whole": every tensor fits one piece; "pieces": tiny pieces and batches, so that tensors are split,
-        # batches cut through tensors, the sum-based NaN/Inf check runs and a gradient is non-contiguous.
-        for mode, constants in (("whole", defaults), ("pieces", (5, 17, 10))):
-            _keras_torch.CHUNK_ELEMS, _keras_torch.BATCH_ELEMS, _keras_torch.SUM_CHECK_MIN_NUMEL = constants
-            for dtype in ("float32", "float64", "mixed16"):
-                for direction, nesterov in (("adam", False), ("sgd", True), ("sgd", False)):
-                    for paradigm in ("scratch", "finetune", "none", "mixed"):
-                        key = f"random:{mode}:{dtype}:{direction}{'+nesterov' if nesterov else ''}:{paradigm}"
-                        out[key] = compare(shapes, dtype, direction, nesterov, mixed if paradigm == "mixed"
-                                           else paradigm, [0, 0, 1, 2, 2, 3, 4, 4], 6, (2, (0, 1, 1)),
-                                           mode == "pieces")
-        _keras_torch.CHUNK_ELEMS, _keras_torch.BATCH_ELEMS, _keras_torch.SUM_CHECK_MIN_NUMEL = defaults
-        # Real sizes with the default constants: several pieces per tensor, batches across tensors.
-        big = [(300, 700), (3 * defaults[0] + 7,), (5,), (defaults[1] - 3,)]
-        for dtype, direction in (("float32", "adam"), ("float64", "sgd")):
-            out[f"large:{dtype}:{direction}"] = compare(big, dtype, direction, True, {"v1": "scratch"}, [0, 1, 2, 3],
-                                                        5, (0, (299, 699)), True)
-    finally:
-        _keras_torch.CHUNK_ELEMS, _keras_torch.BATCH_ELEMS, _keras_torch.SUM_CHECK_MIN_NUMEL = defaults
+    # "whole": every tensor fits one piece; "pieces": tiny pieces and batches, so that tensors are split,
+    # batches cut through tensors and a gradient is non-contiguous. (The NaN/Inf check is torch_lists's, tested
+    # in tests/torch/test_torch_lists.py; "large" below runs its sum route.)
+    for mode, policy in (("whole", defaults), ("pieces", Policy(chunk_elems=5, batch_elems=17))):
+        for dtype in ("float32", "float64", "mixed16"):
+            for direction, nesterov in (("adam", False), ("sgd", True), ("sgd", False)):
+                for paradigm in ("scratch", "finetune", "none", "mixed"):
+                    key = f"random:{mode}:{dtype}:{direction}{'+nesterov' if nesterov else ''}:{paradigm}"
+                    out[key] = compare(shapes, dtype, direction, nesterov, mixed if paradigm == "mixed"
+                                       else paradigm, [0, 0, 1, 2, 2, 3, 4, 4], 6, (2, (0, 1, 1)),
+                                       mode == "pieces", policy)
+    # Real sizes with the default policy: several pieces per tensor, batches across tensors.
+    big = [(300, 700), (3 * defaults.chunk_elems + 7,), (5,), (defaults.batch_elems - 3,)]
+    for dtype, direction in (("float32", "adam"), ("float64", "sgd")):
+        out[f"large:{dtype}:{direction}"] = compare(big, dtype, direction, True, {"v1": "scratch"}, [0, 1, 2, 3],
+                                                    5, (0, (299, 699)), True, defaults)
     keras.config.set_floatx("float64")
+    return out
+
+
+@check
+def update_step_uses_its_learning_rate() -> dict[str, Any]:
+    """``update_step`` steps with the learning rate it is given (Keras's ``apply`` passes it) and t = step + 1."""
+    from decoupled_core import AdamState, step_tensor
+
+    w0, g = np.array([1.0, -2.0, 3.0]), np.array([0.5, -0.25, 1.0])
+    out = {}
+    for lr in (0.03, 0.1):  # 0.1 is the optimizer's own rate
+        w = keras.Variable(w0, dtype="float64", name="w")
+        opt = dualopt(learning_rate=0.1, paradigm="finetune", rollback_max=2.0)
+        opt.build([w])
+        opt.update_step(ops.convert_to_tensor(g), w, lr)
+        hp = HyperParams(direction="adam", paradigm="finetune", rollback_max=2.0)
+        expected, _ = step_tensor(w0, g, AdamState(np.zeros(3), np.zeros(3)), w0, hp=hp, lr=lr, step=1,
+                                  rate=opt.layer_rates()["w"], xp=np)
+        out[str(lr)] = {"max_err_eps": float(np.max(np.abs(np.asarray(ops.convert_to_numpy(w)) - expected))
+                                             / np.max(np.abs(expected)) / 2.0**-52),
+                        "step_count": int(ops.convert_to_numpy(opt.step_count))}
     return out
 
 
@@ -1122,12 +1142,18 @@ def load_weights_resume() -> dict[str, Any]:
 
 @check
 def doctests() -> dict[str, Any]:
+    """Every module of the dualopt.keras package (the examples live in its private modules)."""
     import dualopt.keras
 
     keras.config.set_floatx("float32")
-    result = doctest.testmod(dualopt.keras, verbose=False)
+    attempted = failed = 0
+    for info in pkgutil.iter_modules(dualopt.keras.__path__):
+        if info.name == "_torch" and BACKEND != "torch":
+            continue
+        result = doctest.testmod(importlib.import_module(f"dualopt.keras.{info.name}"), verbose=False)
+        attempted, failed = attempted + result.attempted, failed + result.failed
     keras.config.set_floatx("float64")
-    return {"attempted": result.attempted, "failed": result.failed}
+    return {"attempted": attempted, "failed": failed}
 
 
 @check

@@ -223,6 +223,14 @@ def test_float64_model_in_float32_session_steps_with_float64_learning_rate(backe
 
 
 @by_backend
+def test_update_step_steps_with_the_learning_rate_it_is_given(backend):
+    r = check(backend, "update_step_uses_its_learning_rate")
+    for lr in ("0.03", "0.1"):
+        assert r[lr]["max_err_eps"] <= 4.0, r  # the core in numpy; torch's sqrt may differ by 1 ulp
+        assert r[lr]["step_count"] == 0, r  # update_step is one variable's step; apply advances t
+
+
+@by_backend
 def test_config_round_trip(backend):
     r = check(backend, "config_round_trip")
     for key in ("mapping", "schedule", "callable"):
