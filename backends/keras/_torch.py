@@ -25,7 +25,7 @@ import torch
 from decoupled_core import (AdamState, HyperParams, SGDState, adam_coefficients, adam_pre_weight, pull,
                             pull_coefficient, sgd_pre_weight)
 
-from .._shared.torch_lists import TORCH_LISTS, TensorList
+from .._shared.torch_lists import TORCH_LISTS, PerTensor, TensorList
 
 __all__ = ["Policy", "Entry", "update"]
 
@@ -94,7 +94,7 @@ def _update_group(entries: list[Entry], lr: torch.Tensor, t: torch.Tensor, polic
     pulled = [i for i, e in enumerate(entries) if e.hp.paradigm != "none" and e.rate != 0.0]
     cs: dict[int, torch.Tensor] = {}
     if pulled:
-        rates = TensorList(torch.tensor([entries[i].rate for i in pulled], dtype=lr.dtype, device=lr.device).unbind(0))
+        rates = PerTensor(torch.tensor([entries[i].rate for i in pulled], dtype=lr.dtype, device=lr.device).unbind(0))
         cs = dict(zip(pulled, pull_coefficient(lr, rates, xp=TORCH_LISTS).tensors))
     rows: list[_Row] = []
     for i, e in enumerate(entries):
@@ -138,7 +138,7 @@ def _update_batch(hp: HyperParams, coeffs: Any, lr: torch.Tensor, rows: list[_Ro
         idx = [i for i, r in enumerate(rows) if r.paradigm == paradigm and r.c is not None]
         if idx:
             anchors = TensorList(cast(torch.Tensor, rows[i].anchor) for i in idx) if paradigm == "finetune" else None
-            out = pull(TensorList(new[i] for i in idx), anchors, TensorList(cast(torch.Tensor, rows[i].c) for i in idx),
+            out = pull(TensorList(new[i] for i in idx), anchors, PerTensor(cast(torch.Tensor, rows[i].c) for i in idx),
                        xp=TORCH_LISTS)
             for i, x in zip(idx, out.tensors):
                 new[i] = x
