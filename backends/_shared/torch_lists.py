@@ -77,7 +77,8 @@ class TensorList:
     @property
     def tensors(self) -> list[torch.Tensor]:
         if self._tensors is None:
-            raise RuntimeError("this TensorList's memory was reused by a later operation (or donated to one): it cannot be read")
+            raise RuntimeError("this TensorList's memory was reused by a later operation (or donated to one): "
+                               "it cannot be read")
         return self._tensors
 
     @property
