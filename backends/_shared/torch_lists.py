@@ -13,8 +13,10 @@ with host scalars passed as Python floats (rounded once to the working dtype by
 the kernel, as ``tensor * float`` does): on CPU torch's multi-tensor ops loop over
 the same per-tensor kernels, so the result is the core evaluated tensor by tensor
 with torch, bit for bit. A coefficient that differs per tensor (the pull's ``c``)
-is a :class:`PerTensor` list of 0-d tensors. The results are new tensors; the caller
-writes them back (``torch._foreach_copy_``).
+is a :class:`PerTensor` list of 0-d tensors. The results are new tensors, except where
+an input was donated (``TensorList(state, donate=True)``): the core reads each state
+value once, so the new moments land in the old ones' memory; the caller writes back
+only the results that are not already their destination (``torch._foreach_copy_``).
 
 :func:`nonfinite_flag` is torch's one NaN/Inf check (a device-side flag, no host
 read); :func:`grads_finite` is its host answer. Both are shared by ``dualopt.torch``
@@ -28,7 +30,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-__all__ = ["TensorList", "PerTensor", "TORCH_LISTS", "nonfinite_flag", "grads_finite", "SUM_CHECK_MIN_NUMEL"]
+__all__ = ["TensorList", "PerTensor", "TORCH_LISTS", "copy_back", "nonfinite_flag", "grads_finite",
+           "SUM_CHECK_MIN_NUMEL"]
 
 #: Contiguous gradients with at least this many elements are checked on the host route through their sum
 #: (a read-only pass; only a non-finite sum is re-checked element-wise); smaller ones share one
@@ -50,6 +53,12 @@ class TensorList:
     class's own operations are reused, never the caller's tensors, and a list
     whose memory was reused refuses to be read again (``RuntimeError``).
 
+    ``donate=True`` hands the caller's tensors over to the first operation
+    that reads the list (``__len__`` and ``dtype`` do not count): it may write
+    its result into them, as into a temporary, and the list is unreadable
+    afterwards whether or not it did, so a second read fails loudly instead of
+    seeing the new values.
+
     Examples
     --------
     >>> import torch
@@ -58,16 +67,18 @@ class TensorList:
     [[-0.5, -1.0], [-1.5]]
     """
 
-    __slots__ = ("_tensors", "_owned")
+    __slots__ = ("_tensors", "_owned", "_donated")
 
-    def __init__(self, tensors: Iterable[torch.Tensor], *, _owned: bool = False) -> None:
+    def __init__(self, tensors: Iterable[torch.Tensor], *, donate: bool = False, _owned: bool = False) -> None:
         self._tensors: list[torch.Tensor] | None = list(tensors)
-        self._owned = _owned  # the tensors were made by an operation of this class: reusable
+        self._owned = _owned or donate  # the tensors were made by an operation of this class, or given: reusable
+        self._donated = donate  # consumed by its first operation, named or not
 
     @property
     def tensors(self) -> list[torch.Tensor]:
         if self._tensors is None:
-            raise RuntimeError("this TensorList's memory was reused by a later operation: it cannot be read")
+            raise RuntimeError("this TensorList's memory was reused by a later operation (or donated to one): "
+                               "it cannot be read")
         return self._tensors
 
     @property
@@ -78,7 +89,7 @@ class TensorList:
         return len(self.tensors)
 
     def __neg__(self) -> TensorList:
-        mine = sys.getrefcount(self) <= _TEMPORARY
+        mine = sys.getrefcount(self) <= _TEMPORARY or self._donated
         if self._owned and mine:
             return self._reused(torch._foreach_neg_, ())
         return type(self)(torch._foreach_neg(self.tensors), _owned=True)
@@ -119,6 +130,13 @@ class TensorList:
         self._tensors = None  # any later read of this object is an error, never a silently changed value
         return type(self)(tensors, _owned=True)
 
+    def _consumed(self) -> list[torch.Tensor]:
+        """The tensors; a donated list is spent by this read."""
+        tensors = self.tensors
+        if self._donated:
+            self._tensors = None
+        return tensors
+
 
 class PerTensor(TensorList):
     """One 0-d coefficient per tensor (the pull's ``c``): in ``c * x`` the shaped list ``x`` leads the
@@ -134,7 +152,18 @@ class PerTensor(TensorList):
 
 
 def _binary(op: str, x: TensorList, other: Any, x_temporary: bool, other_temporary: bool) -> TensorList:
-    """``x op other``, in place into whichever operand is an unnamed result of a TensorList operation."""
+    """``x op other``, in place into whichever operand is an unnamed result of a TensorList operation (or
+    donated); a donated operand is spent either way."""
+    x_temporary = x_temporary or x._donated
+    other_temporary = other_temporary or (isinstance(other, TensorList) and other._donated)
+    out = _binary_op(op, x, other, x_temporary, other_temporary)
+    for operand in (x, other):
+        if isinstance(operand, TensorList) and operand._donated:
+            operand._tensors = None
+    return out
+
+
+def _binary_op(op: str, x: TensorList, other: Any, x_temporary: bool, other_temporary: bool) -> TensorList:
     xs = x.tensors
     operand = _operand(other, len(xs))
     if op == "sub" and isinstance(other, torch.Tensor):  # x - t == x + (-t), exactly; sub has no Tensor overload
@@ -149,6 +178,14 @@ def _binary(op: str, x: TensorList, other: Any, x_temporary: bool, other_tempora
             op = "add"
         return other._reused(getattr(torch, f"_foreach_{op}_"), (xs,))
     return cls(getattr(torch, f"_foreach_{op}")(xs, operand), _owned=True)
+
+
+def copy_back(targets: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    """``torch._foreach_copy_(targets, values)``, leaving out the values computed in their target's memory
+    (a donated input): copying a tensor onto itself would still cost a pass."""
+    pairs = [(t, v) for t, v in zip(targets, values) if t is not v]
+    if pairs:
+        torch._foreach_copy_([t for t, _ in pairs], [v for _, v in pairs])
 
 
 def _calibrate() -> int:
@@ -212,24 +249,24 @@ def _astype(x: Any, dtype: torch.dtype, copy: bool = False) -> Any:
     if isinstance(x, TensorList):
         if x.dtype == dtype and not copy:
             return x
-        return type(x)([t.to(dtype, copy=copy) for t in x.tensors], _owned=True)
+        return type(x)([t.to(dtype, copy=copy) for t in x._consumed()], _owned=True)
     return x.to(dtype, copy=copy)
 
 
 def _sqrt(x: Any) -> Any:
-    return type(x)(torch._foreach_sqrt(x.tensors), _owned=True) if isinstance(x, TensorList) else torch.sqrt(x)
+    return type(x)(torch._foreach_sqrt(x._consumed()), _owned=True) if isinstance(x, TensorList) else torch.sqrt(x)
 
 
 def _where(condition: torch.Tensor, a: Any, b: Any) -> Any:
     """``torch.where`` with a 0-d condition, tensor by tensor (the device-side skip's select)."""
     if isinstance(a, TensorList):
-        return TensorList([torch.where(condition, x, y) for x, y in zip(a.tensors, b.tensors)], _owned=True)
+        return TensorList([torch.where(condition, x, y) for x, y in zip(a._consumed(), b._consumed())], _owned=True)
     return torch.where(condition, a, b)
 
 
 def _clip(x: Any, lo: float, hi: float) -> Any:
     if isinstance(x, TensorList):
-        return type(x)(torch._foreach_clamp_max(torch._foreach_clamp_min(x.tensors, lo), hi), _owned=True)
+        return type(x)(torch._foreach_clamp_max(torch._foreach_clamp_min(x._consumed(), lo), hi), _owned=True)
     return torch.clip(x, lo, hi)
 
 

@@ -25,7 +25,7 @@ import torch
 from decoupled_core import (AdamState, HyperParams, SGDState, adam_coefficients, adam_pre_weight, pull,
                             pull_coefficient, sgd_pre_weight)
 
-from .._shared.torch_lists import TORCH_LISTS, PerTensor, TensorList
+from .._shared.torch_lists import TORCH_LISTS, PerTensor, TensorList, copy_back
 
 __all__ = ["Policy", "Entry", "update"]
 
@@ -124,14 +124,16 @@ def _update_batch(hp: HyperParams, coeffs: Any, lr: torch.Tensor, rows: list[_Ro
     """The core's pre-weight and pull on the batch's lists, then the results written back in place."""
     params = [r.param for r in rows]
     slots = [[r.slots[k] for r in rows] for k in range(len(rows[0].slots))]
-    theta, grad = TensorList(params), TensorList([r.grad for r in rows])
+    # The core reads the weight and each slot once (no device-side skip here): they take the results in place.
+    theta, grad = TensorList(params, donate=True), TensorList([r.grad for r in rows])
+    given = [TensorList(s, donate=True) for s in slots]
     state: AdamState | SGDState
     if hp.direction == "adam":
-        pre, state = adam_pre_weight(theta, grad, AdamState(*map(TensorList, slots)), beta1=hp.beta1, beta2=hp.beta2,
+        pre, state = adam_pre_weight(theta, grad, AdamState(*given), beta1=hp.beta1, beta2=hp.beta2,
                                      eps=hp.eps, step_size=coeffs.step_size, inv_sqrt_bc2=coeffs.inv_sqrt_bc2,
                                      xp=TORCH_LISTS)
     else:
-        pre, state = sgd_pre_weight(theta, grad, SGDState(*map(TensorList, slots)), lr=lr, momentum=hp.momentum,
+        pre, state = sgd_pre_weight(theta, grad, SGDState(*given), lr=lr, momentum=hp.momentum,
                                     nesterov=hp.nesterov, xp=TORCH_LISTS)
     new = pre.tensors
     for paradigm in ("finetune", "scratch"):  # scratch: anchor None stands for 0
@@ -142,6 +144,6 @@ def _update_batch(hp: HyperParams, coeffs: Any, lr: torch.Tensor, rows: list[_Ro
                        xp=TORCH_LISTS)
             for i, x in zip(idx, out.tensors):
                 new[i] = x
-    torch._foreach_copy_(params, new)
+    copy_back(params, new)
     for target, value in zip(slots, state):
-        torch._foreach_copy_(target, value.tensors)
+        copy_back(target, value.tensors)

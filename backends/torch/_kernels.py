@@ -39,7 +39,7 @@ import torch
 from decoupled_core import (AdamState, HyperParams, SGDState, adam_coefficients, compute_dtype, pull,
                             pull_coefficient, sgd_pre_weight, step_tensor)
 
-from .._shared.torch_lists import TORCH_LISTS, PerTensor, TensorList
+from .._shared.torch_lists import TORCH_LISTS, PerTensor, TensorList, copy_back
 from . import _native as native
 
 __all__ = ["Policy", "DEFAULT_POLICY", "loop_update", "FastPlan", "update_bucket", "state_problem", "init_state"]
@@ -342,8 +342,11 @@ def _core_on_lists(b: _Bucket, work: list[torch.Tensor], grads: list[torch.Tenso
     keep = None if found_inf is None else found_inf == 0
     g = TensorList(torch._foreach_neg(grads) if maximize else grads)
     (bufs,) = b.slots
-    pre, state = sgd_pre_weight(TensorList(work), g, SGDState(TensorList(bufs)), lr=lr, momentum=hp.momentum,
-                                nesterov=hp.nesterov, xp=TORCH_LISTS, keep=keep)
+    # The core reads the buffer and the weight once, so they may take the results in place; not under a
+    # device-side skip, whose select needs the old values after the update.
+    donate = keep is None
+    pre, state = sgd_pre_weight(TensorList(work, donate=donate), g, SGDState(TensorList(bufs, donate=donate)),
+                                lr=lr, momentum=hp.momentum, nesterov=hp.nesterov, xp=TORCH_LISTS, keep=keep)
     new = pre.tensors
     if b.pulled:
         pick = lambda xs: TensorList([xs[k] for k in b.pulled])  # noqa: E731
@@ -352,8 +355,8 @@ def _core_on_lists(b: _Bucket, work: list[torch.Tensor], grads: list[torch.Tenso
             new[k] = t
     if keep is not None:  # a skipped step keeps the old weights (the core kept the buffers)
         new = TORCH_LISTS.where(keep, TensorList(new), TensorList(work)).tensors
-    torch._foreach_copy_(bufs, state.momentum_buffer.tensors)
-    torch._foreach_copy_(work, new)
+    copy_back(bufs, state.momentum_buffer.tensors)
+    copy_back(work, new)
 
 
 def _native_adam(b: _Bucket, work: list[torch.Tensor], grads: list[torch.Tensor], *, hp: HyperParams, lr: float,

@@ -193,3 +193,92 @@ def test_a_list_whose_memory_was_reused_cannot_be_read():
     t._reused(torch._foreach_mul_, (2.0,))
     with pytest.raises(RuntimeError, match="reused"):
         t.tensors
+
+
+def _ptrs(xs):
+    return [t.data_ptr() for t in xs]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("direction", ["adam", "sgd", "sgd-nesterov"])
+def test_donated_state_takes_the_core_results_in_place(dtype, direction):
+    """Donated weights and state: the core's bits per tensor, computed in the donated memory (what the
+    callers' copy-back then leaves out), and the donated lists cannot be read afterwards."""
+    p, g = _tensors(dtype, 11), _tensors(dtype, 12, 0.1)
+    s = [_tensors(dtype, 13, 0.01), _tensors(dtype, 14, 1e-4, positive=True)][: 2 if direction == "adam" else 1]
+    given_p, given_s = [t.clone() for t in p], [[t.clone() for t in x] for x in s]
+    ptrs_p, ptrs_s = _ptrs(given_p), [_ptrs(x) for x in given_s]
+    theta, state = TensorList(given_p, donate=True), [TensorList(x, donate=True) for x in given_s]
+    if direction == "adam":
+        pre, st = adam_pre_weight(theta, TensorList(g), AdamState(*state), xp=TORCH_LISTS, **ADAM)
+        singles = [adam_pre_weight(x, y, AdamState(a, b), xp=torch_xp, **ADAM) for x, y, a, b in zip(p, g, *s)]
+    else:
+        kw = dict(lr=0.05, momentum=0.9, nesterov=direction == "sgd-nesterov")
+        pre, st = sgd_pre_weight(theta, TensorList(g), SGDState(*state), xp=TORCH_LISTS, **kw)
+        singles = [sgd_pre_weight(x, y, SGDState(b), xp=torch_xp, **kw) for x, y, b in zip(p, g, *s)]
+    _same(pre.tensors, [x[0] for x in singles])
+    for k, got in enumerate(st):
+        _same(got.tensors, [x[1][k] for x in singles])
+        assert got.tensors == given_s[k] and _ptrs(got.tensors) == ptrs_s[k]  # the very tensors: no copy-back
+    assert _ptrs(pre.tensors) == ptrs_p
+    for spent in (theta, *state):
+        with pytest.raises(RuntimeError, match="reused"):
+            spent.tensors
+    _same(g, _tensors(dtype, 12, 0.1))  # never the gradient's memory
+
+
+def test_a_donated_list_is_spent_by_its_first_operation_whatever_it_is():
+    """Read twice, a donated list raises instead of giving the changed values: a device-side skip (the
+    core's select reads the old state again) must not donate."""
+    x = TensorList([torch.ones(3)], donate=True)
+    assert len(x) == 1 and x.dtype == torch.float32  # not operations
+    y = TensorList([torch.full((3,), 2.0)]) / x  # the right operand of a division is not written, but spent
+    with pytest.raises(RuntimeError, match="reused"):
+        x * 2.0
+    _same(y.tensors, [torch.full((3,), 2.0)])
+    b = [torch.ones(3)]
+    with pytest.raises(RuntimeError, match="reused"):
+        sgd_pre_weight(TensorList([torch.ones(3)]), TensorList([torch.ones(3)]), SGDState(TensorList(b, donate=True)),
+                       lr=0.1, momentum=0.9, nesterov=False, xp=TORCH_LISTS, keep=torch.tensor(True))
+
+
+@pytest.mark.parametrize("flag", [None, 0.0, 1.0])
+def test_the_list_path_donates_only_without_a_device_side_skip(monkeypatch, flag):
+    """``_core_on_lists``: without ``found_inf`` the buffers and weights are updated in their own memory
+    and not copied onto themselves; with it, the old path (new lists, a select, a copy-back) keeps every
+    bit of a skipped step."""
+    from types import SimpleNamespace
+
+    from dualopt._shared import torch_lists
+    from dualopt.torch import _kernels
+
+    p, g, b = _tensors(torch.float32, 15), _tensors(torch.float32, 16, 0.1), _tensors(torch.float32, 17, 0.1)
+    work, bufs = [t.clone() for t in p], [t.clone() for t in b]
+    bucket = SimpleNamespace(slots=(bufs,), pulled=[], anchors=None, pull_scalars=[])
+    hp = SimpleNamespace(momentum=0.9, nesterov=True)
+    copies = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: copies.append(len(dst)) or real(dst, src))
+    donated = []
+    real_init = torch_lists.TensorList.__init__
+
+    def init(self, tensors, *, donate=False, _owned=False):
+        donated.append(donate)
+        real_init(self, tensors, donate=donate, _owned=_owned)
+
+    monkeypatch.setattr(torch_lists.TensorList, "__init__", init)
+    found_inf = None if flag is None else torch.tensor(flag)
+    _kernels._core_on_lists(bucket, work, g, hp=hp, lr=0.05, maximize=False, found_inf=found_inf)
+    monkeypatch.undo()
+    expected = [sgd_pre_weight(x, y, SGDState(z), lr=0.05, momentum=0.9, nesterov=True, xp=torch_xp)
+                for x, y, z in zip(p, g, b)]
+    if flag is None:
+        assert any(donated) and copies == []
+    else:
+        assert not any(donated) and copies == [len(p), len(p)]
+    if flag == 1.0:
+        _same(work, p)
+        _same(bufs, b)
+    else:
+        _same(work, [e[0] for e in expected])
+        _same(bufs, [e[1].momentum_buffer for e in expected])
