@@ -178,7 +178,7 @@ def keras_worker(payload: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Ru
 def run_keras(backend: str, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Run]:
     from .impl_keras import _run_subprocess
 
-    return _run_subprocess(backend, "defaults", list(pairs), timeout=600.0, module="dualopt.conformance.defaults")
+    return _run_subprocess(backend, "defaults", list(pairs), timeout=600.0)
 
 
 # ----------------------------------------------------------------------------- the check
@@ -269,19 +269,3 @@ if __name__ == "__main__":  # pragma: no cover - a manual entry point
     res = check_defaults(progress=sys.stderr)
     print(render(res))
     sys.exit(0 if res.ok else 1)
-
-
-def _keras_worker_main(command: str, payload: Any) -> Any:
-    """The worker side of :func:`run_keras` (impl_keras's process protocol, this module's work)."""
-    from .impl_keras import _keras_setup
-
-    if command != "defaults":
-        raise ValueError(f"command={command!r} is invalid: expected 'defaults'.")
-    _keras_setup("float64")
-    return keras_worker(payload)
-
-
-if __name__ == "__main__":
-    from .impl_keras import _main
-
-    sys.exit(_main(sys.argv[1:], _keras_worker_main))

@@ -39,7 +39,7 @@ import pickle
 import subprocess
 import sys
 import tempfile
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -278,7 +278,12 @@ def run_worker(command: str, payload: Any) -> Any:
         _keras_setup("float64")
         make = _dualopt_for if command == "train" else _native_adam_for
         return {mode: train_problem(problem, make(problem, mode)) for mode in modes}
-    raise ValueError(f"command={command!r} is invalid: expected 'replay', 'train' or 'train-native'.")
+    if command == "defaults":  # the case "same architecture, default settings" (defaults.py)
+        from .defaults import keras_worker
+
+        _keras_setup("float64")
+        return keras_worker(payload)
+    raise ValueError(f"command={command!r} is invalid: expected 'replay', 'train', 'train-native' or 'defaults'.")
 
 
 # --------------------------------------------------------------------------- in the suite's process
@@ -286,15 +291,13 @@ def _backend_module(backend: str) -> str:
     return {"tensorflow": "tensorflow", "torch": "torch", "jax": "jax"}[backend]
 
 
-def _run_subprocess(backend: str, command: str, payload: Any, timeout: float = 1800.0,
-                    module: str = "dualopt.conformance.impl_keras") -> Any:
-    """``module``'s worker (``python -m module command in.pkl out.pkl``) in a fresh process on ``backend``."""
+def _run_subprocess(backend: str, command: str, payload: Any, timeout: float = 1800.0) -> Any:
     with tempfile.TemporaryDirectory(prefix="dualopt-keras-") as tmp:
         src, dst = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
         with open(src, "wb") as fh:
             pickle.dump(payload, fh)
         env = dict(os.environ, KERAS_BACKEND=backend, JAX_ENABLE_X64="1", TF_CPP_MIN_LOG_LEVEL="2")
-        proc = subprocess.run([sys.executable, "-m", module, command, src, dst], env=env,
+        proc = subprocess.run([sys.executable, "-m", "dualopt.conformance.impl_keras", command, src, dst], env=env,
                               capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"keras[{backend}] worker failed ({command}):\n{proc.stderr[-4000:]}")
@@ -366,11 +369,11 @@ def implementations() -> list[Implementation]:
     return [KerasDualOpt(b) for b in BACKENDS] + [KerasNativeAdam(b) for b in BACKENDS]
 
 
-def _main(argv: list[str], worker: Callable[[str, Any], Any] = run_worker) -> int:
+def _main(argv: list[str]) -> int:
     command, src, dst = argv
     with open(src, "rb") as fh:
         payload = pickle.load(fh)
-    result = worker(command, payload)
+    result = run_worker(command, payload)
     with open(dst, "wb") as fh:
         pickle.dump(result, fh)
     return 0
