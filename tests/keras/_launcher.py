@@ -28,9 +28,11 @@ import pickle
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import pytest
 
@@ -81,6 +83,20 @@ def run_checks(backend: str, target: str, *args: Any, env: Mapping[str, str | No
     if done.returncode != 0 or done.result is None:
         return {"__crash__": f"{target} on {backend}: rc={done.returncode}\n{done.stderr}"}
     return done.result
+
+
+def run_named(backend: str, checks: Iterable[tuple[str, Callable[[], Any]]]) -> dict[str, Any]:
+    """Run in a worker: each check's value, or ``{"__error__": traceback}`` where it raised (so one failing
+    check does not hide the others; :func:`pick` turns it into the test's failure), and its seconds."""
+    results: dict[str, Any] = {"backend": backend, "seconds": {}}
+    for name, fn in checks:
+        t0 = time.perf_counter()
+        try:
+            results[name] = fn()
+        except Exception:
+            results[name] = {"__error__": traceback.format_exc()[-4000:]}
+        results["seconds"][name] = round(time.perf_counter() - t0, 2)
+    return results
 
 
 def pick(results: dict, check: str) -> Any:

@@ -21,7 +21,6 @@ by the caller so that float64 variables exist on jax.
 from __future__ import annotations
 
 import math
-import time
 import traceback
 from typing import Any
 
@@ -32,6 +31,7 @@ from keras import ops
 from dualopt.keras import DualOpt
 from tests.common import fuzz_spec as fz
 from tests.common import lowprec_data as lp
+from tests.keras._launcher import run_named
 
 BACKEND = keras.backend.backend()
 FUZZ_EXAMPLES = 20  # eager Keras ops compile per shape on jax: few examples, few shapes
@@ -142,12 +142,4 @@ def fuzz() -> dict[str, Any]:
 
 def checks() -> dict[str, Any]:
     """Both checks' measured values (``{"__error__": traceback}`` for a check that raised)."""
-    results: dict[str, Any] = {"backend": BACKEND, "seconds": {}}
-    for name, fn in (("lowprec", lowprec), ("fuzz", fuzz)):
-        t0 = time.perf_counter()
-        try:
-            results[name] = fn()
-        except Exception:
-            results[name] = {"__error__": traceback.format_exc()[-4000:]}
-        results["seconds"][name] = round(time.perf_counter() - t0, 2)
-    return results
+    return run_named(BACKEND, (("lowprec", lowprec), ("fuzz", fuzz)))

@@ -10,8 +10,6 @@ check that raises records ``{"__error__": traceback}``.
 from __future__ import annotations
 
 import os
-import time
-import traceback
 from typing import Any, Callable
 
 import keras
@@ -20,6 +18,7 @@ from keras import ops
 
 import decoupled_core as dc
 from tests.common.cases import CASES, PARAM_SHAPES, BadInput, adapter_kwargs, saved_setup
+from tests.keras._launcher import run_named
 
 BACKEND = keras.backend.backend()
 CHECKS: dict[str, Callable[[], Any]] = {}
@@ -236,12 +235,4 @@ def nonfinite_fit() -> dict[str, Any]:
 def checks(tmp: str) -> dict[str, Any]:
     """Every check's measured values; ``tmp`` is a scratch directory."""
     os.environ["DUALOPT_REL_TMP"] = tmp
-    results: dict[str, Any] = {"backend": BACKEND, "seconds": {}}
-    for name, fn in CHECKS.items():
-        t0 = time.perf_counter()
-        try:
-            results[name] = fn()
-        except Exception:
-            results[name] = {"__error__": traceback.format_exc()[-4000:]}
-        results["seconds"][name] = round(time.perf_counter() - t0, 2)
-    return results
+    return run_named(BACKEND, CHECKS.items())
