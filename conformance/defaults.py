@@ -26,6 +26,8 @@ import numpy as np
 
 from decoupled_core import HyperParams, ReferenceOptimizer
 
+from .keras_process import keras_setup, run, serve
+
 __all__ = ["MODELS", "SETTINGS", "STEPS", "LR", "DefaultsResult", "reference", "run_torch", "run_optax",
            "run_keras", "check_defaults", "render"]
 
@@ -175,10 +177,16 @@ def keras_worker(payload: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Ru
     return out
 
 
-def run_keras(backend: str, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Run]:
-    from .impl_keras import _run_subprocess
+def _keras_request(command: str, payload: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Run]:
+    if command != "defaults":
+        raise ValueError(f"command={command!r} is invalid: expected 'defaults'.")
+    keras_setup("float64")
+    return keras_worker(payload)
 
-    return _run_subprocess(backend, "defaults", list(pairs), timeout=600.0)
+
+def run_keras(backend: str, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Run]:
+    # The child serves through _keras_request (this module's --keras-worker entry), not the whole case.
+    return run(backend, "dualopt.conformance.defaults", ["--keras-worker", "defaults"], list(pairs), timeout=600.0)
 
 
 # ----------------------------------------------------------------------------- the check
@@ -265,7 +273,9 @@ def render(result: DefaultsResult) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # pragma: no cover - a manual entry point
+if __name__ == "__main__":  # pragma: no cover - a manual entry point, and the Keras worker's
+    if sys.argv[1:2] == ["--keras-worker"]:
+        sys.exit(serve(sys.argv[2:], _keras_request))
     res = check_defaults(progress=sys.stderr)
     print(render(res))
     sys.exit(0 if res.ok else 1)

@@ -34,11 +34,7 @@ replay in.pkl out.pkl``.
 from __future__ import annotations
 
 import importlib.util
-import os
-import pickle
-import subprocess
 import sys
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -46,6 +42,7 @@ import numpy as np
 from decoupled_core import HyperParams
 from dualopt.spec.vectors import Case
 
+from .keras_process import keras_setup, run, serve
 from .problem import LAYER_INDEX, NAMES, SIZES, Problem, group_hyperparams
 from .protocol import Implementation, Trajectory, case_id
 
@@ -97,16 +94,9 @@ def _supported(case: Case) -> bool:
 
 
 # --------------------------------------------------------------------------- in the worker process
-def _keras_setup(dtype: str) -> Any:
-    import keras
-
-    keras.config.set_floatx(dtype)
-    return keras
-
-
 def replay_case(case: Case, *, fast_path: bool = True) -> Trajectory:
     """Replay one case through ``DualOpt.apply`` in this process's Keras backend."""
-    keras = _keras_setup(case.dtype)
+    keras = keras_setup(case.dtype)
     from dualopt.keras import DualOpt
 
     names = case.names
@@ -219,7 +209,7 @@ def build_problem_model(problem: Problem) -> Any:
     ``keras.layers.Dense`` (which computes in float32 on jax and torch in
     Keras 3.15, see :class:`_Float64Ops`).
     """
-    keras = _keras_setup("float64")
+    keras = keras_setup("float64")
     dense, _ = float64_layers()
     inputs = keras.Input((SIZES[0],), dtype="float64")
     h = inputs
@@ -239,7 +229,7 @@ def _weights(model: Any) -> dict[str, np.ndarray]:
 
 def train_problem(problem: Problem, optimizer: Any) -> Trajectory:
     """``model.fit`` the problem with ``optimizer``; the weights after every epoch."""
-    keras = _keras_setup("float64")
+    keras = keras_setup("float64")
     model = build_problem_model(problem)
     if [v.path for v in model.trainable_variables] != list(NAMES):
         raise RuntimeError(f"unexpected variable order {[v.path for v in model.trainable_variables]}")
@@ -275,15 +265,10 @@ def run_worker(command: str, payload: Any) -> Any:
         problem, modes = payload
         # Before the optimizer exists: Keras creates its learning-rate variable in
         # floatx, and a float32 learning rate would move a float64 run by ~1e-7.
-        _keras_setup("float64")
+        keras_setup("float64")
         make = _dualopt_for if command == "train" else _native_adam_for
         return {mode: train_problem(problem, make(problem, mode)) for mode in modes}
-    if command == "defaults":  # the case "same architecture, default settings" (defaults.py)
-        from .defaults import keras_worker
-
-        _keras_setup("float64")
-        return keras_worker(payload)
-    raise ValueError(f"command={command!r} is invalid: expected 'replay', 'train', 'train-native' or 'defaults'.")
+    raise ValueError(f"command={command!r} is invalid: expected 'replay', 'train' or 'train-native'.")
 
 
 # --------------------------------------------------------------------------- in the suite's process
@@ -291,18 +276,8 @@ def _backend_module(backend: str) -> str:
     return {"tensorflow": "tensorflow", "torch": "torch", "jax": "jax"}[backend]
 
 
-def _run_subprocess(backend: str, command: str, payload: Any, timeout: float = 1800.0) -> Any:
-    with tempfile.TemporaryDirectory(prefix="dualopt-keras-") as tmp:
-        src, dst = os.path.join(tmp, "in.pkl"), os.path.join(tmp, "out.pkl")
-        with open(src, "wb") as fh:
-            pickle.dump(payload, fh)
-        env = dict(os.environ, KERAS_BACKEND=backend, JAX_ENABLE_X64="1", TF_CPP_MIN_LOG_LEVEL="2")
-        proc = subprocess.run([sys.executable, "-m", "dualopt.conformance.impl_keras", command, src, dst], env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"keras[{backend}] worker failed ({command}):\n{proc.stderr[-4000:]}")
-        with open(dst, "rb") as fh:
-            return pickle.load(fh)
+def _run_subprocess(backend: str, command: str, payload: Any) -> Any:
+    return run(backend, "dualopt.conformance.impl_keras", [command], payload)
 
 
 def _unavailable(backend: str) -> str | None:
@@ -369,15 +344,5 @@ def implementations() -> list[Implementation]:
     return [KerasDualOpt(b) for b in BACKENDS] + [KerasNativeAdam(b) for b in BACKENDS]
 
 
-def _main(argv: list[str]) -> int:
-    command, src, dst = argv
-    with open(src, "rb") as fh:
-        payload = pickle.load(fh)
-    result = run_worker(command, payload)
-    with open(dst, "wb") as fh:
-        pickle.dump(result, fh)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    sys.exit(serve(sys.argv[1:], run_worker))
