@@ -514,7 +514,7 @@ class DualOpt(torch.optim.Optimizer):
             self._advance(runs, by)
             for group, hp, ps, grads, states, rates, plan in runs:
                 lr = float(group["lr"])
-                if plan is None:  # under torch.compile: the core's rule, traced
+                if plan is None:  # foreach=False or torch.compile: the core's rule, traced
                     loop_update(ps, grads, states, rates, hp=hp, lr=lr, maximize=group["maximize"], traced=True,
                                 found_inf=flag, grad_scale=grad_scale)
                 else:
@@ -560,7 +560,8 @@ class DualOpt(torch.optim.Optimizer):
         if not torch.compiler.is_compiling():
             if device.type not in self._policy.sync_free_devices:
                 return False
-            if not all(run[6] is not None and run[6].sync_free for run in runs):
+            # foreach=False (no plan) takes the traced loop; a plan holding the C kernel reads the host.
+            if not all(run[6] is None or run[6].sync_free for run in runs):
                 return False
         # A sharded (DTensor) gradient's flag needs a cross-rank reduction: the host route does it.
         return all(type(g) is torch.Tensor and g.device == device for g in grads)
