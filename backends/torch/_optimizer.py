@@ -145,13 +145,13 @@ class DualOpt(torch.optim.Optimizer):
       ``RuntimeError`` that names it, before anything is updated (as
       ``torch.optim.Adam`` fails too); ``opt.load_state_dict(opt.state_dict())``
       converts the state to the parameters as they are now.
-    - On CUDA (and under ``torch.compile`` on any device) the fast path never
-      waits for the device: the NaN/Inf check leaves a 0-d flag on the device,
-      torch's fused kernel takes it as ``found_inf``, SGD as the core's ``keep``,
-      the pull is a select and the step counts advance by ``1 - flag``.
-      ``torch.compile(opt.step, fullgraph=True)`` traces it whole. The C kernel
-      (CPU), the reference loop (``foreach=False``) and sharded (DTensor)
-      gradients read the flag on the host.
+    - On CUDA (and under ``torch.compile`` on any device) a step never waits
+      for the device: the NaN/Inf check leaves a 0-d flag on the device,
+      torch's fused kernel takes it as ``found_inf``, SGD and ``foreach=False``
+      as the core's ``keep``, the pull is a select and the step counts advance
+      by ``1 - flag``. ``torch.compile(opt.step, fullgraph=True)`` traces it
+      whole. The C kernel (CPU) and sharded (DTensor) gradients read the flag
+      on the host, and a tensor ``lr`` is read as a float.
     - ``torch.amp.GradScaler`` hands its scale and its inf flag to ``step()``
       (``_step_supports_amp_scaling``): the gradients are checked once, by the
       scaler, and unscaled inside the fused kernel. Steps it skips are not
