@@ -313,23 +313,33 @@ def grads_finite(grads: Sequence[torch.Tensor]) -> bool:
 
     Plain tensors: :func:`nonfinite_flag` per device, except that a contiguous
     gradient of ``SUM_CHECK_MIN_NUMEL`` elements or more is read once through
-    its sum first (NaN and Inf propagate through addition, and ``torch.sum``
-    only reads) and checked element-wise only when the sum is not finite
-    (finite values may overflow). A sharded gradient (a ``DTensor``) is reduced
-    across ranks (``full_tensor``), so that every rank takes the same decision.
+    its sum (NaN and Inf propagate through addition, and ``torch.sum`` only
+    reads). The sums of a device are stacked and read back once; only a
+    gradient whose sum is not finite (finite values may overflow) is then
+    checked element-wise. A sharded gradient (a ``DTensor``) is reduced across
+    ranks (``full_tensor``), so that every rank takes the same decision.
     """
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    small: dict[torch.device, list[torch.Tensor]] = {}
+    large: dict[torch.device, list[torch.Tensor]] = {}
     for g in grads:
         if type(g) is not torch.Tensor:  # a DTensor: its reductions are per rank until completed
             if not _global_bool(torch.isfinite(g).all()):
                 return False
         elif g.numel() >= SUM_CHECK_MIN_NUMEL and g.is_contiguous():
-            wide = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
-            if not bool(torch.isfinite(g.sum(dtype=wide))) and not bool(torch.isfinite(g).all()):
-                return False
+            large.setdefault(g.device, []).append(g)
         else:
-            by_device.setdefault(g.device, []).append(g)
-    return all(not bool(nonfinite_flag(gs, device)) for device, gs in by_device.items())
+            small.setdefault(g.device, []).append(g)
+    for gs in large.values():
+        # float32 sums: float16/bfloat16 ones would overflow at 65504 / 3.4e38, and one stack needs one dtype
+        # (a float64 sum too large for float32 becomes Inf and is then checked element-wise, exactly).
+        sums = torch.stack([g.sum(dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None)
+                            .to(torch.float32) for g in gs])
+        finite = torch.isfinite(sums)
+        if not bool(finite.all()):
+            suspects = [g for g, ok in zip(gs, finite.tolist()) if not ok]
+            if not all(bool(torch.isfinite(g).all()) for g in suspects):
+                return False
+    return all(not bool(nonfinite_flag(gs, device)) for device, gs in small.items())
 
 
 def _global_bool(flag: Any) -> bool:

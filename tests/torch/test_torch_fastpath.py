@@ -169,6 +169,12 @@ def test_finiteness_check_agrees_with_the_core():
             assert grads_finite(grads) is expected is (bad_at is None)
     huge = [torch.full((FOLD_MIN_NUMEL,), 3e38)]  # the sum overflows, every element is finite
     assert grads_finite(huge) is bool(all_finite([h.numpy() for h in huge], xp=np)) is True
+    # A finite float64 sum beyond float32's range (the sums are read back as float32), beside a large
+    # float32 gradient whose sum is finite: every element is finite; then one NaN in the float32 one.
+    wide = [torch.full((FOLD_MIN_NUMEL,), 1e300, dtype=torch.float64), torch.ones(FOLD_MIN_NUMEL)]
+    assert grads_finite(wide) is True
+    wide[1][7] = float("nan")
+    assert grads_finite(wide) is False
 
 
 def test_the_policy_is_an_argument_checked_and_kept_by_pickling():
