@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/keras_jax_fit_skip.py [--repeats 15] [--steps-per-execution 1]
+    .venv/bin/python benchmarks/keras_jax_fit_skip.py [--repeats 15] [--steps-per-execution 1] [--tiny]
 
 The model and data are ``step_cost_keras.py``'s ``8x1024^2`` set (eight 1024-wide
 Dense layers, batch 32, 8 batches per ``fit``). Each row changes one thing:
@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--steps-per-execution", type=int, default=1)
+    ap.add_argument("--tiny", action="store_true", help="smoke size: 2 layers of width 64, 1 repeat")
     args = ap.parse_args(argv)
+    width, depth, repeats = (64, 2, 1) if args.tiny else (WIDTH, DEPTH, args.repeats)
     import jax
     import keras
     import numpy as np
@@ -92,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     if keras.backend.backend() != "jax":
         raise SystemExit(f"KERAS_BACKEND is {keras.backend.backend()!r}; this benchmark is for jax")
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((STEPS * BATCH, WIDTH)).astype("float32")
-    y = rng.standard_normal((STEPS * BATCH, WIDTH)).astype("float32")
+    x = rng.standard_normal((STEPS * BATCH, width)).astype("float32")
+    y = rng.standard_normal((STEPS * BATCH, width)).astype("float32")
 
     def model() -> Any:
-        layers = [keras.layers.Dense(WIDTH, activation="tanh") for _ in range(DEPTH - 1)]
-        return keras.Sequential([keras.Input((WIDTH,)), *layers, keras.layers.Dense(WIDTH)])
+        layers = [keras.layers.Dense(width, activation="tanh") for _ in range(depth - 1)]
+        return keras.Sequential([keras.Input((width,)), *layers, keras.layers.Dense(width)])
 
     weights = model().get_weights()
     runs: dict[str, Callable[[], float]] = {}
@@ -116,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = run
     names = list(runs)
     times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.repeats):
+    for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             times[name].append(runs[name]())
     base = statistics.median(times["AdamW"])
-    print(f"Keras {keras.__version__} on jax {jax.__version__}, model.fit, {DEPTH}x{WIDTH}^2, batch {BATCH}, "
-          f"steps_per_execution {args.steps_per_execution}, {args.repeats} interleaved repeats, "
+    print(f"Keras {keras.__version__} on jax {jax.__version__}, model.fit, {depth}x{width}^2, batch {BATCH}, "
+          f"steps_per_execution {args.steps_per_execution}, {repeats} interleaved repeats, "
           f"load {os.getloadavg()[0]:.2f}")
     for name in names:
         med = statistics.median(times[name])

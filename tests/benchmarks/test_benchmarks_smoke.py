@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -162,3 +164,17 @@ def test_keras_step_cost_tiny_reports_every_backend():
             assert ms > 0 and math.isfinite(ratio) and ratio > 0, (backend, mode, name)
             if name == "AdamW":
                 assert ratio == 1.0
+
+
+def test_keras_jax_fit_skip_tiny_prints_every_variant():
+    """``keras_jax_fit_skip.py --tiny``: every variant trains under ``fit`` and gets a ratio (never asserted)."""
+    pytest.importorskip("keras")
+    pytest.importorskip("jax")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "keras_jax_fit_skip.py"), "--tiny"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=dict(os.environ, KERAS_BACKEND="jax"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^  (.+?)\s+([\d.]+) ms/step\s+([\d.]+)x AdamW$", proc.stdout, flags=re.M)
+    assert [r[0] for r in rows] == ["AdamW", "AdamW, same check and cond", "DualOpt propagate", "DualOpt skip",
+                                    "skip, check without cond", "skip, cond on one element", "propagate, barrier"]
+    assert rows[0][2] == "1.00" and all(float(r[1]) > 0 for r in rows)
