@@ -288,13 +288,22 @@ TORCH_LISTS = _TorchListNamespace()
 def nonfinite_flag(grads: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """A 0-d float32 tensor on ``device``: 1.0 where any gradient holds a NaN or Inf, else 0.0; no host read.
 
-    Contiguous gradients go through GradScaler's multi-tensor check, one call
+    Under ``torch.compile`` it is one read-only reduction per gradient
+    (``sum(g - g)``, NaN exactly where ``g`` holds a NaN or an Inf). Otherwise
+    contiguous gradients go through GradScaler's multi-tensor check, one call
     per dtype (``_amp_foreach_non_finite_check_and_unscale_`` with
     ``inv_scale = 1``, which writes each value back unchanged, NaN and -0.0
     included); any other layout (an expanded, stride-0 view, whose elements
     share memory) is read with ``isfinite().all()``. All gradients must be
     plain tensors on ``device``.
     """
+    if torch.compiler.is_compiling():
+        # GradScaler's check writes every gradient back, which a compiled graph keeps as a copy; a read-only
+        # reduction instead: g - g is +0 where g is finite and NaN where it is NaN or +-Inf (exact, no overflow).
+        if not grads:
+            return torch.zeros((), dtype=torch.float32, device=device)
+        sums = torch.stack([(g - g).sum(dtype=torch.float32) for g in grads])
+        return torch.isnan(sums).any().to(torch.float32)
     found = torch.zeros((), dtype=torch.float32, device=device)
     one = torch.ones((), dtype=torch.float32, device=device)
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}

@@ -17,7 +17,7 @@ import torch
 from dualopt.torch._kernels import Policy
 from dualopt.torch import DualOpt
 
-from tests.torch._torch_helpers import assert_same_bits, fixed_data, loss_of, make_mlp
+from tests.torch._torch_helpers import assert_same_bits, fixed_data, loss_of, make_mlp, same_bits
 
 DEVICE = torch.device(os.environ.get("DUALOPT_TORCH_DEVICE", "cpu"))
 if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -208,3 +208,32 @@ def test_compiled_step_has_no_graph_break_and_follows_the_core(direction):
         torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
         for key in opts[1].state[q]:
             torch.testing.assert_close(opts[0].state[p][key], opts[1].state[q][key], rtol=1e-13, atol=1e-15)
+
+
+def test_inductor_compiled_check_skips_nan_and_inf_and_applies_finite_steps():
+    """Under Inductor the non-finite check is ``sum(g - g)`` (read-only); a simplification of ``g - g`` to 0
+    would apply NaN steps. NaN, +Inf and -Inf in either tensor are skipped, bit for bit; finite steps,
+    huge ones included (their sum overflows float32), are applied."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 64, generator=gen, dtype=torch.float32).to(DEVICE)),
+              torch.nn.Parameter(torch.randn(64, generator=gen, dtype=torch.float32).to(DEVICE))]
+    opt = DualOpt([{"params": params, "paradigm": "finetune"}], lr=1e-3)
+    step = torch.compile(opt.step, fullgraph=True)
+    plan = [None, float("nan"), float("inf"), float("-inf"), "huge", float("nan")]
+    for k, bad in enumerate(plan):
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(DEVICE)
+        if bad == "huge":
+            params[0].grad.fill_(3e38)
+        elif bad is not None:
+            params[k % 2].grad.view(-1)[5] = bad
+        before = [p.detach().clone() for p in params]
+        step()
+        changed = [not same_bits(a, p) for a, p in zip(before, params)]
+        if bad is None or bad == "huge":
+            assert all(changed), (k, bad)
+        else:
+            assert not any(changed), (k, bad)
+    assert opt.skipped == 4
+    assert int(opt.state[params[0]]["step"]) == 2
