@@ -30,7 +30,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-__all__ = ["TensorList", "PerTensor", "TORCH_LISTS", "copy_back", "nonfinite_flag", "grads_finite",
+from decoupled_core import pull
+
+__all__ = ["TensorList", "PerTensor", "TORCH_LISTS", "pull_into", "copy_back", "nonfinite_flag", "grads_finite",
            "SUM_CHECK_MIN_NUMEL"]
 
 #: Contiguous gradients with at least this many elements are checked on the host route through their sum
@@ -178,6 +180,16 @@ def _binary_op(op: str, x: TensorList, other: Any, x_temporary: bool, other_temp
             op = "add"
         return other._reused(getattr(torch, f"_foreach_{op}_"), (xs,))
     return cls(getattr(torch, f"_foreach_{op}")(xs, operand), _owned=True)
+
+
+def pull_into(values: list[torch.Tensor], idx: Sequence[int], anchors: Sequence[torch.Tensor] | None,
+              coefficients: Sequence[torch.Tensor]) -> None:
+    """The core's :func:`~decoupled_core.pull` of ``values[i]`` for ``i`` in ``idx`` (towards ``anchors``, or 0
+    where None, by the 0-d ``coefficients``), each result put back in ``values[i]``."""
+    out = pull(TensorList(values[i] for i in idx), None if anchors is None else TensorList(anchors),
+               PerTensor(coefficients), xp=TORCH_LISTS)
+    for i, x in zip(idx, out.tensors):
+        values[i] = x
 
 
 def copy_back(targets: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
@@ -339,10 +351,9 @@ def grads_finite(grads: Sequence[torch.Tensor]) -> bool:
         else:
             small.setdefault(g.device, []).append(g)
     for gs in large.values():
-        # float32 sums: float16/bfloat16 ones would overflow at 65504 / 3.4e38, and one stack needs one dtype
-        # (a float64 sum too large for float32 becomes Inf and is then checked element-wise, exactly).
-        sums = torch.stack([g.sum(dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None)
-                            .to(torch.float32) for g in gs])
+        # float32 sums: float16/bfloat16 ones would overflow at 65504, and one stack needs one dtype (a float64
+        # value or sum beyond float32's range becomes Inf and is then checked element-wise, exactly).
+        sums = torch.stack([g.sum(dtype=torch.float32) for g in gs])
         finite = torch.isfinite(sums)
         if not bool(finite.all()):
             suspects = [g for g, ok in zip(gs, finite.tolist()) if not ok]

@@ -22,10 +22,10 @@ from typing import Any, NamedTuple, Sequence, cast
 
 import torch
 
-from decoupled_core import (AdamState, HyperParams, SGDState, adam_coefficients, adam_pre_weight, pull,
-                            pull_coefficient, sgd_pre_weight)
+from decoupled_core import (AdamState, HyperParams, SGDState, adam_coefficients, adam_pre_weight, pull_coefficient,
+                            sgd_pre_weight)
 
-from .._shared.torch_lists import TORCH_LISTS, PerTensor, TensorList, copy_back
+from .._shared.torch_lists import TORCH_LISTS, PerTensor, TensorList, copy_back, pull_into
 
 __all__ = ["Policy", "Entry", "update"]
 
@@ -139,11 +139,8 @@ def _update_batch(hp: HyperParams, coeffs: Any, lr: torch.Tensor, rows: list[_Ro
     for paradigm in ("finetune", "scratch"):  # scratch: anchor None stands for 0
         idx = [i for i, r in enumerate(rows) if r.paradigm == paradigm and r.c is not None]
         if idx:
-            anchors = TensorList(cast(torch.Tensor, rows[i].anchor) for i in idx) if paradigm == "finetune" else None
-            out = pull(TensorList(new[i] for i in idx), anchors, PerTensor(cast(torch.Tensor, rows[i].c) for i in idx),
-                       xp=TORCH_LISTS)
-            for i, x in zip(idx, out.tensors):
-                new[i] = x
+            anchors = [cast(torch.Tensor, rows[i].anchor) for i in idx] if paradigm == "finetune" else None
+            pull_into(new, idx, anchors, [cast(torch.Tensor, rows[i].c) for i in idx])
     copy_back(params, new)
     for target, value in zip(slots, state):
         copy_back(target, value.tensors)

@@ -36,10 +36,10 @@ from typing import Any, Sequence
 
 import torch
 
-from decoupled_core import (AdamState, HyperParams, SGDState, adam_coefficients, compute_dtype, pull,
-                            pull_coefficient, sgd_pre_weight, step_tensor)
+from decoupled_core import (AdamState, HyperParams, SGDState, adam_coefficients, compute_dtype, pull_coefficient,
+                            sgd_pre_weight, step_tensor)
 
-from .._shared.torch_lists import TORCH_LISTS, PerTensor, TensorList, copy_back
+from .._shared.torch_lists import TORCH_LISTS, TensorList, copy_back, pull_into
 from . import _native as native
 
 __all__ = ["Policy", "DEFAULT_POLICY", "loop_update", "FastPlan", "update_bucket", "state_problem", "init_state"]
@@ -349,10 +349,7 @@ def _core_on_lists(b: _Bucket, work: list[torch.Tensor], grads: list[torch.Tenso
                                 lr=lr, momentum=hp.momentum, nesterov=hp.nesterov, xp=TORCH_LISTS, keep=keep)
     new = pre.tensors
     if b.pulled:
-        pick = lambda xs: TensorList([xs[k] for k in b.pulled])  # noqa: E731
-        pulled = pull(pick(new), pick(b.anchors) if b.anchors else None, PerTensor(b.pull_scalars), xp=TORCH_LISTS)
-        for k, t in zip(b.pulled, pulled.tensors):
-            new[k] = t
+        pull_into(new, b.pulled, [b.anchors[k] for k in b.pulled] if b.anchors else None, b.pull_scalars)
     if keep is not None:  # a skipped step keeps the old weights (the core kept the buffers)
         new = TORCH_LISTS.where(keep, TensorList(new), TensorList(work)).tensors
     copy_back(bufs, state.momentum_buffer.tensors)
