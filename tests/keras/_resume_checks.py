@@ -40,6 +40,7 @@ from keras import ops
 
 from dualopt.keras import DualOpt
 from tests.common.resume import differences
+from tests.keras._launcher import run_named
 
 BACKEND = keras.backend.backend()
 B, N_BATCHES, EPOCHS = 16, 4, 4  # fit jobs: 4 epochs of 4 batches
@@ -303,15 +304,11 @@ def checks(tmp: str, level: str, job_dir: str | None = None) -> dict[str, Any]:
         except Exception:
             RESULTS["resume_process"] = {"__error__": traceback.format_exc()[-4000:]}
         RESULTS["seconds"]["resume_killed_job"] = round(time.perf_counter() - t0, 2)
-    for name, fn in CHECKS.items():
-        if level == "extra" and name == "refused_states":
-            continue
-        t0 = time.perf_counter()
-        try:
-            RESULTS[name] = fn()
-        except Exception:
-            RESULTS[name] = {"__error__": traceback.format_exc()[-4000:]}
-        RESULTS["seconds"][name] = round(time.perf_counter() - t0, 2)
+    done = run_named(BACKEND, [(name, fn) for name, fn in CHECKS.items()
+                               if not (level == "extra" and name == "refused_states")])
+    RESULTS["seconds"].update(done.pop("seconds"))
+    done.pop("backend")
+    RESULTS.update(done)
     if level == "extra":
         return RESULTS
     # The uninterrupted kill job, for the pytest side to compare the new process's resumes with.
