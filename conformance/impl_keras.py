@@ -22,6 +22,11 @@ Cases a single ``DualOpt`` cannot express are not supported: gradients missing
 on some steps only (Keras keeps one shared step count) and groups that differ
 in direction or in a hyperparameter other than the paradigm's own rate.
 
+``keras DualOpt [torch] (core on lists)`` is the torch backend with
+``dualopt.keras._torch.Policy(fused_adam=False)``: Adam on the core's functions
+over lists of tensors instead of torch's fused Adam kernel, so that each
+evaluator behind the fast path's delegation point has its own row.
+
 ``keras.optimizers.Adam [backend]`` is the native comparison (closed loop,
 mode ``none`` only). Keras's Adam adds epsilon to ``sqrt(v)`` before the bias
 correction (``epsilon_hat``), so with the same ``epsilon`` it differs from
@@ -94,8 +99,11 @@ def _supported(case: Case) -> bool:
 
 
 # --------------------------------------------------------------------------- in the worker process
-def replay_case(case: Case, *, fast_path: bool = True) -> Trajectory:
-    """Replay one case through ``DualOpt.apply`` in this process's Keras backend."""
+def replay_case(case: Case, *, fast_path: bool = True, policy: Any = None) -> Trajectory:
+    """Replay one case through ``DualOpt.apply`` in this process's Keras backend.
+
+    ``policy``: a ``dualopt.keras._torch.Policy`` for the torch backend's fast path (None: its default).
+    """
     keras = keras_setup(case.dtype)
     from dualopt.keras import DualOpt
 
@@ -107,6 +115,7 @@ def replay_case(case: Case, *, fast_path: bool = True) -> Trajectory:
     opt = DualOpt(learning_rate=float(case.base_lr), layer_index=case.layer_index, nonfinite=case.nonfinite,
                   anchor={n: case.anchor[n] for n in names if n in case.anchor}, **kwargs)
     opt._use_fast_path = fast_path
+    opt._fast_path_policy = policy
     out: Trajectory = []
     for grads, lr in zip(case.grads, case.lr):
         opt.learning_rate = float(lr)
@@ -242,11 +251,19 @@ def train_problem(problem: Problem, optimizer: Any) -> Trajectory:
     return out
 
 
-def _dualopt_for(problem: Problem, mode: str) -> Any:
+def _dualopt_for(problem: Problem, mode: str, policy: Any = None) -> Any:
     from dualopt.keras import DualOpt
 
-    return DualOpt(learning_rate=problem.lr, layer_index=list(LAYER_INDEX),
-                   **optimizer_kwargs(group_hyperparams(mode)))
+    opt = DualOpt(learning_rate=problem.lr, layer_index=list(LAYER_INDEX), **optimizer_kwargs(group_hyperparams(mode)))
+    opt._fast_path_policy = policy
+    return opt
+
+
+def _lists_policy() -> Any:
+    """The torch fast path with Adam on the core's lists (row ``keras DualOpt [torch] (core on lists)``)."""
+    from dualopt.keras._torch import Policy
+
+    return Policy(fused_adam=False)
 
 
 def _native_adam_for(problem: Problem, mode: str) -> Any:
@@ -258,17 +275,23 @@ def _native_adam_for(problem: Problem, mode: str) -> Any:
 
 
 def run_worker(command: str, payload: Any) -> Any:
-    """Execute one batched request in this process (its Keras backend is already chosen)."""
-    if command == "replay":
-        return {case_id(c): replay_case(c) for c in payload}
-    if command in ("train", "train-native"):
+    """Execute one batched request in this process (its Keras backend is already chosen).
+
+    ``replay-lists`` and ``train-lists``: ``replay`` and ``train`` with :func:`_lists_policy` (torch only).
+    """
+    policy = _lists_policy() if command in ("replay-lists", "train-lists") else None
+    if command in ("replay", "replay-lists"):
+        return {case_id(c): replay_case(c, policy=policy) for c in payload}
+    if command in ("train", "train-lists", "train-native"):
         problem, modes = payload
         # Before the optimizer exists: Keras creates its learning-rate variable in
         # floatx, and a float32 learning rate would move a float64 run by ~1e-7.
         keras_setup("float64")
-        make = _dualopt_for if command == "train" else _native_adam_for
-        return {mode: train_problem(problem, make(problem, mode)) for mode in modes}
-    raise ValueError(f"command={command!r} is invalid: expected 'replay', 'train' or 'train-native'.")
+        if command == "train-native":
+            return {mode: train_problem(problem, _native_adam_for(problem, mode)) for mode in modes}
+        return {mode: train_problem(problem, _dualopt_for(problem, mode, policy)) for mode in modes}
+    raise ValueError(f"command={command!r} is invalid: expected 'replay', 'replay-lists', 'train', 'train-lists' "
+                     "or 'train-native'.")
 
 
 # --------------------------------------------------------------------------- in the suite's process
@@ -288,13 +311,19 @@ def _unavailable(backend: str) -> str | None:
 
 
 class KerasDualOpt:
-    """``dualopt.keras.DualOpt`` on one Keras backend (open and closed loop)."""
+    """``dualopt.keras.DualOpt`` on one Keras backend (open and closed loop).
 
-    def __init__(self, backend: str) -> None:
+    ``lists=True`` (torch only): the fast path with Adam on the core's lists, not torch's fused kernel.
+    """
+
+    def __init__(self, backend: str, *, lists: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is invalid: expected one of {BACKENDS}.")
+        if lists and backend != "torch":
+            raise ValueError("lists=True is the torch backend's fast-path variant; use backend='torch'.")
         self.backend = backend
-        self.name = f"keras DualOpt [{backend}]"
+        self._suffix = "-lists" if lists else ""
+        self.name = f"keras DualOpt [{backend}]" + (" (core on lists)" if lists else "")
         self.framework = f"keras[{backend}]"
         # Tolerance class (spec/TOLERANCES.md): scalars are computed on the device from traced
         # step counts and learning rates; torch's CPU sqrt is not correctly rounded.
@@ -307,10 +336,10 @@ class KerasDualOpt:
         return _supported(case)
 
     def replay_cases(self, cases: Sequence[Case]) -> dict[str, Trajectory]:
-        return _run_subprocess(self.backend, "replay", [c for c in cases if _supported(c)])
+        return _run_subprocess(self.backend, "replay" + self._suffix, [c for c in cases if _supported(c)])
 
     def train(self, problem: Problem, modes: Sequence[str]) -> dict[str, Trajectory]:
-        return _run_subprocess(self.backend, "train", (problem, list(modes)))
+        return _run_subprocess(self.backend, "train" + self._suffix, (problem, list(modes)))
 
 
 class KerasNativeAdam:
@@ -340,8 +369,10 @@ class KerasNativeAdam:
 
 
 def implementations() -> list[Implementation]:
-    """DualOpt and native Adam on every Keras backend (each skipped when its backend is not installed)."""
-    return [KerasDualOpt(b) for b in BACKENDS] + [KerasNativeAdam(b) for b in BACKENDS]
+    """DualOpt and native Adam on every Keras backend (each skipped when its backend is not installed), and
+    torch's fast-path variant."""
+    return ([KerasDualOpt(b) for b in BACKENDS] + [KerasDualOpt("torch", lists=True)]
+            + [KerasNativeAdam(b) for b in BACKENDS])
 
 
 if __name__ == "__main__":

@@ -2,12 +2,23 @@
 
 Keras runs a custom optimizer's ``update_step`` once per variable, in Python;
 on many small variables that loop is far slower than Keras's built-in torch
-Adam, which uses ``torch._foreach_*`` (benchmarks/README.md). Here the core's own functions
-(:func:`decoupled_core.adam_coefficients`, ``adam_pre_weight`` /
-``sgd_pre_weight``, ``pull_coefficient``, ``pull``) run on lists of tensors
-(:mod:`dualopt._shared.torch_lists`), one ``torch._foreach_*`` call per core
-operation, so both paths perform the same operations in the same order
-(``tests/keras`` checks the bits, since ``torch._foreach_*`` is a private API).
+Adam, which uses ``torch._foreach_*`` (benchmarks/README.md).
+:func:`update_group` is the one delegation point that picks the evaluator:
+
+- Adam, float32/float64 operands the kernel takes (contiguous, one device):
+  torch's fused Adam kernel (``torch._fused_adam_``, torch's code, as
+  :mod:`dualopt.torch` uses it), then the core's :func:`~decoupled_core.pull`
+  on lists. The kernel evaluates the pre-weight in another order and computes
+  its scalars in float64, so it agrees with the per-variable path to rounding
+  (conformance row ``keras DualOpt [torch]``; ``Policy(fused_adam=False)`` is
+  row ``keras DualOpt [torch] (core on lists)``).
+- Everything else: the core's own functions
+  (:func:`decoupled_core.adam_coefficients`, ``adam_pre_weight`` /
+  ``sgd_pre_weight``, ``pull_coefficient``, ``pull``) on lists of tensors
+  (:mod:`dualopt._shared.torch_lists`), one ``torch._foreach_*`` call per core
+  operation, so it performs the per-variable path's operations in the same
+  order (``tests/keras`` checks the bits, since ``torch._foreach_*`` is a
+  private API).
 
 Large tensors are updated in flat pieces and the operations run on batches of
 pieces (:class:`Policy`), so that the temporaries and the pieces each operation
@@ -27,7 +38,7 @@ from decoupled_core import (AdamState, HyperParams, SGDState, adam_coefficients,
 
 from .._shared.torch_lists import TORCH_LISTS, PerTensor, TensorList, copy_back, pull_into
 
-__all__ = ["Policy", "Entry", "update"]
+__all__ = ["Policy", "Entry", "update", "update_group"]
 
 
 @dataclass(frozen=True)
@@ -36,11 +47,13 @@ class Policy:
 
     Tensors with more than ``chunk_elems`` elements are updated in flat pieces
     of at most that many; the operations run on batches of pieces (and small
-    tensors) of about ``batch_elems`` elements.
+    tensors) of about ``batch_elems`` elements. ``fused_adam=False`` keeps Adam
+    on the core's lists as well (the conformance row of that evaluator).
     """
 
     chunk_elems: int = 1 << 16
     batch_elems: int = 1 << 18
+    fused_adam: bool = True
 
 
 class Entry(NamedTuple):
@@ -76,9 +89,50 @@ def update(entries: Sequence[Entry], learning_rate: Any, step: torch.Tensor, pol
     groups: dict[tuple[Any, Any], list[Entry]] = {}
     for e in entries:
         groups.setdefault((e.param.dtype, e.param.device), []).append(e)
-    for (dtype, device), group in groups.items():
-        _update_group(group, torch.as_tensor(learning_rate, dtype=dtype, device=device),
-                      torch.as_tensor(step, dtype=dtype, device=device), policy or Policy())
+    for group in groups.values():
+        update_group(group, learning_rate, step, policy or Policy())
+
+
+def update_group(entries: list[Entry], learning_rate: Any, step: torch.Tensor, policy: Policy) -> None:
+    """The fast path's one delegation point: torch's fused Adam, or the core on lists (module docstring).
+
+    ``entries`` share one dtype and device.
+    """
+    dtype, device = entries[0].param.dtype, entries[0].param.device
+    lr = torch.as_tensor(learning_rate, dtype=dtype, device=device)
+    fused = [e for e in entries if _fused_takes(e, policy)]
+    if fused:
+        _fused_adam(fused, lr, torch.as_tensor(step, dtype=torch.float32, device=device))
+    rest = [e for e in entries if not _fused_takes(e, policy)] if fused else entries
+    if rest:
+        _update_group(rest, lr, torch.as_tensor(step, dtype=dtype, device=device), policy)
+
+
+def _fused_takes(e: Entry, policy: Policy) -> bool:
+    """Whether torch's fused Adam kernel takes this entry: it walks raw storage linearly on one device."""
+    operands = (e.param, e.grad, *e.slots) + ((e.anchor,) if e.anchor is not None else ())
+    return (policy.fused_adam and e.hp.direction == "adam" and e.param.dtype in (torch.float32, torch.float64)
+            and all(x.is_contiguous() and x.dtype == e.param.dtype and x.device == e.param.device
+                    for x in operands))
+
+
+def _fused_adam(entries: list[Entry], lr: torch.Tensor, t: torch.Tensor) -> None:
+    """torch's fused Adam (the pre-weight, in place), then the core's pull of the pulled entries."""
+    params = [e.param for e in entries]
+    hp = entries[0].hp
+    # The kernel reads t as the count including this step (torch.optim advances its counts before the call).
+    torch._fused_adam_(params, [e.grad for e in entries], [e.slots[0] for e in entries],
+                       [e.slots[1] for e in entries], [], [t] * len(entries), lr=lr, beta1=hp.beta1,
+                       beta2=hp.beta2, weight_decay=0.0, eps=hp.eps, amsgrad=False, maximize=False)
+    for paradigm in ("finetune", "scratch"):  # scratch: anchor None stands for 0
+        idx = [i for i, e in enumerate(entries) if e.hp.paradigm == paradigm and e.rate != 0.0]
+        if not idx:
+            continue
+        rates = PerTensor(torch.tensor([entries[i].rate for i in idx], dtype=lr.dtype, device=lr.device).unbind(0))
+        new = list(params)
+        pull_into(new, idx, [cast(torch.Tensor, entries[i].anchor) for i in idx] if paradigm == "finetune" else None,
+                  pull_coefficient(lr, rates, xp=TORCH_LISTS).tensors)
+        copy_back([params[i] for i in idx], [new[i] for i in idx])
 
 
 def _pieces(t: torch.Tensor, chunk: int) -> list[torch.Tensor]:

@@ -264,8 +264,19 @@ def test_doctests_and_imports(backend):
 
 def test_torch_fast_path_equals_generic_path():
     r = check("torch", "fast_path_equals_generic")
-    assert len(r) > 60
-    assert [k for k, ok in r.items() if not ok] == []
+    assert len(r) > 100
+    for key, v in r.items():
+        assert v["nan_pattern_ok"], (key, v)
+        fused = ":fused:" in key or (key.startswith("random:whole:") and ":adam:" in key)
+        if fused:
+            # torch's fused Adam: another evaluation order, float64 scalars; both paths are within the
+            # conformance budget of Keras optimizers (traced-scalars, 16 eps x t) of the core, so of each other
+            # within twice that. Measured: at most ~35 eps after 20 float32 steps.
+            assert v["max_err_eps"] <= 2 * 16 * v["steps"], (key, v)
+        else:
+            assert v["bitwise"], (key, v)
+    # The fused kernel did run (a bitwise match everywhere would mean it never took a tensor).
+    assert not all(v["bitwise"] for k, v in r.items() if ":fused:" in k)
 
 
 test_torch_fast_path_equals_generic_path = pytest.mark.xdist_group("keras-torch")(
