@@ -84,7 +84,8 @@ def update(entries: Sequence[Entry], learning_rate: Any, step: torch.Tensor, pol
 
     ``learning_rate`` is eta_t as Keras passes it (a tensor or a number) and
     ``step`` is t counting this step; both are cast once to each group's
-    dtype, as the generic path casts them for each variable.
+    dtype, as the generic path casts them for each variable (torch's fused
+    kernel reads t as a float32 tensor, as torch's own step counts are kept).
     """
     groups: dict[tuple[Any, Any], list[Entry]] = {}
     for e in entries:
