@@ -101,10 +101,12 @@ def update_group(entries: list[Entry], learning_rate: Any, step: torch.Tensor, p
     """
     dtype, device = entries[0].param.dtype, entries[0].param.device
     lr = torch.as_tensor(learning_rate, dtype=dtype, device=device)
-    fused = [e for e in entries if _fused_takes(e, policy)]
+    fused: list[Entry] = []
+    rest: list[Entry] = []
+    for e in entries:
+        (fused if _fused_takes(e, policy) else rest).append(e)
     if fused:
         _fused_adam(fused, lr, torch.as_tensor(step, dtype=torch.float32, device=device))
-    rest = [e for e in entries if not _fused_takes(e, policy)] if fused else entries
     if rest:
         _update_group(rest, lr, torch.as_tensor(step, dtype=dtype, device=device), policy)
 
@@ -125,15 +127,32 @@ def _fused_adam(entries: list[Entry], lr: torch.Tensor, t: torch.Tensor) -> None
     torch._fused_adam_(params, [e.grad for e in entries], [e.slots[0] for e in entries],
                        [e.slots[1] for e in entries], [], [t] * len(entries), lr=lr, beta1=hp.beta1,
                        beta2=hp.beta2, weight_decay=0.0, eps=hp.eps, amsgrad=False, maximize=False)
-    for paradigm in ("finetune", "scratch"):  # scratch: anchor None stands for 0
-        idx = [i for i, e in enumerate(entries) if e.hp.paradigm == paradigm and e.rate != 0.0]
-        if not idx:
-            continue
-        rates = PerTensor(torch.tensor([entries[i].rate for i in idx], dtype=lr.dtype, device=lr.device).unbind(0))
+    cs = _pull_coefficients(entries, lr)
+    if cs:
         new = list(params)
-        pull_into(new, idx, [cast(torch.Tensor, entries[i].anchor) for i in idx] if paradigm == "finetune" else None,
-                  pull_coefficient(lr, rates, xp=TORCH_LISTS).tensors)
-        copy_back([params[i] for i in idx], [new[i] for i in idx])
+        _pull(new, cs, [e.hp.paradigm for e in entries], [e.anchor for e in entries])
+        copy_back(params, new)
+
+
+def _pull_coefficients(entries: Sequence[Entry], lr: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The core's ``pull_coefficient`` of every entry it pulls, by index; an entry whose c is host-known 0
+    (rate 0 or paradigm "none", as ``pull_coefficient`` says) is left out."""
+    pulled = [i for i, e in enumerate(entries) if e.hp.paradigm != "none" and e.rate != 0.0]
+    if not pulled:
+        return {}
+    rates = PerTensor(torch.tensor([entries[i].rate for i in pulled], dtype=lr.dtype, device=lr.device).unbind(0))
+    return dict(zip(pulled, pull_coefficient(lr, rates, xp=TORCH_LISTS).tensors))
+
+
+def _pull(values: list[torch.Tensor], cs: dict[int, torch.Tensor], paradigms: Sequence[str],
+          anchors: Sequence[torch.Tensor | None]) -> None:
+    """The core's pull of ``values[i]`` by ``cs[i]`` for every ``i`` in ``cs``, put back in ``values``:
+    towards ``anchors[i]`` in finetune, towards 0 in scratch (one multi-tensor evaluation per paradigm)."""
+    for paradigm in ("finetune", "scratch"):
+        idx = [i for i in cs if paradigms[i] == paradigm]
+        if idx:
+            towards = [cast(torch.Tensor, anchors[i]) for i in idx] if paradigm == "finetune" else None
+            pull_into(values, idx, towards, [cs[i] for i in idx])
 
 
 def _pieces(t: torch.Tensor, chunk: int) -> list[torch.Tensor]:
@@ -145,12 +164,7 @@ def _update_group(entries: list[Entry], lr: torch.Tensor, t: torch.Tensor, polic
     """One dtype/device group: the scalars once, then the core's operations batch by batch."""
     hp = entries[0].hp  # the direction's hyperparameters are the same in every paradigm
     coeffs = adam_coefficients(lr, hp.beta1, hp.beta2, t, xp=TORCH_LISTS) if hp.direction == "adam" else None
-    # c is skipped where it is host-known 0 (rate 0 or paradigm "none"), as pull_coefficient says.
-    pulled = [i for i, e in enumerate(entries) if e.hp.paradigm != "none" and e.rate != 0.0]
-    cs: dict[int, torch.Tensor] = {}
-    if pulled:
-        rates = PerTensor(torch.tensor([entries[i].rate for i in pulled], dtype=lr.dtype, device=lr.device).unbind(0))
-        cs = dict(zip(pulled, pull_coefficient(lr, rates, xp=TORCH_LISTS).tensors))
+    cs = _pull_coefficients(entries, lr)
     rows: list[_Row] = []
     for i, e in enumerate(entries):
         # A tensor is split only where all of its in-place targets are contiguous (views).
@@ -191,11 +205,8 @@ def _update_batch(hp: HyperParams, coeffs: Any, lr: torch.Tensor, rows: list[_Ro
         pre, state = sgd_pre_weight(theta, grad, SGDState(*given), lr=lr, momentum=hp.momentum,
                                     nesterov=hp.nesterov, xp=TORCH_LISTS)
     new = pre.tensors
-    for paradigm in ("finetune", "scratch"):  # scratch: anchor None stands for 0
-        idx = [i for i, r in enumerate(rows) if r.paradigm == paradigm and r.c is not None]
-        if idx:
-            anchors = [cast(torch.Tensor, rows[i].anchor) for i in idx] if paradigm == "finetune" else None
-            pull_into(new, idx, anchors, [cast(torch.Tensor, rows[i].c) for i in idx])
+    _pull(new, {i: r.c for i, r in enumerate(rows) if r.c is not None}, [r.paradigm for r in rows],
+          [r.anchor for r in rows])
     copy_back(params, new)
     for target, value in zip(slots, state):
         copy_back(target, value.tensors)
