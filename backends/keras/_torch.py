@@ -112,11 +112,16 @@ def update_group(entries: list[Entry], learning_rate: Any, step: torch.Tensor, p
 
 
 def _fused_takes(e: Entry, policy: Policy) -> bool:
-    """Whether torch's fused Adam kernel takes this entry: it walks raw storage linearly on one device."""
+    """Whether torch's fused Adam kernel takes this entry: it walks raw storage linearly on one device.
+
+    Every operand must have the parameter's shape: the kernel checks no sizes, so a shorter gradient
+    (one Keras would broadcast) would be read past its end. Such entries take the core on lists, which
+    broadcasts or raises as Keras's own optimizers do.
+    """
     operands = (e.param, e.grad, *e.slots) + ((e.anchor,) if e.anchor is not None else ())
     return (policy.fused_adam and e.hp.direction == "adam" and e.param.dtype in (torch.float32, torch.float64)
-            and all(x.is_contiguous() and x.dtype == e.param.dtype and x.device == e.param.device
-                    for x in operands))
+            and all(x.shape == e.param.shape and x.is_contiguous() and x.dtype == e.param.dtype
+                    and x.device == e.param.device for x in operands))
 
 
 def _fused_adam(entries: list[Entry], lr: torch.Tensor, t: torch.Tensor) -> None:

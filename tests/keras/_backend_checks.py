@@ -314,6 +314,33 @@ def _compare_outputs(got: list[np.ndarray], want: list[np.ndarray], steps: int) 
 
 
 @check
+def fast_path_gradient_shapes() -> dict[str, Any]:
+    """torch only: gradients whose shape is not the variable's, through the default fast path and the
+    per-variable path. torch's fused kernel checks no sizes, so such a gradient must never reach it."""
+    if BACKEND != "torch":
+        return {"skipped": "torch backend only"}
+    import torch
+
+    out: dict[str, Any] = {}
+    for name, grad in (("broadcast", torch.linspace(-1.0, 2.0, 3)), ("mismatch", torch.ones(3, 4)),
+                       ("fewer_elements", torch.ones(2, 3))):
+        got = []
+        for fast_path in (True, False):
+            keras.config.set_floatx("float32")
+            v = keras.Variable(np.ones((4, 3), "float32"), name="w")
+            opt = dualopt(learning_rate=0.1, paradigm="finetune", rollback_max=1.0)
+            opt._use_fast_path = fast_path
+            try:
+                opt.apply([grad], [v])
+                got.append(("applied", np.array(ops.convert_to_numpy(v)).tolist()))
+            except Exception as exc:  # recorded: both paths must raise the same kind of error
+                got.append(("raised", type(exc).__name__))
+        out[name] = {"fast": got[0], "generic": got[1]}
+    keras.config.set_floatx("float64")
+    return out
+
+
+@check
 def update_step_uses_its_learning_rate() -> dict[str, Any]:
     """``update_step`` steps with the learning rate it is given (Keras's ``apply`` passes it) and t = step + 1."""
     from decoupled_core import AdamState, step_tensor

@@ -283,6 +283,16 @@ test_torch_fast_path_equals_generic_path = pytest.mark.xdist_group("keras-torch"
     test_torch_fast_path_equals_generic_path)
 
 
+@pytest.mark.xdist_group("keras-torch")
+def test_torch_fast_path_takes_misshaped_gradients_as_the_generic_path_does():
+    # torch's fused Adam kernel checks no sizes: a (3,) gradient of a (4, 3) variable was read past its end.
+    r = check("torch", "fast_path_gradient_shapes")
+    assert r["broadcast"]["fast"] == r["broadcast"]["generic"]  # broadcast like Keras's own update, bit for bit
+    assert r["broadcast"]["fast"][0] == "applied"
+    for case in ("mismatch", "fewer_elements"):
+        assert r[case]["fast"] == r[case]["generic"] == ["raised", "RuntimeError"], r[case]
+
+
 def tensorflow_only(fn):
     return pytest.mark.xdist_group("keras-tensorflow")(fn)
 
